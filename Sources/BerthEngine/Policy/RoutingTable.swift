@@ -1,0 +1,80 @@
+/// What the control plane asks the data plane to serve: frontends (a listening address and a
+/// name) and, for each, the backends to balance over. Plain values; `Engine.apply` publishes a
+/// table to every worker. Pure: no sockets here.
+public struct RoutingTable: Sendable, Equatable {
+    /// The etcd revision (or any version number) this table was built from.
+    public var revision: UInt64
+    public var frontends: [Frontend]
+
+    public init(revision: UInt64 = 0, frontends: [Frontend] = []) {
+        self.revision = revision
+        self.frontends = frontends
+    }
+
+    /// Returns a description of the first inconsistency, or nil when the table can be served.
+    public func validationError() -> String? {
+        var names = Set<String>()
+        var addresses = Set<SocketAddress>()
+        for frontend in frontends {
+            if frontend.name.isEmpty { return "a frontend has an empty name" }
+            if !names.insert(frontend.name).inserted { return "frontend '\(frontend.name)' appears twice" }
+            if frontend.listen.port != 0 && !addresses.insert(frontend.listen).inserted {
+                return "two frontends listen on \(frontend.listen)"
+            }
+            var backendNames = Set<String>()
+            for backend in frontend.backends where !backendNames.insert(backend.name).inserted {
+                return "frontend '\(frontend.name)' has backend '\(backend.name)' twice"
+            }
+            if frontend.settings.retries < 0 { return "frontend '\(frontend.name)': retries must be >= 0" }
+        }
+        return nil
+    }
+}
+
+public struct Frontend: Sendable, Equatable {
+    public var name: String
+    /// Where to listen; port 0 picks a free port (see `ApplyResult.listening`).
+    public var listen: SocketAddress
+    public var backends: [Backend]
+    public var settings: FrontendSettings
+
+    public init(name: String, listen: SocketAddress, backends: [Backend], settings: FrontendSettings = .init()) {
+        self.name = name
+        self.listen = listen
+        self.backends = backends
+        self.settings = settings
+    }
+}
+
+public struct Backend: Sendable, Hashable {
+    /// Unique within its frontend (an instance id, or the address as text).
+    public var name: String
+    public var address: SocketAddress
+
+    public init(name: String, address: SocketAddress) {
+        self.name = name
+        self.address = address
+    }
+
+    public init(_ address: SocketAddress) {
+        self.init(name: address.description, address: address)
+    }
+}
+
+/// Per-frontend behaviour; times in milliseconds. Defaults follow common HAProxy setups.
+public struct FrontendSettings: Sendable, Equatable {
+    /// Further backends tried after a failed connect (HAProxy's `retries`).
+    public var retries: Int = 3
+    public var connectTimeout: Int64 = 5_000
+    /// A connection closes when its client side has moved no byte for this long.
+    public var clientTimeout: Int64 = 60_000
+    /// ... or its backend side has moved no byte for this long.
+    public var serverTimeout: Int64 = 60_000
+
+    public init(retries: Int = 3, connectTimeout: Int64 = 5_000, clientTimeout: Int64 = 60_000, serverTimeout: Int64 = 60_000) {
+        self.retries = retries
+        self.connectTimeout = connectTimeout
+        self.clientTimeout = clientTimeout
+        self.serverTimeout = serverTimeout
+    }
+}

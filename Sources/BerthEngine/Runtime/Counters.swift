@@ -1,0 +1,144 @@
+import Synchronization
+
+/// Traffic counters of one frontend or one backend, on one worker.
+///
+/// Written only by the worker that owns them (a relaxed load and store, no lock, no read-modify-write
+/// bus lock); read by any thread, which sums the workers' copies when asked.
+public final class TrafficCounters: Sendable {
+    let currentSessions = Atomic<Int>(0)
+    let maxSessions = Atomic<Int>(0)
+    let totalSessions = Atomic<UInt64>(0)
+    let bytesIn = Atomic<UInt64>(0)
+    let bytesOut = Atomic<UInt64>(0)
+    let connectErrors = Atomic<UInt64>(0)
+    let retries = Atomic<UInt64>(0)
+    let failedSessions = Atomic<UInt64>(0)
+    let timeouts = Atomic<UInt64>(0)
+
+    init() {}
+
+    var snapshot: TrafficSnapshot {
+        TrafficSnapshot(
+            currentSessions: currentSessions.load(ordering: .relaxed),
+            maxSessions: maxSessions.load(ordering: .relaxed),
+            totalSessions: totalSessions.load(ordering: .relaxed),
+            bytesIn: bytesIn.load(ordering: .relaxed),
+            bytesOut: bytesOut.load(ordering: .relaxed),
+            connectErrors: connectErrors.load(ordering: .relaxed),
+            retries: retries.load(ordering: .relaxed),
+            failedSessions: failedSessions.load(ordering: .relaxed),
+            timeouts: timeouts.load(ordering: .relaxed))
+    }
+
+    @inline(__always) func sessionStarted() {
+        let current = currentSessions.load(ordering: .relaxed) + 1
+        currentSessions.store(current, ordering: .relaxed)
+        if current > maxSessions.load(ordering: .relaxed) { maxSessions.store(current, ordering: .relaxed) }
+        add(totalSessions, 1)
+    }
+
+    @inline(__always) func sessionEnded() {
+        currentSessions.store(currentSessions.load(ordering: .relaxed) - 1, ordering: .relaxed)
+    }
+
+    @inline(__always) func countBytes(_ amount: UInt64, fromClient: Bool) {
+        if fromClient { add(bytesIn, amount) } else { add(bytesOut, amount) }
+    }
+
+    /// Single-writer increment: no atomic read-modify-write needed.
+    @inline(__always) func add(_ counter: borrowing Atomic<UInt64>, _ amount: UInt64) {
+        counter.store(counter.load(ordering: .relaxed) &+ amount, ordering: .relaxed)
+    }
+}
+
+/// A point-in-time copy of counters, summed over workers by `Engine.statistics()`.
+public struct TrafficSnapshot: Sendable, Equatable {
+    public var currentSessions = 0
+    /// Highest `currentSessions` seen (summed over workers: an upper bound).
+    public var maxSessions = 0
+    public var totalSessions: UInt64 = 0
+    /// Bytes received from clients (HAProxy's `bin`).
+    public var bytesIn: UInt64 = 0
+    /// Bytes sent to clients (HAProxy's `bout`).
+    public var bytesOut: UInt64 = 0
+    public var connectErrors: UInt64 = 0
+    public var retries: UInt64 = 0
+    /// Clients closed because no backend could be connected.
+    public var failedSessions: UInt64 = 0
+    public var timeouts: UInt64 = 0
+
+    public init() {}
+
+    init(currentSessions: Int, maxSessions: Int, totalSessions: UInt64, bytesIn: UInt64, bytesOut: UInt64,
+         connectErrors: UInt64, retries: UInt64, failedSessions: UInt64, timeouts: UInt64) {
+        self.currentSessions = currentSessions
+        self.maxSessions = maxSessions
+        self.totalSessions = totalSessions
+        self.bytesIn = bytesIn
+        self.bytesOut = bytesOut
+        self.connectErrors = connectErrors
+        self.retries = retries
+        self.failedSessions = failedSessions
+        self.timeouts = timeouts
+    }
+
+    mutating func accumulate(_ other: TrafficSnapshot) {
+        currentSessions += other.currentSessions
+        maxSessions += other.maxSessions
+        totalSessions += other.totalSessions
+        bytesIn += other.bytesIn
+        bytesOut += other.bytesOut
+        connectErrors += other.connectErrors
+        retries += other.retries
+        failedSessions += other.failedSessions
+        timeouts += other.timeouts
+    }
+}
+
+public struct FrontendStatistics: Sendable, Equatable {
+    public var traffic = TrafficSnapshot()
+    /// Keyed by backend name.
+    public var backends: [String: TrafficSnapshot] = [:]
+}
+
+public struct EngineStatistics: Sendable {
+    public var frontends: [String: FrontendStatistics] = [:]
+    /// Open client connections per worker.
+    public var sessionsPerWorker: [Int] = []
+    /// Pipes lent per worker (only connections moving data hold one).
+    public var pipesInUse: [Int] = []
+    /// Times a worker paused accepting (fd exhaustion or maxconn).
+    public var acceptPauses: UInt64 = 0
+    public var revision: UInt64 = 0
+}
+
+/// The counters a worker has registered, for readers on other threads.
+/// Locked only when the worker installs a table and when statistics are read.
+final class CounterRegistry: Sendable {
+    struct Key: Hashable, Sendable {
+        var frontend: String
+        var backend: String?
+    }
+
+    let entries = Mutex<[Key: TrafficCounters]>([:])
+    let sessions = Atomic<Int>(0)
+    let pipesInUse = Atomic<Int>(0)
+    let acceptPauses = Atomic<UInt64>(0)
+
+    func counters(frontend: String, backend: String?) -> TrafficCounters {
+        entries.withLock { entries in
+            let key = Key(frontend: frontend, backend: backend)
+            if let existing = entries[key] { return existing }
+            let created = TrafficCounters()
+            entries[key] = created
+            return created
+        }
+    }
+
+    /// Drops counters of backends and frontends that left the table and carry no session.
+    func prune(keeping live: Set<Key>) {
+        entries.withLock { entries in
+            entries = entries.filter { live.contains($0.key) || $0.value.currentSessions.load(ordering: .relaxed) > 0 }
+        }
+    }
+}

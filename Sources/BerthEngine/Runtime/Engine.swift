@@ -1,0 +1,187 @@
+import Glibc
+import Synchronization
+
+/// The data plane: N worker threads relaying TCP connections for the frontends of the routing
+/// table most recently applied.
+///
+/// Threads: `apply`, `statistics` and `shutdown` may be called from any thread (the control
+/// plane); each worker picks up a new table on its own thread after an eventfd wake, so nothing
+/// on the per-connection path takes a lock.
+public final class Engine: Sendable {
+    public let configuration: EngineConfiguration
+    private let handles: [WorkerHandle]
+    private let shared = EngineShared()
+    private let control: Mutex<ControlState>
+
+    private struct ControlState: ~Copyable {
+        /// Per frontend name: the address asked for, the address bound (port 0 resolved).
+        var listening: [String: (requested: SocketAddress, bound: SocketAddress)] = [:]
+        var cursors: [String: RoundRobinCursor] = [:]
+        var threads: [pthread_t] = []
+        var revision: UInt64 = 0
+        var stopped = false
+    }
+
+    /// Starts the workers. They serve nothing until `apply` gives them a table.
+    public init(configuration: EngineConfiguration = .init()) throws(SystemError) {
+        precondition(configuration.workers >= 1, "at least one worker")
+        ignoreBrokenPipeSignal()
+        self.configuration = configuration
+        var handles: [WorkerHandle] = []
+        for index in 0..<configuration.workers { handles.append(try WorkerHandle(index: index)) }
+        self.handles = handles
+        control = Mutex(ControlState())
+        let shared = self.shared
+        var threads: [pthread_t] = []
+        for handle in handles {
+            // The worker is created on its own thread and never leaves it.
+            let ready = Atomic<Int>(0)
+            let failure = Mutex<SystemError?>(nil)
+            let thread = OSThread(name: "berth-worker-\(handle.index)") {
+                do throws(SystemError) {
+                    let worker = try Worker(handle: handle, configuration: configuration, shared: shared)
+                    ready.store(1, ordering: .releasing)
+                    worker.run()
+                } catch {
+                    failure.withLock { $0 = error }
+                    ready.store(2, ordering: .releasing)
+                }
+            }
+            while ready.load(ordering: .acquiring) == 0 { sched_yield() }
+            threads.append(thread.handle)
+            if let error = failure.withLock({ $0 }) {
+                for other in handles { other.post(.stop(deadline: 0)) }
+                for started in threads { pthread_join(started, nil) }
+                throw error
+            }
+        }
+        control.withLock { $0.threads = threads }
+    }
+
+    /// The outcome of `apply`: where each frontend listens, and the frontends that could not
+    /// listen (they are left out of the table; the others are served).
+    public struct ApplyResult: Sendable {
+        public var listening: [String: SocketAddress] = [:]
+        public var failures: [String: SystemError] = [:]
+    }
+
+    /// Replaces the routing table, live: new frontends start listening (one SO_REUSEPORT socket
+    /// per worker, bound here so that errors are reported synchronously), removed ones stop
+    /// accepting, backend sets change for new connections only. Connections to removed backends
+    /// or frontends drain (they run to their end or `drainTimeout`).
+    public func apply(_ table: RoutingTable) throws(EngineError) -> ApplyResult {
+        if let problem = table.validationError() { throw EngineError.invalidTable(problem) }
+        return try control.withLock { state throws(EngineError) -> ApplyResult in
+            guard !state.stopped else { throw EngineError.stopped }
+            var result = ApplyResult()
+            var handoffs = Array(repeating: [String: CInt](), count: handles.count)
+            var served: [Frontend] = []
+            var listening: [String: (requested: SocketAddress, bound: SocketAddress)] = [:]
+            for frontend in table.frontends {
+                if let current = state.listening[frontend.name], current.requested == frontend.listen {
+                    listening[frontend.name] = current
+                } else {
+                    do throws(SystemError) {
+                        let (fds, bound) = try openListenerGroup(frontend.listen, count: handles.count)
+                        for (index, fd) in fds.enumerated() { handoffs[index][frontend.name] = fd }
+                        listening[frontend.name] = (frontend.listen, bound)
+                    } catch {
+                        result.failures[frontend.name] = error
+                        continue
+                    }
+                }
+                result.listening[frontend.name] = listening[frontend.name]!.bound
+                if state.cursors[frontend.name] == nil { state.cursors[frontend.name] = RoundRobinCursor() }
+                served.append(frontend)
+            }
+            state.listening = listening
+            state.cursors = state.cursors.filter { listening[$0.key] != nil }
+            state.revision = table.revision
+            let published = PublishedTable(
+                table: RoutingTable(revision: table.revision, frontends: served), cursors: state.cursors)
+            for (index, handle) in handles.enumerated() {
+                handle.post(.install(published, listeners: handoffs[index]))
+            }
+            return result
+        }
+    }
+
+    /// Binds one socket per worker to `address` (the first decides the port when it is 0).
+    /// Closes all of them if any fails.
+    private func openListenerGroup(_ address: SocketAddress, count: Int) throws(SystemError) -> ([CInt], SocketAddress) {
+        var fds: [CInt] = []
+        var bound = address
+        do throws(SystemError) {
+            for _ in 0..<count {
+                var socket = try Sockets.listen(on: bound, reusePort: true)
+                if fds.isEmpty && address.port == 0 {
+                    do throws(SystemError) {
+                        bound = try Sockets.localAddress(socket.raw)
+                    } catch {
+                        socket.close()
+                        throw error
+                    }
+                }
+                fds.append(socket.release())
+            }
+        } catch {
+            for fd in fds { closeDescriptor(fd) }
+            throw error
+        }
+        return (fds, bound)
+    }
+
+    /// Stops accepting on every frontend, lets open connections finish for up to `drainTimeout`
+    /// ms (default: the configuration's), closes what is left, and joins the worker threads.
+    public func shutdown(drainTimeout: Int64? = nil) {
+        let threads: [pthread_t] = control.withLock { state in
+            if state.stopped { return [] }
+            state.stopped = true
+            let threads = state.threads
+            state.threads = []
+            return threads
+        }
+        let deadline = MonotonicClock.milliseconds() &+ (drainTimeout ?? configuration.drainTimeout)
+        for handle in handles { handle.post(.stop(deadline: deadline)) }
+        for thread in threads { pthread_join(thread, nil) }
+    }
+
+    /// Client connections open now, over all workers.
+    public var openConnections: Int { shared.connections.load(ordering: .relaxed) }
+
+    /// Sums every worker's counters.
+    public func statistics() -> EngineStatistics {
+        var statistics = EngineStatistics()
+        statistics.revision = control.withLock { $0.revision }
+        for handle in handles {
+            statistics.sessionsPerWorker.append(handle.registry.sessions.load(ordering: .relaxed))
+            statistics.pipesInUse.append(handle.registry.pipesInUse.load(ordering: .relaxed))
+            statistics.acceptPauses += handle.registry.acceptPauses.load(ordering: .relaxed)
+            let entries = handle.registry.entries.withLock { $0 }
+            for (key, counters) in entries {
+                var frontend = statistics.frontends[key.frontend] ?? FrontendStatistics()
+                if let backend = key.backend {
+                    var traffic = frontend.backends[backend] ?? TrafficSnapshot()
+                    traffic.accumulate(counters.snapshot)
+                    frontend.backends[backend] = traffic
+                } else {
+                    frontend.traffic.accumulate(counters.snapshot)
+                }
+                statistics.frontends[key.frontend] = frontend
+            }
+        }
+        return statistics
+    }
+}
+
+public enum EngineError: Error, CustomStringConvertible, Sendable {
+    case invalidTable(String)
+    case stopped
+
+    public var description: String {
+        switch self {
+        case .invalidTable(let reason): "invalid routing table: \(reason)"
+        case .stopped: "the engine is stopped"
+        }
+    }
+}

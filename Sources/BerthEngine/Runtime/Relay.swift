@@ -1,0 +1,276 @@
+import Glibc
+
+/// The connection path of a worker: connect with retries, then relay bytes both ways.
+extension Worker {
+    private static let socketEvents = Epoll.readable | Epoll.writable | Epoll.readHangup | Epoll.edgeTriggered
+
+    // MARK: Connecting
+
+    /// Tries the next backend of the rotation; after `retries` further attempts (or with no
+    /// backend at all) the client is closed at once. The client is not read before a backend is
+    /// connected, so a retry loses nothing.
+    func connectNext(_ session: Session) {
+        guard let frontend = session.frontend else { return }
+        while true {
+            let backends = frontend.backends
+            guard !backends.isEmpty, session.attempt <= frontend.settings.retries, !frontend.removed else {
+                frontend.counters.add(frontend.counters.failedSessions, 1)
+                closeSession(session)
+                return
+            }
+            let server = backends[RoundRobin.index(position: session.rotation, attempt: session.attempt, count: backends.count)]
+            session.server = server
+            do throws(SystemError) {
+                var connected = false
+                var socket = try Sockets.connect(to: server.backend.address, connected: &connected)
+                session.backend.adopt(socket.release())
+                try epoll.add(session.backend.raw, events: Self.socketEvents,
+                              token: EventToken.make(kind: EventToken.backend, index: session.slot, generation: session.generation))
+                if connected {
+                    connected_(session, events: 0)
+                } else {
+                    session.state = .connecting
+                    session.connectDeadline = now &+ frontend.settings.connectTimeout
+                    arm(session, at: session.nextDeadline())
+                }
+                return
+            } catch {
+                // Refused, unreachable, out of fds: count it on this backend and try the next.
+                session.backend.close()
+                server.counters.add(server.counters.connectErrors, 1)
+                session.attempt += 1
+                if session.attempt <= frontend.settings.retries { server.counters.add(server.counters.retries, 1) }
+            }
+        }
+    }
+
+    func connectFailed(_ session: Session, error: CInt) {
+        epoll.remove(session.backend.raw)
+        session.backend.close()
+        session.connectDeadline = .max
+        if let server = session.server {
+            server.counters.add(server.counters.connectErrors, 1)
+        }
+        session.attempt += 1
+        if let server = session.server, let frontend = session.frontend, session.attempt <= frontend.settings.retries {
+            server.counters.add(server.counters.retries, 1)
+        }
+        connectNext(session)
+    }
+
+    /// connecting → relaying: register the client (it is read from now on) and start moving bytes.
+    private func connected_(_ session: Session, events: UInt32) {
+        session.state = .relaying
+        session.connectDeadline = .max
+        Sockets.setNoDelay(session.backend.raw)
+        Sockets.setNoDelay(session.client.raw)
+        session.backendSide.writable = true
+        session.backendSide.readable = events & Epoll.readable != 0
+        session.backendSide.peerClosed = events & (Epoll.readHangup | Epoll.hangup) != 0
+        session.backendSide.lastActivity = now
+        session.clientSide.lastActivity = now
+        session.server?.counters.sessionStarted()
+        let mode = configuration.relay
+        session.request.splicing = mode == .splice
+        session.response.splicing = mode == .splice
+        do {
+            try epoll.add(session.client.raw, events: Self.socketEvents,
+                          token: EventToken.make(kind: EventToken.client, index: session.slot, generation: session.generation))
+            session.clientRegistered = true
+        } catch {
+            closeSession(session)
+            return
+        }
+        arm(session, at: session.nextDeadline())
+        if session.backendSide.readable { pump(session) }
+    }
+
+    // MARK: Events
+
+    @inline(__always)
+    func sessionEvent(_ session: Session, backendSide: Bool, events: UInt32) {
+        if backendSide && session.state == .connecting {
+            let error = Sockets.pendingError(session.backend.raw)
+            if error == 0 {
+                connected_(session, events: events)
+            } else {
+                connectFailed(session, error: error)
+            }
+            return
+        }
+        let readableMask = Epoll.readable | Epoll.error | Epoll.hangup | Epoll.readHangup
+        let writableMask = Epoll.writable | Epoll.error | Epoll.hangup
+        let closedMask = Epoll.readHangup | Epoll.hangup
+        if backendSide {
+            if events & readableMask != 0 { session.backendSide.readable = true }
+            if events & writableMask != 0 { session.backendSide.writable = true }
+            if events & closedMask != 0 { session.backendSide.peerClosed = true }
+        } else {
+            if events & readableMask != 0 { session.clientSide.readable = true }
+            if events & writableMask != 0 { session.clientSide.writable = true }
+            if events & closedMask != 0 { session.clientSide.peerClosed = true }
+        }
+        pump(session)
+    }
+
+    /// Moves what can be moved in both directions; ends the session when both are finished or
+    /// either socket failed.
+    func pump(_ session: Session) {
+        let client = session.client.raw
+        let backend = session.backend.raw
+        let up = relay(&session.request, source: &session.clientSide, sourceFD: client,
+                       destination: &session.backendSide, destinationFD: backend, isRequest: true,
+                       session: session)
+        if up == .failed {
+            closeSession(session)
+            return
+        }
+        let down = relay(&session.response, source: &session.backendSide, sourceFD: backend,
+                         destination: &session.clientSide, destinationFD: client, isRequest: false,
+                         session: session)
+        if down == .failed || (session.request.finished && session.response.finished) {
+            closeSession(session)
+            return
+        }
+        if up == .budgetSpent || down == .budgetSpent { defer_(session) }
+    }
+
+    enum RelayOutcome {
+        /// Nothing more to do until the next readiness event.
+        case waiting
+        /// The bound on chunks per wake-up was reached with more to move.
+        case budgetSpent
+        /// A socket failed (reset, broken pipe): the session must end.
+        case failed
+    }
+
+    /// One direction: flush what is held, pass on a FIN, read and forward new bytes, until a
+    /// call would block or the per-wake-up budget is spent.
+    ///
+    /// Splice path invariant: bytes are only spliced into an *empty* pipe, so an EAGAIN from
+    /// socket → pipe always means "socket empty", never "pipe full" (HAProxy's ambiguity).
+    @inline(__always)
+    private func relay(
+        _ flow: inout Flow, source: inout Side, sourceFD: CInt,
+        destination: inout Side, destinationFD: CInt, isRequest: Bool, session: Session
+    ) -> RelayOutcome {
+        var budget = configuration.chunksPerWakeup
+        do {
+            while true {
+                // 1. Flush held bytes; while any remain the source is not read (back-pressure).
+                if flow.pipeBytes > 0 {
+                    guard destination.writable else { return .waiting }
+                    switch try Sockets.splice(from: flow.pipe!.output, to: destinationFD, count: flow.pipeBytes) {
+                    case .done(let moved):
+                        flow.pipeBytes -= moved
+                        destination.lastActivity = now
+                        if flow.pipeBytes > 0 { continue }
+                    case .wouldBlock:
+                        destination.writable = false
+                        return .waiting
+                    }
+                    pipes.release(flow.pipe!)
+                    flow.pipe = nil
+                }
+                if let held = flow.held {
+                    guard destination.writable else { return .waiting }
+                    switch try Sockets.write(destinationFD, from: held + flow.heldStart, count: flow.heldEnd - flow.heldStart) {
+                    case .done(let written):
+                        flow.heldStart += written
+                        destination.lastActivity = now
+                        if flow.heldStart < flow.heldEnd { continue }
+                    case .wouldBlock:
+                        destination.writable = false
+                        return .waiting
+                    }
+                    held.deallocate()
+                    flow.held = nil
+                }
+                // 2. Source finished and everything passed on: pass the FIN on, once.
+                if flow.sourceClosed {
+                    if !flow.finished {
+                        Sockets.shutdownWrite(destinationFD)
+                        flow.finished = true
+                    }
+                    return .waiting
+                }
+                guard source.readable else { return .waiting }
+                if budget == 0 { return .budgetSpent }
+                budget -= 1
+                // 3. Move a new chunk.
+                if flow.splicing, let pipe = flow.pipe ?? pipes.acquire() {
+                    flow.pipe = pipe
+                    switch try Sockets.splice(from: sourceFD, to: pipe.input, count: pipes.capacity) {
+                    case .done(0):
+                        flow.sourceClosed = true
+                    case .done(let moved):
+                        flow.pipeBytes = moved
+                        source.lastActivity = now
+                        count(moved, isRequest: isRequest, session: session)
+                    case .wouldBlock:
+                        source.readable = false
+                    }
+                    if flow.pipeBytes == 0 {
+                        pipes.release(pipe)
+                        flow.pipe = nil
+                    }
+                    handle.registry.pipesInUse.store(pipes.inUse, ordering: .relaxed)
+                    continue
+                }
+                let capacity = configuration.copyBufferSize
+                switch try Sockets.read(sourceFD, into: scratch, count: capacity) {
+                case .done(0):
+                    flow.sourceClosed = true
+                    continue
+                case .done(let received):
+                    source.lastActivity = now
+                    count(received, isRequest: isRequest, session: session)
+                    // A short read drained the socket, unless its FIN is pending (read on to get 0).
+                    if received < capacity && !source.peerClosed { source.readable = false }
+                    if configuration.relay == .auto && received >= configuration.spliceThreshold {
+                        flow.splicing = true
+                    }
+                    var written = 0
+                    if destination.writable {
+                        while written < received {
+                            switch try Sockets.write(destinationFD, from: scratch + written, count: received - written) {
+                            case .done(let count):
+                                written += count
+                                destination.lastActivity = now
+                                continue
+                            case .wouldBlock:
+                                destination.writable = false
+                            }
+                            break
+                        }
+                    }
+                    if written < received {
+                        let rest = received - written
+                        let held = UnsafeMutableRawPointer.allocate(byteCount: rest, alignment: 16)
+                        held.copyMemory(from: scratch + written, byteCount: rest)
+                        flow.held = held
+                        flow.heldStart = 0
+                        flow.heldEnd = rest
+                        return .waiting
+                    }
+                case .wouldBlock:
+                    source.readable = false
+                    return .waiting
+                }
+            }
+        } catch {
+            return .failed
+        }
+    }
+
+    @inline(__always)
+    private func count(_ bytes: Int, isRequest: Bool, session: Session) {
+        let amount = UInt64(bytes)
+        if let server = session.server?.counters {
+            server.countBytes(amount, fromClient: isRequest)
+        }
+        if let frontend = session.frontend?.counters {
+            frontend.countBytes(amount, fromClient: isRequest)
+        }
+    }
+}

@@ -1,0 +1,111 @@
+import Glibc
+
+/// One proxied TCP connection on one worker: a client socket, a backend socket, and the two
+/// directions of bytes between them. Owned by its worker's slot table; touched only on that
+/// worker's thread. Sessions are reused (the slot's generation changes every time).
+final class Session {
+    /// The connection's state machine; each transition is one `Worker` method.
+    enum State {
+        /// The slot is free.
+        case free
+        /// A nonblocking connect to `server` is in flight; the client is not read yet.
+        case connecting
+        /// Both sockets are open and bytes move (a direction may be half-closed).
+        case relaying
+    }
+
+    let slot: Int32
+    var generation: UInt32 = 0
+    var state: State = .free
+
+    var client = Descriptor.none
+    var backend = Descriptor.none
+    var clientRegistered = false
+
+    var frontend: FrontendRuntime?
+    var server: BackendRuntime?
+    /// The rotation position this connection drew, and how many connects it has tried.
+    var rotation: UInt64 = 0
+    var attempt = 0
+
+    /// client → backend.
+    var request = Flow()
+    /// backend → client.
+    var response = Flow()
+    var clientSide = Side()
+    var backendSide = Side()
+
+    var connectDeadline: Int64 = .max
+    var drainDeadline: Int64 = .max
+    /// The deadline of this session's live entry in the worker's timer heap (0: none).
+    var armedDeadline: Int64 = 0
+    /// Waiting in the worker's deferred list (it used up its budget with bytes still to move).
+    var deferred = false
+
+    init(slot: Int32) {
+        self.slot = slot
+    }
+
+    /// Resets for reuse; descriptors must be closed and buffers released already.
+    func reset() {
+        precondition(!client.isOpen && !backend.isOpen)
+        state = .free
+        clientRegistered = false
+        frontend = nil
+        server = nil
+        attempt = 0
+        request = Flow()
+        response = Flow()
+        clientSide = Side()
+        backendSide = Side()
+        connectDeadline = .max
+        drainDeadline = .max
+        armedDeadline = 0
+        deferred = false
+    }
+
+    /// When this session must next be looked at by the timer heap.
+    func nextDeadline() -> Int64 {
+        switch state {
+        case .free:
+            return .max
+        case .connecting:
+            return min(connectDeadline, drainDeadline)
+        case .relaying:
+            guard let settings = frontend?.settings else { return drainDeadline }
+            return min(clientSide.lastActivity &+ settings.clientTimeout,
+                       backendSide.lastActivity &+ settings.serverTimeout,
+                       drainDeadline)
+        }
+    }
+}
+
+/// Readiness of one socket as the edge-triggered epoll last reported it, cleared when a call
+/// would block.
+struct Side {
+    var readable = false
+    var writable = false
+    /// The peer's FIN (EPOLLRDHUP) was seen: keep reading until 0 even after a short read.
+    var peerClosed = false
+    /// Loop time of the last byte read from or written to this socket.
+    var lastActivity: Int64 = 0
+}
+
+/// One direction of a connection. Bytes read from the source and not yet written to the
+/// destination are held either in a pooled pipe (splice) or in `held` (copy); at most one
+/// chunk is held, and while it is, the source is not read (back-pressure).
+struct Flow {
+    var pipe: Pipe?
+    var pipeBytes = 0
+    var held: UnsafeMutableRawPointer?
+    var heldStart = 0
+    var heldEnd = 0
+    /// This direction moves through a pipe (set from the relay mode, or by `auto` on a large read).
+    var splicing = false
+    /// The source sent its FIN (read returned 0).
+    var sourceClosed = false
+    /// The FIN was passed on (shutdown(SHUT_WR) of the destination).
+    var finished = false
+
+    var holdsBytes: Bool { pipeBytes > 0 || heldEnd > heldStart }
+}

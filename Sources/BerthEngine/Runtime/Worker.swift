@@ -1,0 +1,457 @@
+import Glibc
+import Synchronization
+
+/// A frontend as one worker sees it: the backends it may pick from now, its shared rotation and
+/// its counters. Rebuilt fields are replaced in place when a new table is installed, so open
+/// sessions keep pointing at a live object.
+final class FrontendRuntime {
+    let name: String
+    let cursor: RoundRobinCursor
+    let counters: TrafficCounters
+    var settings: FrontendSettings
+    var backends: [BackendRuntime] = []
+    var listener = Descriptor.none
+    var listenerRegistered = false
+    var removed = false
+
+    init(name: String, cursor: RoundRobinCursor, counters: TrafficCounters, settings: FrontendSettings) {
+        self.name = name
+        self.cursor = cursor
+        self.counters = counters
+        self.settings = settings
+    }
+}
+
+final class BackendRuntime {
+    let backend: Backend
+    let counters: TrafficCounters
+    /// Left the table: no new connections; open ones drain.
+    var removed = false
+
+    init(backend: Backend, counters: TrafficCounters) {
+        self.backend = backend
+        self.counters = counters
+    }
+}
+
+/// What the control plane sends a worker (through `WorkerHandle.post`).
+enum WorkerCommand: Sendable {
+    /// Serve `table`; `listeners` are freshly bound sockets (raw fds, owned by the message
+    /// until the worker adopts them) for frontends that are new or moved to another address.
+    case install(PublishedTable, listeners: [String: CInt])
+    /// Stop accepting, let connections finish until `deadline` (monotonic ms), then exit.
+    case stop(deadline: Int64)
+}
+
+/// The immutable table a worker installs: the routing table plus the shared rotation cursors.
+final class PublishedTable: Sendable {
+    let table: RoutingTable
+    let cursors: [String: RoundRobinCursor]
+
+    init(table: RoutingTable, cursors: [String: RoundRobinCursor]) {
+        self.table = table
+        self.cursors = cursors
+    }
+}
+
+/// The part of a worker other threads may touch: its mailbox, its wake-up eventfd, its counters.
+final class WorkerHandle: Sendable {
+    let index: Int
+    let wakeup: WakeupSignal
+    let mailbox = Mutex<[WorkerCommand]>([])
+    let registry = CounterRegistry()
+
+    init(index: Int) throws(SystemError) {
+        self.index = index
+        wakeup = try WakeupSignal()
+    }
+
+    /// Queues a command and wakes the worker. Callable from any thread.
+    func post(_ command: WorkerCommand) {
+        mailbox.withLock { $0.append(command) }
+        wakeup.wake()
+    }
+}
+
+/// State shared by all workers of an engine.
+final class EngineShared: Sendable {
+    /// Client connections open across all workers (for `maxConnections`).
+    let connections = Atomic<Int>(0)
+}
+
+/// Epoll registration tokens: `generation << 32 | index << 2 | kind`. The generation makes an
+/// event for a slot that was freed and reused unrecognisable, so it is dropped.
+enum EventToken {
+    static let wakeup: UInt64 = 0
+    static let listener: UInt64 = 1
+    static let client: UInt64 = 2
+    static let backend: UInt64 = 3
+
+    @inline(__always) static func make(kind: UInt64, index: Int32, generation: UInt32) -> UInt64 {
+        UInt64(generation) << 32 | UInt64(UInt32(bitPattern: index)) << 2 | kind
+    }
+}
+
+/// One event loop thread: its own epoll instance, listeners, sessions, pipes, timers and counters.
+/// Everything here runs on the worker's thread only (`assertOnLoop`); the control plane reaches it
+/// through `WorkerHandle` alone.
+final class Worker {
+    let handle: WorkerHandle
+    let configuration: EngineConfiguration
+    let shared: EngineShared
+    var epoll: Epoll
+    var pipes: PipePool
+    /// The copy path's buffer: one read at a time goes through it.
+    let scratch: UnsafeMutableRawPointer
+    var sessions: [Session] = []
+    var freeSlots: [Int32] = []
+    var activeSessions = 0
+    var timers = DeadlineHeap()
+    var deferredSessions: [Session] = []
+    var frontends: [String: FrontendRuntime] = [:]
+    /// Frontends indexed by listener token index.
+    var listenerFrontends: [FrontendRuntime?] = []
+    var now: Int64 = MonotonicClock.milliseconds()
+    var acceptPaused = false
+    var acceptResumeAt: Int64 = .max
+    var stopping = false
+    var stopDeadline: Int64 = .max
+    private let thread = pthread_self()
+
+    init(handle: WorkerHandle, configuration: EngineConfiguration, shared: EngineShared) throws(SystemError) {
+        self.handle = handle
+        self.configuration = configuration
+        self.shared = shared
+        epoll = try Epoll(capacity: configuration.eventsPerWait)
+        pipes = PipePool(idleLimit: configuration.idlePipes, inUseLimit: configuration.maxPipes,
+                         pipeSize: configuration.pipeSize)
+        scratch = UnsafeMutableRawPointer.allocate(byteCount: configuration.copyBufferSize, alignment: 64)
+        try epoll.add(handle.wakeup.fd, events: Epoll.readable, token: EventToken.wakeup)
+    }
+
+    deinit {
+        for session in sessions where session.state != .free { closeSession(session) }
+        for frontend in frontends.values { closeListener(frontend) }
+        epoll.remove(handle.wakeup.fd)
+        scratch.deallocate()
+    }
+
+    @inline(__always) func assertOnLoop() {
+        assert(pthread_equal(thread, pthread_self()) != 0, "called off the worker's thread")
+    }
+
+    // MARK: The loop
+
+    /// Runs until a `stop` command has been served and every session has ended.
+    func run() {
+        if !configuration.cpus.isEmpty {
+            pinCurrentThread(toCPU: configuration.cpus[handle.index % configuration.cpus.count])
+        }
+        while !(stopping && activeSessions == 0) {
+            let ready: Int
+            do {
+                ready = try epoll.wait(timeout: nextTimeout())
+            } catch {
+                fatalError("worker \(handle.index): \(error)")
+            }
+            now = MonotonicClock.milliseconds()
+            for index in 0..<ready {
+                let (events, token) = epoll.event(at: index)
+                dispatch(events: events, token: token)
+            }
+            if !deferredSessions.isEmpty { runDeferred() }
+            fireTimers()
+            if acceptPaused && now >= acceptResumeAt { resumeAccepting() }
+            if stopping && now >= stopDeadline {
+                for session in sessions where session.state != .free { closeSession(session) }
+            }
+        }
+    }
+
+    private func nextTimeout() -> CInt {
+        if !deferredSessions.isEmpty { return 0 }
+        var earliest = timers.earliest ?? .max
+        if acceptPaused { earliest = min(earliest, acceptResumeAt) }
+        if stopping { earliest = min(earliest, stopDeadline) }
+        if earliest == .max { return -1 }
+        let wait = earliest - MonotonicClock.milliseconds()
+        return CInt(clamping: max(0, min(wait, 60_000)))
+    }
+
+    @inline(__always)
+    private func dispatch(events: UInt32, token: UInt64) {
+        let kind = token & 3
+        let index = Int32(truncatingIfNeeded: (token >> 2) & 0x3FFF_FFFF)
+        switch kind {
+        case EventToken.client, EventToken.backend:
+            let slot = Int(index)
+            guard slot < sessions.count else { return }
+            let session = sessions[slot]
+            guard session.generation == UInt32(truncatingIfNeeded: token >> 32), session.state != .free else {
+                return  // stale: the slot was freed (and maybe reused) after this event was queued
+            }
+            sessionEvent(session, backendSide: kind == EventToken.backend, events: events)
+        case EventToken.listener:
+            let slot = Int(index)
+            guard slot < listenerFrontends.count, let frontend = listenerFrontends[slot] else { return }
+            acceptConnections(frontend)
+        default:
+            handle.wakeup.drain()
+            processMailbox()
+        }
+    }
+
+    // MARK: Control messages
+
+    private func processMailbox() {
+        let commands = handle.mailbox.withLock { mailbox in
+            let taken = mailbox
+            mailbox.removeAll()
+            return taken
+        }
+        for command in commands {
+            switch command {
+            case .install(let published, let listeners):
+                install(published, listeners: listeners)
+            case .stop(let deadline):
+                beginStopping(deadline: deadline)
+            }
+        }
+    }
+
+    private func install(_ published: PublishedTable, listeners: [String: CInt]) {
+        assertOnLoop()
+        var next: [String: FrontendRuntime] = [:]
+        var live = Set<CounterRegistry.Key>()
+        for spec in published.table.frontends {
+            let runtime = frontends[spec.name] ?? FrontendRuntime(
+                name: spec.name,
+                cursor: published.cursors[spec.name] ?? RoundRobinCursor(),
+                counters: handle.registry.counters(frontend: spec.name, backend: nil),
+                settings: spec.settings)
+            runtime.settings = spec.settings
+            live.insert(.init(frontend: spec.name, backend: nil))
+            var existing: [String: BackendRuntime] = [:]
+            for backend in runtime.backends { existing[backend.backend.name] = backend }
+            runtime.backends = spec.backends.map { backend in
+                live.insert(.init(frontend: spec.name, backend: backend.name))
+                if let kept = existing.removeValue(forKey: backend.name), kept.backend == backend { return kept }
+                return BackendRuntime(
+                    backend: backend,
+                    counters: handle.registry.counters(frontend: spec.name, backend: backend.name))
+            }
+            for gone in existing.values { gone.removed = true }
+            if let fd = listeners[spec.name] {
+                closeListener(runtime)
+                runtime.listener.adopt(fd)
+                registerListener(runtime)
+            }
+            next[spec.name] = runtime
+        }
+        for (name, runtime) in frontends where next[name] == nil {
+            runtime.removed = true
+            for backend in runtime.backends { backend.removed = true }
+            closeListener(runtime)
+        }
+        // Sockets for frontends this table does not contain (raced with a newer table): close.
+        for (name, fd) in listeners where next[name] == nil { closeDescriptor(fd) }
+        frontends = next
+        handle.registry.prune(keeping: live)
+        // Removed backends and frontends: their open connections drain.
+        let drainDeadline = now &+ configuration.drainTimeout
+        for session in sessions where session.state != .free {
+            if session.frontend?.removed == true || session.server?.removed == true {
+                session.drainDeadline = min(session.drainDeadline, drainDeadline)
+                arm(session, at: session.nextDeadline())
+            }
+        }
+    }
+
+    private func registerListener(_ frontend: FrontendRuntime) {
+        guard frontend.listener.isOpen, !stopping else { return }
+        var slot = listenerFrontends.firstIndex { $0 === frontend } ?? listenerFrontends.firstIndex { $0 == nil }
+        if slot == nil {
+            listenerFrontends.append(nil)
+            slot = listenerFrontends.count - 1
+        }
+        listenerFrontends[slot!] = frontend
+        guard !acceptPaused else { return }
+        do {
+            try epoll.add(frontend.listener.raw, events: Epoll.readable,
+                          token: EventToken.make(kind: EventToken.listener, index: Int32(slot!), generation: 0))
+            frontend.listenerRegistered = true
+        } catch {
+            fatalError("worker \(handle.index): registering listener of \(frontend.name): \(error)")
+        }
+    }
+
+    private func closeListener(_ frontend: FrontendRuntime) {
+        if frontend.listenerRegistered {
+            epoll.remove(frontend.listener.raw)
+            frontend.listenerRegistered = false
+        }
+        frontend.listener.close()
+        if let slot = listenerFrontends.firstIndex(where: { $0 === frontend }) { listenerFrontends[slot] = nil }
+    }
+
+    private func beginStopping(deadline: Int64) {
+        stopping = true
+        stopDeadline = deadline
+        for frontend in frontends.values { closeListener(frontend) }
+    }
+
+    // MARK: Accepting
+
+    private func acceptConnections(_ frontend: FrontendRuntime) {
+        for _ in 0..<configuration.acceptBurst {
+            if shared.connections.load(ordering: .relaxed) >= configuration.maxConnections {
+                pauseAccepting()
+                return
+            }
+            let fd: CInt
+            do {
+                switch try Sockets.accept(frontend.listener.raw) {
+                case .wouldBlock: return
+                case .done(let accepted): fd = accepted
+                }
+            } catch {
+                switch error.errno {
+                case EMFILE, ENFILE, ENOBUFS, ENOMEM:
+                    pauseAccepting()
+                    return
+                default:
+                    continue  // ECONNABORTED, EPROTO, EPERM: that one connection is gone
+                }
+            }
+            startSession(client: fd, frontend: frontend)
+        }
+    }
+
+    /// Stops polling every listener of this worker (no busy loop on EMFILE or maxconn); resumes
+    /// when a connection of this worker closes, or after `acceptRetryDelay`.
+    private func pauseAccepting() {
+        guard !acceptPaused else { return }
+        acceptPaused = true
+        acceptResumeAt = now &+ configuration.acceptRetryDelay
+        handle.registry.acceptPauses.add(1, ordering: .relaxed)
+        for frontend in frontends.values where frontend.listenerRegistered {
+            epoll.remove(frontend.listener.raw)
+            frontend.listenerRegistered = false
+        }
+    }
+
+    func resumeAccepting() {
+        acceptPaused = false
+        acceptResumeAt = .max
+        for frontend in frontends.values where frontend.listener.isOpen && !frontend.listenerRegistered {
+            registerListener(frontend)
+        }
+    }
+
+    // MARK: Sessions
+
+    private func startSession(client fd: CInt, frontend: FrontendRuntime) {
+        let session: Session
+        if let slot = freeSlots.popLast() {
+            session = sessions[Int(slot)]
+        } else {
+            session = Session(slot: Int32(sessions.count))
+            sessions.append(session)
+        }
+        session.client.adopt(fd)
+        session.frontend = frontend
+        session.rotation = frontend.cursor.next()
+        session.clientSide.lastActivity = now
+        if stopping || frontend.removed { session.drainDeadline = stopDeadline }
+        activeSessions += 1
+        handle.registry.sessions.store(activeSessions, ordering: .relaxed)
+        shared.connections.add(1, ordering: .relaxed)
+        frontend.counters.sessionStarted()
+        connectNext(session)
+    }
+
+    /// Ends a session: deregisters and closes both sockets, gives its pipes back, frees the slot.
+    func closeSession(_ session: Session) {
+        assertOnLoop()
+        if session.clientRegistered { epoll.remove(session.client.raw) }
+        session.client.close()
+        if session.backend.isOpen {
+            epoll.remove(session.backend.raw)
+            session.backend.close()
+        }
+        releaseFlow(&session.request)
+        releaseFlow(&session.response)
+        if session.state == .relaying { session.server?.counters.sessionEnded() }
+        session.frontend?.counters.sessionEnded()
+        session.generation &+= 1
+        session.reset()
+        freeSlots.append(session.slot)
+        activeSessions -= 1
+        handle.registry.sessions.store(activeSessions, ordering: .relaxed)
+        shared.connections.subtract(1, ordering: .relaxed)
+        if acceptPaused { resumeAccepting() }
+    }
+
+    private func releaseFlow(_ flow: inout Flow) {
+        if let pipe = flow.pipe {
+            if flow.pipeBytes > 0 { pipes.discard(pipe) } else { pipes.release(pipe) }
+            flow.pipe = nil
+            flow.pipeBytes = 0
+        }
+        if let held = flow.held {
+            held.deallocate()
+            flow.held = nil
+        }
+        handle.registry.pipesInUse.store(pipes.inUse, ordering: .relaxed)
+    }
+
+    // MARK: Timers
+
+    /// Makes sure the heap will look at `session` no later than `deadline`.
+    func arm(_ session: Session, at deadline: Int64) {
+        guard deadline != .max else { return }
+        if session.armedDeadline == 0 || deadline < session.armedDeadline {
+            session.armedDeadline = deadline
+            timers.insert(.init(deadline: deadline, slot: session.slot, generation: session.generation))
+        }
+    }
+
+    private func fireTimers() {
+        while let entry = timers.popDue(now: now) {
+            let session = sessions[Int(entry.slot)]
+            guard session.generation == entry.generation, session.state != .free,
+                  session.armedDeadline == entry.deadline else { continue }
+            session.armedDeadline = 0
+            let deadline = session.nextDeadline()
+            if deadline <= now {
+                timedOut(session)
+            } else {
+                arm(session, at: deadline)
+            }
+        }
+    }
+
+    private func timedOut(_ session: Session) {
+        if session.state == .connecting && session.connectDeadline <= now && session.drainDeadline > now {
+            connectFailed(session, error: ETIMEDOUT)
+            return
+        }
+        session.frontend?.counters.add(session.frontend!.counters.timeouts, 1)
+        closeSession(session)
+    }
+
+    private func runDeferred() {
+        let batch = deferredSessions
+        deferredSessions.removeAll(keepingCapacity: true)
+        for session in batch {
+            session.deferred = false
+            if session.state == .relaying { pump(session) }
+        }
+    }
+
+    func defer_(_ session: Session) {
+        guard !session.deferred else { return }
+        session.deferred = true
+        deferredSessions.append(session)
+    }
+}

@@ -1,0 +1,85 @@
+import ArgumentParser
+import BerthEngine
+
+/// `HOST:PORT` on the command line (IPv4, `[IPv6]`, `*`/empty host for all addresses).
+struct AddressArgument: ExpressibleByArgument, Sendable {
+    let address: SocketAddress
+
+    init?(argument: String) {
+        guard let address = try? SocketAddress(parsing: argument) else { return nil }
+        self.address = address
+    }
+
+    static var defaultCompletionKind: CompletionKind { .default }
+}
+
+/// A list of `HOST:PORT`, repeatable and comma separated: `--backend a:1,b:2 --backend c:3`.
+struct AddressListArgument: ExpressibleByArgument, Sendable {
+    let addresses: [SocketAddress]
+
+    init?(argument: String) {
+        var parsed: [SocketAddress] = []
+        for item in argument.split(separator: ",", omittingEmptySubsequences: true) {
+            guard let address = try? SocketAddress(parsing: String(item).trimmed) else { return nil }
+            parsed.append(address)
+        }
+        guard !parsed.isEmpty else { return nil }
+        addresses = parsed
+    }
+}
+
+/// A duration as HAProxy writes it: `200ms`, `2s`, `1m` (bare numbers are ms).
+struct DurationArgument: ExpressibleByArgument, Sendable, CustomStringConvertible {
+    let milliseconds: Int64
+
+    init(milliseconds: Int64) {
+        self.milliseconds = milliseconds
+    }
+
+    init?(argument: String) {
+        guard let value = try? DurationText.milliseconds(argument) else { return nil }
+        milliseconds = value
+    }
+
+    var description: String { DurationText.format(milliseconds: milliseconds) }
+    var defaultValueDescription: String { description }
+}
+
+extension RelayMode: ExpressibleByArgument {}
+
+/// Validation messages that say what is wrong with which flag, on one line.
+func invalid(_ flag: String, _ text: String, _ expectation: String) -> ValidationError {
+    ValidationError("invalid value '\(text)' for \(flag): \(expectation)")
+}
+
+extension String {
+    var trimmed: String {
+        var slice = self[...]
+        while slice.first?.isWhitespace == true { slice = slice.dropFirst() }
+        while slice.last?.isWhitespace == true { slice = slice.dropLast() }
+        return String(slice)
+    }
+}
+
+/// Every flag that can also come from the environment: flag → variable. A variable fills its
+/// flag only when the flag is absent from the command line.
+struct EnvironmentFlags {
+    let command: String
+    let flags: [(flag: String, variable: String)]
+
+    /// Appends `--flag value` for each variable set and flag not given.
+    func apply(to arguments: [String], environment: [String: String]) -> [String] {
+        var result = arguments
+        for (flag, variable) in flags {
+            guard let value = environment[variable], !value.isEmpty else { continue }
+            let given = arguments.contains { $0 == flag || $0.hasPrefix(flag + "=") }
+            if !given { result += [flag, value] }
+        }
+        return result
+    }
+
+    /// The `--help` line naming the variable.
+    static func help(_ text: String, _ variable: String) -> ArgumentHelp {
+        ArgumentHelp("\(text) (env: \(variable))")
+    }
+}

@@ -1,0 +1,66 @@
+import ArgumentParser
+import BerthEngine
+import Glibc
+
+/// The one executable: argument parsing and wiring only.
+struct Berth: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "berth",
+        abstract: "Service discovery and TCP load balancing for Docker hosts, in one process.",
+        discussion: "Every flag can also be set through the environment variable named in its help.",
+        version: berthVersion,
+        subcommands: [ProxyCommand.self, WhoamiCommand.self])
+}
+
+let berthVersion = "0.1.0"
+
+/// One line on stderr, prefixed with the program name.
+func log(_ message: String) {
+    var line = "berth: \(message)\n"
+    line.withUTF8 { _ = Glibc.write(2, $0.baseAddress, $0.count) }
+}
+
+@main
+enum Main {
+    static func main() {
+        var arguments = Array(CommandLine.arguments.dropFirst())
+        let environment = currentEnvironment()
+        switch arguments.first {
+        case "proxy": arguments = ProxyCommand.environment.apply(to: arguments, environment: environment)
+        case "whoami": arguments = WhoamiCommand.environment.apply(to: arguments, environment: environment)
+        default: break
+        }
+        do {
+            var command = try Berth.parseAsRoot(arguments)
+            try command.run()
+            exit(0)
+        } catch {
+            let code = Berth.exitCode(for: error)
+            if code == .success {
+                // --help, --version: ArgumentParser prints them in full.
+                Berth.exit(withError: error)
+            }
+            let message = Berth.message(for: error).split(separator: "\n").first.map(String.init) ?? "\(error)"
+            log(message)
+            // Usage errors are EX_USAGE (64); a runtime failure (cannot listen, ...) is 1.
+            exit(code == .validationFailure || isUsageError(error) ? 64 : 1)
+        }
+    }
+
+    private static func isUsageError(_ error: Error) -> Bool {
+        error is ValidationError || "\(type(of: error))".contains("CommandError") || "\(type(of: error))".contains("ParserError")
+    }
+
+    private static func currentEnvironment() -> [String: String] {
+        var result: [String: String] = [:]
+        var pointer = environ
+        while let entry = pointer.pointee {
+            let text = String(cString: entry)
+            if let equals = text.firstIndex(of: "=") {
+                result[String(text[..<equals])] = String(text[text.index(after: equals)...])
+            }
+            pointer += 1
+        }
+        return result
+    }
+}
