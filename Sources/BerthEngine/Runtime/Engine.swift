@@ -146,6 +146,11 @@ public final class Engine: Sendable {
         for thread in threads { pthread_join(thread, nil) }
     }
 
+    /// An engine dropped without `shutdown` stops at once (its threads must not outlive it).
+    deinit {
+        shutdown(drainTimeout: 0)
+    }
+
     /// Client connections open now, over all workers.
     public var openConnections: Int { shared.connections.load(ordering: .relaxed) }
 

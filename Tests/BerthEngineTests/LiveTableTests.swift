@@ -1,0 +1,128 @@
+import BerthEngine
+import Foundation
+import XCTest
+
+/// Replacing backend sets and frontends while connections are open.
+final class LiveTableTests: DataPlaneTestCase {
+    /// A backend that first sends its one-byte tag, then echoes until EOF.
+    private func echoBackend(tag: UInt8) throws -> TestBackend {
+        let backend = try TestBackend { fd in
+            defer { close(fd) }
+            guard (try? TestSocket.sendAll(fd, [tag])) != nil else { return }
+            var buffer = [UInt8](repeating: 0, count: 16384)
+            while true {
+                let count = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+                guard count > 0, (try? TestSocket.sendAll(fd, Array(buffer[0..<count]))) != nil else { return }
+            }
+        }
+        addTeardownBlock { backend.stop() }
+        return backend
+    }
+
+    /// Connects and reads the tag of the backend it reached.
+    private func open(_ address: SocketAddress) throws -> (fd: CInt, tag: UInt8) {
+        let fd = try TestSocket.connect(address)
+        return (fd, try TestSocket.receiveExactly(fd, 1)[0])
+    }
+
+    private func echo(_ fd: CInt, _ text: String) throws -> Bool {
+        try TestSocket.sendAll(fd, Array(text.utf8))
+        return try TestSocket.receiveExactly(fd, text.utf8.count) == Array(text.utf8)
+    }
+
+    func testReplacingTheBackendSetKeepsOpenConnectionsAndMovesNewOnes() throws {
+        let old = try [echoBackend(tag: 1), echoBackend(tag: 2)]
+        let new = try [echoBackend(tag: 3), echoBackend(tag: 4)]
+        let (engine, listening) = try startEngine(
+            [Frontend(name: "svc", listen: loopbackAnyPort, backends: old.map { Backend($0.address) })])
+        let address = listening["svc"]!
+        var open: [(fd: CInt, tag: UInt8)] = []
+        for _ in 0..<50 { open.append(try self.open(address)) }
+        defer { for connection in open { close(connection.fd) } }
+        XCTAssertEqual(Set(open.map(\.tag)), [1, 2])
+        for (index, connection) in open.enumerated() { XCTAssertTrue(try echo(connection.fd, "before \(index)")) }
+
+        let result = try engine.apply(RoutingTable(revision: 2, frontends: [
+            Frontend(name: "svc", listen: address, backends: new.map { Backend($0.address) }),
+        ]))
+        XCTAssertEqual(result.listening["svc"], address, "the listener must stay where it was")
+        var fresh: [UInt8] = []
+        for _ in 0..<20 {
+            let connection = try self.open(address)
+            fresh.append(connection.tag)
+            close(connection.fd)
+        }
+        XCTAssertEqual(Set(fresh), [3, 4], "new connections must go to the new set only")
+        XCTAssertEqual(fresh.filter { $0 == 3 }.count, 10)
+        for (index, connection) in open.enumerated() {
+            XCTAssertTrue(try echo(connection.fd, "after the swap \(index), a longer message"), "connection \(index)")
+        }
+        for connection in open { shutdown(connection.fd, CInt(SHUT_WR)) }
+        for connection in open { XCTAssertEqual(try TestSocket.receiveAll(connection.fd).count, 0) }
+        XCTAssertEqual(engine.statistics().revision, 2)
+    }
+
+    func testRemovedBackendConnectionsAreClosedAfterTheDrainTimeout() throws {
+        let old = try echoBackend(tag: 1)
+        let new = try echoBackend(tag: 2)
+        let (engine, listening) = try startEngine(
+            [Frontend(name: "svc", listen: loopbackAnyPort, backends: [Backend(old.address)])],
+            configure: { $0.drainTimeout = 300 })
+        let connection = try open(listening["svc"]!)
+        defer { close(connection.fd) }
+        _ = try engine.apply(RoutingTable(frontends: [
+            Frontend(name: "svc", listen: listening["svc"]!, backends: [Backend(new.address)]),
+        ]))
+        XCTAssertTrue(try echo(connection.fd, "still served while draining"))
+        let start = Date()
+        XCTAssertEqual(try TestSocket.receiveAll(connection.fd).count, 0)
+        let waited = Date().timeIntervalSince(start)
+        print("drained connection closed after \(Int(waited * 1000)) ms (drain timeout 300 ms)")
+        XCTAssertLessThan(waited, 2)
+    }
+
+    func testFrontendsAddedAndRemovedAtRuntime() throws {
+        let first = try echoBackend(tag: 1)
+        let second = try echoBackend(tag: 2)
+        let (engine, listening) = try startEngine(
+            [Frontend(name: "one", listen: loopbackAnyPort, backends: [Backend(first.address)])])
+        let result = try engine.apply(RoutingTable(frontends: [
+            Frontend(name: "one", listen: listening["one"]!, backends: [Backend(first.address)]),
+            Frontend(name: "two", listen: loopbackAnyPort, backends: [Backend(second.address)]),
+        ]))
+        let two = try XCTUnwrap(result.listening["two"])
+        let onTwo = try open(two)
+        XCTAssertEqual(onTwo.tag, 2)
+        defer { close(onTwo.fd) }
+
+        _ = try engine.apply(RoutingTable(frontends: [
+            Frontend(name: "one", listen: listening["one"]!, backends: [Backend(first.address)]),
+        ]))
+        // The removed frontend no longer accepts ...
+        XCTAssertTrue(eventually { (try? TestSocket.connect(two, timeout: 1)).map { close($0); return false } ?? true },
+                      "a removed frontend still accepts")
+        // ... but its open connection runs on.
+        XCTAssertTrue(try echo(onTwo.fd, "still here"))
+        let onOne = try open(listening["one"]!)
+        close(onOne.fd)
+        XCTAssertEqual(onOne.tag, 1)
+    }
+
+    func testAListenerThatCannotBindIsReportedForThatFrontendAlone() throws {
+        let backend = try echoBackend(tag: 1)
+        var occupied = try Sockets.listen(on: loopbackAnyPort, reusePort: false)
+        defer { occupied.close() }
+        let taken = try Sockets.localAddress(occupied.raw)
+        let engine = try Engine(configuration: { var c = EngineConfiguration(); c.workers = 2; return c }())
+        engines.append(engine)
+        let result = try engine.apply(RoutingTable(frontends: [
+            Frontend(name: "blocked", listen: taken, backends: [Backend(backend.address)]),
+            Frontend(name: "fine", listen: loopbackAnyPort, backends: [Backend(backend.address)]),
+        ]))
+        XCTAssertEqual(result.failures["blocked"]?.errno, EADDRINUSE)
+        XCTAssertNotNil(result.listening["fine"])
+        let connection = try open(result.listening["fine"]!)
+        close(connection.fd)
+        XCTAssertEqual(connection.tag, 1)
+    }
+}

@@ -1,0 +1,101 @@
+@testable import BerthEngine
+import BerthWhoami
+import XCTest
+
+/// Pure logic: no sockets.
+final class PolicyTests: XCTestCase {
+    func testDurationsAreReadAsHAProxyWritesThem() throws {
+        XCTAssertEqual(try DurationText.milliseconds("200ms"), 200)
+        XCTAssertEqual(try DurationText.milliseconds("2s"), 2000)
+        XCTAssertEqual(try DurationText.milliseconds("1m"), 60_000)
+        XCTAssertEqual(try DurationText.milliseconds("1h"), 3_600_000)
+        XCTAssertEqual(try DurationText.milliseconds("1d"), 86_400_000)
+        XCTAssertEqual(try DurationText.milliseconds("150"), 150)
+        XCTAssertEqual(try DurationText.milliseconds("1500us"), 2)
+        XCTAssertEqual(try DurationText.milliseconds("0"), 0)
+        for bad in ["", "s", "5x", "-1s", "1.5s", "2 s", "99999999999999999999d", "1m2s"] {
+            XCTAssertThrowsError(try DurationText.milliseconds(bad), bad)
+        }
+        XCTAssertEqual(DurationText.format(milliseconds: 60_000), "1m")
+        XCTAssertEqual(DurationText.format(milliseconds: 1500), "1500ms")
+        XCTAssertEqual(DurationText.format(milliseconds: 2000), "2s")
+    }
+
+    func testAddressesParseIPv4IPv6AndWildcards() throws {
+        XCTAssertEqual(try SocketAddress(parsing: "127.0.0.1:8000").description, "127.0.0.1:8000")
+        XCTAssertEqual(try SocketAddress(parsing: "[::1]:8080").description, "[::1]:8080")
+        XCTAssertEqual(try SocketAddress(parsing: "[::1]:8080").family, AF_INET6)
+        XCTAssertEqual(try SocketAddress(parsing: "*:80").description, "0.0.0.0:80")
+        XCTAssertEqual(try SocketAddress(parsing: ":80").description, "0.0.0.0:80")
+        XCTAssertEqual(try SocketAddress(parsing: "localhost:1").description, "127.0.0.1:1")
+        XCTAssertEqual(try SocketAddress(parsing: "127.0.0.1:65535").port, 65535)
+        for bad in ["127.0.0.1", "1.2.3:80", "127.0.0.1:65536", "127.0.0.1:-1", "::1:80", "[::1:80", "[::1]80",
+                    "example.com:80", "127.0.0.1:", "300.1.1.1:80"] {
+            XCTAssertThrowsError(try SocketAddress(parsing: bad), bad)
+        }
+        XCTAssertEqual(try SocketAddress(parsing: "127.0.0.1:1"), try SocketAddress(parsing: "127.0.0.1:1"))
+        XCTAssertNotEqual(try SocketAddress(parsing: "127.0.0.1:1"), try SocketAddress(parsing: "127.0.0.1:2"))
+    }
+
+    func testRoundRobinWalksOnToTheNextBackendOnRetry() {
+        XCTAssertEqual((0..<6).map { RoundRobin.index(position: UInt64($0), attempt: 0, count: 3) }, [0, 1, 2, 0, 1, 2])
+        XCTAssertEqual((0..<4).map { RoundRobin.index(position: 2, attempt: $0, count: 3) }, [2, 0, 1, 2])
+        let cursor = RoundRobinCursor()
+        XCTAssertEqual((0..<3).map { _ in cursor.next() }, [0, 1, 2])
+    }
+
+    func testDeadlineHeapPopsInOrder() {
+        var heap = DeadlineHeap()
+        for deadline in [50, 10, 40, 30, 20, 10] as [Int64] {
+            heap.insert(.init(deadline: deadline, slot: Int32(deadline), generation: 0))
+        }
+        XCTAssertEqual(heap.earliest, 10)
+        XCTAssertNil(heap.popDue(now: 9))
+        var popped: [Int64] = []
+        while let entry = heap.popDue(now: 35) { popped.append(entry.deadline) }
+        XCTAssertEqual(popped, [10, 10, 20, 30])
+        XCTAssertEqual(heap.count, 2)
+    }
+
+    func testRoutingTableValidation() throws {
+        let address = try SocketAddress(parsing: "127.0.0.1:1000")
+        let backend = Backend(try SocketAddress(parsing: "127.0.0.1:2000"))
+        XCTAssertNil(RoutingTable(frontends: [Frontend(name: "a", listen: address, backends: [backend])]).validationError())
+        XCTAssertNotNil(RoutingTable(frontends: [
+            Frontend(name: "a", listen: address, backends: []),
+            Frontend(name: "a", listen: address.withPort(1001), backends: []),
+        ]).validationError())
+        XCTAssertNotNil(RoutingTable(frontends: [
+            Frontend(name: "a", listen: address, backends: []),
+            Frontend(name: "b", listen: address, backends: []),
+        ]).validationError())
+        XCTAssertNotNil(RoutingTable(frontends: [
+            Frontend(name: "a", listen: address, backends: [backend, backend]),
+        ]).validationError())
+    }
+
+    func testHTTPRequestHeads() {
+        func parse(_ text: String) -> HTTPRequestHead.ParseResult {
+            Array(text.utf8).withUnsafeBytes { HTTPRequestHead.parse($0) }
+        }
+        guard case .complete(let head, let length) = parse("GET /x HTTP/1.1\r\nHost: a\r\n\r\nrest") else {
+            return XCTFail("expected a complete head")
+        }
+        XCTAssertEqual(head.method, "GET")
+        XCTAssertEqual(head.target, "/x")
+        XCTAssertTrue(head.keepAlive)
+        XCTAssertEqual(length, 28)
+        guard case .complete(let old, _) = parse("GET / HTTP/1.0\r\n\r\n") else { return XCTFail() }
+        XCTAssertFalse(old.keepAlive)
+        guard case .complete(let closing, _) = parse("POST / HTTP/1.1\r\nConnection: close\r\nContent-Length: 5\r\n\r\n") else {
+            return XCTFail()
+        }
+        XCTAssertFalse(closing.keepAlive)
+        XCTAssertEqual(closing.contentLength, 5)
+        XCTAssertEqual(parse("GET / HTTP/1.1\r\nHost: a\r\n"), .incomplete)
+        if case .invalid = parse("\u{16}\u{03}\u{01}garbage") {} else { XCTFail("TLS bytes are not HTTP") }
+        if case .invalid = parse("GET / SPDY/3\r\n\r\n") {} else { XCTFail("bad version") }
+        if case .invalid = parse("GET / HTTP/1.1\r\nContent-Length: -3\r\n\r\n") {} else { XCTFail("bad length") }
+        if case .invalid = parse("GET / HTTP/1.1\r\nX: " + String(repeating: "a", count: 9000)) {} else { XCTFail("too large") }
+    }
+}
