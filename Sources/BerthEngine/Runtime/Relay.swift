@@ -35,13 +35,25 @@ extension Worker {
                 }
                 return
             } catch {
-                // Refused, unreachable, out of fds: count it on this backend and try the next.
                 session.backend.close()
+                if Self.isLocalResourceShortage(error.errno) {
+                    // Out of fds, buffers or ports here: not the backend's fault, and the next
+                    // backend would fail the same way. Close the client and stop accepting a while.
+                    frontend.counters.add(frontend.counters.failedSessions, 1)
+                    closeSession(session)
+                    pauseAccepting()
+                    return
+                }
+                // Refused, unreachable: count it on this backend and try the next.
                 server.counters.add(server.counters.connectErrors, 1)
                 session.attempt += 1
                 if session.attempt <= frontend.settings.retries { server.counters.add(server.counters.retries, 1) }
             }
         }
+    }
+
+    static func isLocalResourceShortage(_ code: CInt) -> Bool {
+        code == EMFILE || code == ENFILE || code == ENOBUFS || code == ENOMEM || code == EADDRNOTAVAIL
     }
 
     func connectFailed(_ session: Session, error: CInt) {

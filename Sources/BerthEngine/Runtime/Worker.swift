@@ -329,7 +329,7 @@ final class Worker {
 
     /// Stops polling every listener of this worker (no busy loop on EMFILE or maxconn); resumes
     /// when a connection of this worker closes, or after `acceptRetryDelay`.
-    private func pauseAccepting() {
+    func pauseAccepting() {
         guard !acceptPaused else { return }
         acceptPaused = true
         acceptResumeAt = now &+ configuration.acceptRetryDelay

@@ -18,7 +18,9 @@ public struct Pipe: Equatable {
 /// at most `inUseLimit` are lent at once; past that `acquire` returns nil and the caller copies
 /// through user space instead.
 public struct PipePool: ~Copyable {
-    private var idle: [Pipe] = []
+    /// Empty pipes, a stack of `idleLimit` slots (no Array: acquire/release run per chunk).
+    private let idle: UnsafeMutablePointer<Pipe>
+    public private(set) var idleCount = 0
     public private(set) var inUse = 0
     public let idleLimit: Int
     public let inUseLimit: Int
@@ -28,24 +30,27 @@ public struct PipePool: ~Copyable {
     public private(set) var capacity: Int = 65536
 
     public init(idleLimit: Int = 64, inUseLimit: Int = 4096, pipeSize: Int = 0) {
-        self.idleLimit = idleLimit
+        self.idleLimit = max(0, idleLimit)
         self.inUseLimit = inUseLimit
         self.pipeSize = pipeSize
+        idle = UnsafeMutablePointer<Pipe>.allocate(capacity: max(1, idleLimit))
     }
 
     deinit {
-        for pipe in idle {
-            closeDescriptor(pipe.input)
-            closeDescriptor(pipe.output)
+        for index in 0..<idleCount {
+            closeDescriptor(idle[index].input)
+            closeDescriptor(idle[index].output)
         }
+        idle.deallocate()
     }
 
     /// Lends an empty pipe, creating one if none is idle; nil when the bound is reached or the
     /// process is out of fds.
     public mutating func acquire() -> Pipe? {
-        if let pipe = idle.popLast() {
+        if idleCount > 0 {
+            idleCount -= 1
             inUse += 1
-            return pipe
+            return idle[idleCount]
         }
         guard inUse < inUseLimit else { return nil }
         var fds: (CInt, CInt) = (-1, -1)
@@ -65,8 +70,9 @@ public struct PipePool: ~Copyable {
     /// Takes back an empty pipe.
     public mutating func release(_ pipe: Pipe) {
         inUse -= 1
-        if idle.count < idleLimit {
-            idle.append(pipe)
+        if idleCount < idleLimit {
+            idle[idleCount] = pipe
+            idleCount += 1
         } else {
             closeDescriptor(pipe.input)
             closeDescriptor(pipe.output)
@@ -79,6 +85,4 @@ public struct PipePool: ~Copyable {
         closeDescriptor(pipe.input)
         closeDescriptor(pipe.output)
     }
-
-    public var idleCount: Int { idle.count }
 }
