@@ -1,7 +1,7 @@
 // swift-tools-version:6.0
 import PackageDescription
 
-// Import direction (DESIGN.md §7): berth → {BerthWhoami, later Registrar/Discovery/Stats} → BerthEngine → CBerthShims.
+// Import direction (DESIGN.md §7): berth → {BerthHealth, BerthWhoami, later Registrar/Discovery/Stats} → BerthEngine → CBerthShims.
 // BerthEngine imports nothing of ours but the C shim, and no SwiftNIO: the data plane is Glibc only.
 let package = Package(
     name: "Berth",
@@ -26,6 +26,15 @@ let package = Package(
                 .unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release)),
             ]
         ),
+        .systemLibrary(
+            name: "COpenSSL",
+            pkgConfig: "openssl",
+            providers: [.apt(["libssl-dev"])]
+        ),
+        .target(
+            name: "BerthHealth",
+            dependencies: ["BerthEngine", "COpenSSL"]
+        ),
         .target(
             name: "BerthWhoami",
             dependencies: ["BerthEngine", "CBerthShims"]
@@ -34,6 +43,7 @@ let package = Package(
             name: "berth",
             dependencies: [
                 "BerthEngine",
+                "BerthHealth",
                 "BerthWhoami",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
@@ -51,6 +61,10 @@ let package = Package(
         .testTarget(
             name: "BerthEngineTests",
             dependencies: ["BerthEngine", "BerthWhoami", "CBerthShims"]
+        ),
+        .testTarget(
+            name: "BerthHealthTests",
+            dependencies: ["BerthHealth", "BerthEngine", "BerthWhoami"]
         ),
         .testTarget(
             name: "BerthCLITests",

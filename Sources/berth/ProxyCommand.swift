@@ -1,5 +1,6 @@
 import ArgumentParser
 import BerthEngine
+import BerthHealth
 import Glibc
 
 /// `berth proxy`: a complete static TCP load balancer: one frontend, round-robin over the
@@ -23,8 +24,8 @@ struct ProxyCommand: ParsableCommand {
         ("--connect-timeout", "BERTH_CONNECT_TIMEOUT"), ("--client-timeout", "BERTH_CLIENT_TIMEOUT"),
         ("--server-timeout", "BERTH_SERVER_TIMEOUT"), ("--drain-timeout", "BERTH_DRAIN_TIMEOUT"),
         ("--maxconn", "BERTH_MAXCONN"), ("--relay", "BERTH_RELAY"), ("--pipe-size", "BERTH_PIPE_SIZE"),
-        ("--cpus", "BERTH_CPUS"),
-    ])
+        ("--cpus", "BERTH_CPUS"), ("--retry-on", "BERTH_RETRY_ON"),
+    ] + HealthOptions.environment)
 
     @Option(help: EnvironmentFlags.help("Address to listen on, HOST:PORT ([::1]:8000 for IPv6, *:8000 for all).", "BERTH_LISTEN"))
     var listen: AddressArgument
@@ -65,6 +66,12 @@ struct ProxyCommand: ParsableCommand {
     @Option(help: EnvironmentFlags.help("Pin worker threads to these CPUs, comma separated (worker i on the i-th).", "BERTH_CPUS"))
     var cpus: String?
 
+    @Option(help: EnvironmentFlags.help("Also retry when a backend closes or resets before its first byte: empty-response (replays the client's first 16 KiB; only for protocols whose first request is safe to repeat), or none.", "BERTH_RETRY_ON"))
+    var retryOn: RetryOn = .none
+
+    @OptionGroup(title: "Health checks")
+    var health: HealthOptions
+
     func validate() throws {
         if backend.isEmpty { throw ValidationError("at least one --backend HOST:PORT is required") }
         if workers < 1 || workers > 256 { throw invalid("--workers", "\(workers)", "a number from 1 to 256") }
@@ -90,20 +97,23 @@ struct ProxyCommand: ParsableCommand {
         configuration.pipeSize = pipeSize
         if let maxconn { configuration.maxConnections = maxconn }
         if let cpus { configuration.cpus = parsedCPUs(cpus) ?? [] }
+        configuration.observeErrors = health.observeErrors
         let settings = FrontendSettings(
             retries: retries, connectTimeout: connectTimeout.milliseconds,
-            clientTimeout: clientTimeout.milliseconds, serverTimeout: serverTimeout.milliseconds)
+            clientTimeout: clientTimeout.milliseconds, serverTimeout: serverTimeout.milliseconds,
+            retryOnEmptyResponse: retryOn == .emptyResponse)
         let backends = backend.flatMap(\.addresses).map(Backend.init)
-        let engine = try Engine(configuration: configuration)
-        let result = try engine.apply(RoutingTable(frontends: [
+        let router = try HealthRouter.make(configuration: configuration, policy: health.policy)
+        let engine = router.engine
+        let result = try router.apply(RoutingTable(frontends: [
             Frontend(name: name, listen: listen.address, backends: backends, settings: settings),
         ]))
         if let failure = result.failures[name] {
-            engine.shutdown(drainTimeout: 0)
+            router.shutdown(drainTimeout: 0)
             throw ListenFailure(address: listen.address, error: failure)
         }
         let bound = result.listening[name]!
-        log("listening on \(bound) (\(name)): \(backends.count) backend(s), \(workers) worker(s), relay \(relay.rawValue), maxconn \(configuration.maxConnections)")
+        log("listening on \(bound) (\(name)): \(backends.count) backend(s), \(workers) worker(s), relay \(relay.rawValue), maxconn \(configuration.maxConnections), checks \(health.summary)")
         let signal = ProcessSignals.wait(for: [SIGTERM, SIGINT])
         log("signal \(signal): stopping; draining \(engine.openConnections) connection(s) for up to \(drainTimeout)")
         // A second signal ends the drain at once.
@@ -112,9 +122,14 @@ struct ProxyCommand: ParsableCommand {
             log("second signal: exiting without waiting")
             _exit(1)
         }
-        engine.shutdown(drainTimeout: drainTimeout.milliseconds)
+        router.shutdown(drainTimeout: drainTimeout.milliseconds)
         log("stopped")
     }
+}
+
+enum RetryOn: String, ExpressibleByArgument, CaseIterable {
+    case none
+    case emptyResponse = "empty-response"
 }
 
 struct ListenFailure: Error, CustomStringConvertible {

@@ -9,6 +9,12 @@ public struct DeadlineHeap {
         public var deadline: Int64
         public var slot: Int32
         public var generation: UInt32
+
+        public init(deadline: Int64, slot: Int32, generation: UInt32) {
+            self.deadline = deadline
+            self.slot = slot
+            self.generation = generation
+        }
     }
 
     private var entries: [Entry] = []

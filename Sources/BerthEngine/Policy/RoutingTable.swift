@@ -70,11 +70,21 @@ public struct FrontendSettings: Sendable, Equatable {
     public var clientTimeout: Int64 = 60_000
     /// ... or its backend side has moved no byte for this long.
     public var serverTimeout: Int64 = 60_000
+    /// Keep the client's first bytes (up to `replayLimit`) until the backend's first byte; a
+    /// backend that closes or resets before answering is replaced and the bytes replayed. Only
+    /// for protocols whose first request is safe to repeat (see docs/OPERATIONS.md).
+    public var retryOnEmptyResponse = false
+    public var replayLimit = 16 * 1024
+    /// Set by the health layer when every backend is down and they are all used anyway
+    /// (`--all-down try-all`): new sessions are counted as `panicSessions`.
+    public var panic = false
 
-    public init(retries: Int = 3, connectTimeout: Int64 = 5_000, clientTimeout: Int64 = 60_000, serverTimeout: Int64 = 60_000) {
+    public init(retries: Int = 3, connectTimeout: Int64 = 5_000, clientTimeout: Int64 = 60_000,
+                serverTimeout: Int64 = 60_000, retryOnEmptyResponse: Bool = false) {
         self.retries = retries
         self.connectTimeout = connectTimeout
         self.clientTimeout = clientTimeout
         self.serverTimeout = serverTimeout
+        self.retryOnEmptyResponse = retryOnEmptyResponse
     }
 }

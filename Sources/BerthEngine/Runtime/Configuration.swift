@@ -37,6 +37,11 @@ public struct EngineConfiguration: Sendable {
     public var cpus: [Int] = []
     /// Pause before accepting again after EMFILE/ENFILE (also resumed as soon as a connection closes).
     public var acceptRetryDelay: Int64 = 100
+    /// Passive health (HAProxy's `observe layer4`): after this many consecutive failed connects
+    /// to one backend on one worker, `backendFailed` is called (0: off).
+    public var observeErrors = 0
+    /// Called on a worker thread, so it must be quick and must not block (queue and wake).
+    public var backendFailed: (@Sendable (_ frontend: String, _ backend: String) -> Void)?
 
     public init() {}
 }

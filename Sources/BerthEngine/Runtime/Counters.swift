@@ -14,6 +14,8 @@ public final class TrafficCounters: Sendable {
     let retries = Atomic<UInt64>(0)
     let failedSessions = Atomic<UInt64>(0)
     let timeouts = Atomic<UInt64>(0)
+    let redispatches = Atomic<UInt64>(0)
+    let panicSessions = Atomic<UInt64>(0)
 
     init() {}
 
@@ -27,7 +29,9 @@ public final class TrafficCounters: Sendable {
             connectErrors: connectErrors.load(ordering: .relaxed),
             retries: retries.load(ordering: .relaxed),
             failedSessions: failedSessions.load(ordering: .relaxed),
-            timeouts: timeouts.load(ordering: .relaxed))
+            timeouts: timeouts.load(ordering: .relaxed),
+            redispatches: redispatches.load(ordering: .relaxed),
+            panicSessions: panicSessions.load(ordering: .relaxed))
     }
 
     @inline(__always) func sessionStarted() {
@@ -66,11 +70,16 @@ public struct TrafficSnapshot: Sendable, Equatable {
     /// Clients closed because no backend could be connected.
     public var failedSessions: UInt64 = 0
     public var timeouts: UInt64 = 0
+    /// Sessions moved to another backend after an empty response (`retryOnEmptyResponse`).
+    public var redispatches: UInt64 = 0
+    /// Sessions routed while every backend was down (`--all-down try-all`).
+    public var panicSessions: UInt64 = 0
 
     public init() {}
 
     init(currentSessions: Int, maxSessions: Int, totalSessions: UInt64, bytesIn: UInt64, bytesOut: UInt64,
-         connectErrors: UInt64, retries: UInt64, failedSessions: UInt64, timeouts: UInt64) {
+         connectErrors: UInt64, retries: UInt64, failedSessions: UInt64, timeouts: UInt64,
+         redispatches: UInt64, panicSessions: UInt64) {
         self.currentSessions = currentSessions
         self.maxSessions = maxSessions
         self.totalSessions = totalSessions
@@ -80,6 +89,8 @@ public struct TrafficSnapshot: Sendable, Equatable {
         self.retries = retries
         self.failedSessions = failedSessions
         self.timeouts = timeouts
+        self.redispatches = redispatches
+        self.panicSessions = panicSessions
     }
 
     mutating func accumulate(_ other: TrafficSnapshot) {
@@ -92,6 +103,8 @@ public struct TrafficSnapshot: Sendable, Equatable {
         retries += other.retries
         failedSessions += other.failedSessions
         timeouts += other.timeouts
+        redispatches += other.redispatches
+        panicSessions += other.panicSessions
     }
 }
 

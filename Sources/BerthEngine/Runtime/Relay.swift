@@ -45,10 +45,19 @@ extension Worker {
                     return
                 }
                 // Refused, unreachable: count it on this backend and try the next.
+                observeFailure(frontend: frontend, server: server)
                 server.counters.add(server.counters.connectErrors, 1)
                 session.attempt += 1
                 if session.attempt <= frontend.settings.retries { server.counters.add(server.counters.retries, 1) }
             }
+        }
+    }
+
+    /// Passive health: report a backend after `observeErrors` failed connects in a row.
+    private func observeFailure(frontend: FrontendRuntime, server: BackendRuntime) {
+        server.consecutiveFailures += 1
+        if configuration.observeErrors > 0 && server.consecutiveFailures == configuration.observeErrors {
+            configuration.backendFailed?(frontend.name, server.backend.name)
         }
     }
 
@@ -60,7 +69,8 @@ extension Worker {
         epoll.remove(session.backend.raw)
         session.backend.close()
         session.connectDeadline = .max
-        if let server = session.server {
+        if let server = session.server, let frontend = session.frontend {
+            observeFailure(frontend: frontend, server: server)
             server.counters.add(server.counters.connectErrors, 1)
         }
         session.attempt += 1
@@ -82,19 +92,56 @@ extension Worker {
         session.backendSide.lastActivity = now
         session.clientSide.lastActivity = now
         session.server?.counters.sessionStarted()
+        session.server?.consecutiveFailures = 0
         let mode = configuration.relay
-        session.request.splicing = mode == .splice
+        // While the session may still be replayed elsewhere, the client's bytes go through user
+        // space (the copy path) so that they can be kept.
+        session.request.splicing = mode == .splice && !session.replayArmed
         session.response.splicing = mode == .splice
-        do {
-            try epoll.add(session.client.raw, events: Self.socketEvents,
-                          token: EventToken.make(kind: EventToken.client, index: session.slot, generation: session.generation))
-            session.clientRegistered = true
-        } catch {
-            closeSession(session)
-            return
+        if session.replayCount > 0, let replay = session.replay {
+            let held = UnsafeMutableRawPointer.allocate(byteCount: session.replayCount, alignment: 16)
+            held.copyMemory(from: replay, byteCount: session.replayCount)
+            session.request.held = held
+            session.request.heldStart = 0
+            session.request.heldEnd = session.replayCount
+        }
+        if !session.clientRegistered {
+            do {
+                try epoll.add(session.client.raw, events: Self.socketEvents,
+                              token: EventToken.make(kind: EventToken.client, index: session.slot, generation: session.generation))
+                session.clientRegistered = true
+            } catch {
+                closeSession(session)
+                return
+            }
         }
         arm(session, at: session.nextDeadline())
-        if session.backendSide.readable { pump(session) }
+        if session.backendSide.readable || session.request.holdsBytes || session.clientSide.readable
+            || session.request.sourceClosed {
+            pump(session)
+        }
+    }
+
+    /// relaying → connecting again: the backend closed or reset before its first byte and the
+    /// client's bytes are all kept, so the session moves to the next backend and replays them.
+    private func redispatch(_ session: Session) {
+        epoll.remove(session.backend.raw)
+        session.backend.close()
+        let clientFinished = session.request.sourceClosed
+        releaseFlow(&session.request)
+        releaseFlow(&session.response)
+        session.request = Flow()
+        session.request.sourceClosed = clientFinished
+        session.response = Flow()
+        session.backendSide = Side()
+        if let server = session.server {
+            server.counters.sessionEnded()
+            server.counters.add(server.counters.redispatches, 1)
+        }
+        if let frontend = session.frontend { frontend.counters.add(frontend.counters.redispatches, 1) }
+        session.state = .connecting
+        session.attempt += 1
+        connectNext(session)
     }
 
     // MARK: Events
@@ -133,14 +180,16 @@ extension Worker {
         let up = relay(&session.request, source: &session.clientSide, sourceFD: client,
                        destination: &session.backendSide, destinationFD: backend, isRequest: true,
                        session: session)
-        if up == .failed {
-            closeSession(session)
+        let down = up == .sourceFailed ? .waiting : relay(
+            &session.response, source: &session.backendSide, sourceFD: backend,
+            destination: &session.clientSide, destinationFD: client, isRequest: false, session: session)
+        if session.replayArmed && !session.responseStarted
+            && (up == .destinationFailed || down == .sourceFailed || session.response.sourceClosed) {
+            redispatch(session)
             return
         }
-        let down = relay(&session.response, source: &session.backendSide, sourceFD: backend,
-                         destination: &session.clientSide, destinationFD: client, isRequest: false,
-                         session: session)
-        if down == .failed || (session.request.finished && session.response.finished) {
+        if up == .sourceFailed || up == .destinationFailed || down == .sourceFailed || down == .destinationFailed
+            || (session.request.finished && session.response.finished) {
             closeSession(session)
             return
         }
@@ -152,8 +201,10 @@ extension Worker {
         case waiting
         /// The bound on chunks per wake-up was reached with more to move.
         case budgetSpent
-        /// A socket failed (reset, broken pipe): the session must end.
-        case failed
+        /// Reading the source failed (reset): the session must end (or be redispatched).
+        case sourceFailed
+        /// Writing the destination failed (reset, broken pipe).
+        case destinationFailed
     }
 
     /// One direction: flush what is held, pass on a FIN, read and forward new bytes, until a
@@ -167,6 +218,8 @@ extension Worker {
         destination: inout Side, destinationFD: CInt, isRequest: Bool, session: Session
     ) -> RelayOutcome {
         var budget = configuration.chunksPerWakeup
+        // Which socket the call in progress touches, to say which side failed.
+        var sourceCall = false
         do {
             while true {
                 // 1. Flush held bytes; while any remain the source is not read (back-pressure).
@@ -212,6 +265,8 @@ extension Worker {
                 // 3. Move a new chunk.
                 if flow.splicing, let pipe = flow.pipe ?? pipes.acquire() {
                     flow.pipe = pipe
+                    sourceCall = true
+                    defer { sourceCall = false }
                     switch try Sockets.splice(from: sourceFD, to: pipe.input, count: pipes.capacity) {
                     case .done(0):
                         flow.sourceClosed = true
@@ -219,6 +274,7 @@ extension Worker {
                         flow.pipeBytes = moved
                         source.lastActivity = now
                         count(moved, isRequest: isRequest, session: session)
+                        if !isRequest && !session.responseStarted { responseStarted(session) }
                     case .wouldBlock:
                         source.readable = false
                     }
@@ -230,13 +286,21 @@ extension Worker {
                     continue
                 }
                 let capacity = configuration.copyBufferSize
-                switch try Sockets.read(sourceFD, into: scratch, count: capacity) {
+                sourceCall = true
+                let readResult = try Sockets.read(sourceFD, into: scratch, count: capacity)
+                sourceCall = false
+                switch readResult {
                 case .done(0):
                     flow.sourceClosed = true
                     continue
                 case .done(let received):
                     source.lastActivity = now
                     count(received, isRequest: isRequest, session: session)
+                    if session.replayArmed {
+                        if isRequest { keepForReplay(session, received) } else { responseStarted(session) }
+                    } else if !isRequest && !session.responseStarted {
+                        session.responseStarted = true
+                    }
                     // A short read drained the socket, unless its FIN is pending (read on to get 0).
                     if received < capacity && !source.peerClosed { source.readable = false }
                     if configuration.relay == .auto && received >= configuration.spliceThreshold {
@@ -271,8 +335,29 @@ extension Worker {
                 }
             }
         } catch {
-            return .failed
+            return sourceCall ? .sourceFailed : .destinationFailed
         }
+    }
+
+    /// The backend answered: the session stays with it; the request direction may splice now.
+    private func responseStarted(_ session: Session) {
+        session.responseStarted = true
+        session.dropReplay()
+        if configuration.relay == .splice { session.request.splicing = true }
+    }
+
+    /// Appends the client's latest bytes (in `scratch`) to the replay buffer, or gives up
+    /// replaying when they no longer fit.
+    private func keepForReplay(_ session: Session, _ count: Int) {
+        guard let limit = session.frontend?.settings.replayLimit, session.replayCount + count <= limit else {
+            session.dropReplay()
+            return
+        }
+        if session.replay == nil {
+            session.replay = UnsafeMutableRawPointer.allocate(byteCount: limit, alignment: 16)
+        }
+        (session.replay! + session.replayCount).copyMemory(from: scratch, byteCount: count)
+        session.replayCount += count
     }
 
     @inline(__always)

@@ -42,6 +42,15 @@ final class Session {
     /// Waiting in the worker's deferred list (it used up its budget with bytes still to move).
     var deferred = false
 
+    /// `retryOnEmptyResponse`: the client's bytes so far, kept until the backend's first byte.
+    var replay: UnsafeMutableRawPointer?
+    var replayCount = 0
+    /// The session may still be moved to another backend (nothing came back yet, and the
+    /// client's bytes fit in the replay buffer).
+    var replayArmed = false
+    /// The backend sent its first byte.
+    var responseStarted = false
+
     init(slot: Int32) {
         self.slot = slot
     }
@@ -62,6 +71,18 @@ final class Session {
         drainDeadline = .max
         armedDeadline = 0
         deferred = false
+        precondition(replay == nil)
+        replayCount = 0
+        replayArmed = false
+        responseStarted = false
+    }
+
+    /// Frees the replay buffer; the session can no longer be moved to another backend.
+    func dropReplay() {
+        replay?.deallocate()
+        replay = nil
+        replayCount = 0
+        replayArmed = false
     }
 
     /// When this session must next be looked at by the timer heap.

@@ -27,6 +27,8 @@ final class BackendRuntime {
     let counters: TrafficCounters
     /// Left the table: no new connections; open ones drain.
     var removed = false
+    /// Failed connects in a row on this worker (passive health, `observeErrors`).
+    var consecutiveFailures = 0
 
     init(backend: Backend, counters: TrafficCounters) {
         self.backend = backend
@@ -362,6 +364,8 @@ final class Worker {
         session.frontend = frontend
         session.rotation = frontend.cursor.next()
         session.clientSide.lastActivity = now
+        session.replayArmed = frontend.settings.retryOnEmptyResponse
+        if frontend.settings.panic { frontend.counters.add(frontend.counters.panicSessions, 1) }
         if stopping || frontend.removed { session.drainDeadline = stopDeadline }
         activeSessions += 1
         handle.registry.sessions.store(activeSessions, ordering: .relaxed)
@@ -381,6 +385,7 @@ final class Worker {
         }
         releaseFlow(&session.request)
         releaseFlow(&session.response)
+        session.dropReplay()
         if session.state == .relaying { session.server?.counters.sessionEnded() }
         session.frontend?.counters.sessionEnded()
         session.generation &+= 1
@@ -392,7 +397,7 @@ final class Worker {
         if acceptPaused { resumeAccepting() }
     }
 
-    private func releaseFlow(_ flow: inout Flow) {
+    func releaseFlow(_ flow: inout Flow) {
         if let pipe = flow.pipe {
             if flow.pipeBytes > 0 { pipes.discard(pipe) } else { pipes.release(pipe) }
             flow.pipe = nil

@@ -1,0 +1,284 @@
+import BerthEngine
+import Glibc
+import Synchronization
+
+/// One backend to check, as the router asks for it.
+public struct CheckTarget: Sendable, Equatable {
+    public var key: BackendKey
+    public var address: SocketAddress
+    public var settings: CheckSettings
+    public var initialState: NewBackendState
+
+    public init(key: BackendKey, address: SocketAddress, settings: CheckSettings, initialState: NewBackendState) {
+        self.key = key
+        self.address = address
+        self.settings = settings
+        self.initialState = initialState
+    }
+}
+
+/// Active health checks for every backend, on one thread with its own epoll loop (never a
+/// thread per check, never a data-plane worker: a hanging check peer cannot slow traffic).
+///
+/// Threads: `update`, `reportFailure`, `health` and `stop` are callable from any thread;
+/// `reportFailure` is what the workers' passive observation calls, so it only queues and wakes.
+/// `onChange` runs on the checker thread after a backend's status changed.
+public final class HealthChecker: Sendable {
+    private let shared: CheckerShared
+    private let thread = Mutex<pthread_t?>(nil)
+
+    public init() throws(SystemError) {
+        shared = CheckerShared(wakeup: try WakeupSignal())
+        let loop = try CheckLoop(shared: shared)
+        let started = OSThread(name: "berth-checks") { loop.run() }
+        thread.withLock { $0 = started.handle }
+    }
+
+    /// Called after any status change (on the checker thread).
+    public func onChange(_ handler: @escaping @Sendable () -> Void) {
+        shared.changeHandler.withLock { $0 = handler }
+    }
+
+    /// Replaces the set of backends checked. New ones start in their `initialState`; removed
+    /// ones are forgotten; kept ones keep their state.
+    public func update(_ targets: [CheckTarget]) {
+        let now = MonotonicClock.milliseconds()
+        shared.records.withLock { records in
+            var next: [BackendKey: BackendHealth] = [:]
+            for target in targets {
+                next[target.key] = records[target.key] ?? BackendHealth(
+                    status: target.initialState == .up ? .unchecked : .down,
+                    kind: target.settings.kind.description, now: now)
+            }
+            records = next
+        }
+        shared.inbox.withLock { $0.targets = targets }
+        shared.wakeup.wake()
+    }
+
+    /// Passive observation: live traffic failed to connect to `key` repeatedly.
+    public func reportFailure(_ key: BackendKey) {
+        shared.inbox.withLock { $0.failures.append(key) }
+        shared.wakeup.wake()
+    }
+
+    /// The health of every backend checked now.
+    public func health() -> [BackendKey: BackendHealth] {
+        shared.records.withLock { $0 }
+    }
+
+    public var totalChecks: UInt64 { shared.checksRun.load(ordering: .relaxed) }
+
+    /// Ends the checker thread (in-flight checks are abandoned). Safe to call twice.
+    public func stop() {
+        shared.inbox.withLock { $0.stop = true }
+        shared.wakeup.wake()
+        let handle = thread.withLock { current -> pthread_t? in
+            let taken = current
+            current = nil
+            return taken
+        }
+        if let handle { pthread_join(handle, nil) }
+    }
+
+    deinit {
+        stop()
+    }
+}
+
+/// What the checker's API and its loop thread share.
+final class CheckerShared: Sendable {
+    struct Inbox {
+        var targets: [CheckTarget]?
+        var failures: [BackendKey] = []
+        var stop = false
+    }
+
+    let wakeup: WakeupSignal
+    let inbox = Mutex<Inbox>(Inbox())
+    let records = Mutex<[BackendKey: BackendHealth]>([:])
+    let changeHandler = Mutex<(@Sendable () -> Void)?>(nil)
+    let checksRun = Atomic<UInt64>(0)
+
+    init(wakeup: WakeupSignal) {
+        self.wakeup = wakeup
+    }
+
+    func takeInbox() -> Inbox {
+        wakeup.drain()
+        return inbox.withLock { inbox in
+            let taken = inbox
+            inbox.targets = nil
+            inbox.failures = []
+            return taken
+        }
+    }
+
+    /// Applies a result (or, with nil, an ejection) under the records lock; notifies outside it.
+    func record(_ key: BackendKey, settings: CheckSettings, result: CheckResult?, now: Int64) {
+        let changed = records.withLock { records -> Bool in
+            guard var health = records[key] else { return false }
+            let changed: Bool
+            if let result {
+                changed = health.record(result, rise: settings.rise, fall: settings.fall, now: now)
+            } else {
+                changed = health.eject(now: now)
+            }
+            records[key] = health
+            return changed
+        }
+        if result != nil { checksRun.add(1, ordering: .relaxed) }
+        if changed, let handler = changeHandler.withLock({ $0 }) { handler() }
+    }
+}
+
+/// The checker's event loop (its thread only).
+private final class CheckLoop: @unchecked Sendable {
+    final class Scheduled {
+        let target: CheckTarget
+        let slot: Int32
+        var generation: UInt32 = 0
+        var probe: Probe?
+        var nextRun: Int64
+
+        init(target: CheckTarget, slot: Int32, nextRun: Int64) {
+            self.target = target
+            self.slot = slot
+            self.nextRun = nextRun
+        }
+    }
+
+    let shared: CheckerShared
+    var epoll: Epoll
+    var slots: [Scheduled?] = []
+    var byKey: [BackendKey: Scheduled] = [:]
+    var timers = DeadlineHeap()
+    var random = SystemRandomNumberGenerator()
+
+    init(shared: CheckerShared) throws(SystemError) {
+        self.shared = shared
+        epoll = try Epoll(capacity: 128)
+        try epoll.add(shared.wakeup.fd, events: Epoll.readable, token: UInt64.max)
+    }
+
+    func run() {
+        while true {
+            let timeout: CInt
+            if let earliest = timers.earliest {
+                timeout = CInt(clamping: max(0, min(earliest - MonotonicClock.milliseconds(), 60_000)))
+            } else {
+                timeout = -1
+            }
+            let ready = (try? epoll.wait(timeout: timeout)) ?? 0
+            let now = MonotonicClock.milliseconds()
+            for index in 0..<ready {
+                let (_, token) = epoll.event(at: index)
+                if token == UInt64.max {
+                    let inbox = shared.takeInbox()
+                    if inbox.stop {
+                        shutdown()
+                        return
+                    }
+                    if let targets = inbox.targets { replace(targets, now: now) }
+                    for key in inbox.failures {
+                        if let scheduled = byKey[key] { shared.record(key, settings: scheduled.target.settings, result: nil, now: now) }
+                    }
+                    continue
+                }
+                let slot = Int(token & 0xFFFF_FFFF)
+                guard slot < slots.count, let scheduled = slots[slot], scheduled.generation == UInt32(token >> 32),
+                      let probe = scheduled.probe else { continue }
+                step(scheduled, probe, now: now)
+            }
+            while let entry = timers.popDue(now: now) {
+                guard Int(entry.slot) < slots.count, let scheduled = slots[Int(entry.slot)],
+                      scheduled.generation == entry.generation else { continue }
+                if let probe = scheduled.probe {
+                    finish(scheduled, CheckResult(succeeded: false, duration: now - probe.started,
+                                                  detail: "timeout after \(scheduled.target.settings.timeout) ms"), now: now)
+                } else {
+                    start(scheduled, now: now)
+                }
+            }
+        }
+    }
+
+    private func replace(_ targets: [CheckTarget], now: Int64) {
+        var keep: [BackendKey: Scheduled] = [:]
+        for target in targets {
+            if let existing = byKey[target.key], existing.target == target {
+                keep[target.key] = existing
+                continue
+            }
+            if let existing = byKey[target.key] { retire(existing) }
+            let slot = Int32(slots.firstIndex { $0 == nil } ?? slots.count)
+            // The first check of a new backend comes at a random point of its first interval.
+            let spread = Int64.random(in: 0...max(0, min(target.settings.interval, 100)), using: &random)
+            let scheduled = Scheduled(target: target, slot: slot, nextRun: now + spread)
+            if Int(slot) == slots.count { slots.append(scheduled) } else { slots[Int(slot)] = scheduled }
+            keep[target.key] = scheduled
+            timers.insert(.init(deadline: scheduled.nextRun, slot: slot, generation: scheduled.generation))
+        }
+        for (key, scheduled) in byKey where keep[key] == nil || keep[key] !== scheduled {
+            if keep[key] == nil { retire(scheduled) }
+        }
+        byKey = keep
+    }
+
+    private func retire(_ scheduled: Scheduled) {
+        closeProbe(scheduled)
+        scheduled.generation &+= 1
+        slots[Int(scheduled.slot)] = nil
+    }
+
+    private func start(_ scheduled: Scheduled, now: Int64) {
+        let probe = Probe(address: scheduled.target.address, kind: scheduled.target.settings.kind, now: now)
+        scheduled.probe = probe
+        scheduled.generation &+= 1
+        timers.insert(.init(deadline: now + scheduled.target.settings.timeout, slot: scheduled.slot, generation: scheduled.generation))
+        if probe.socket.isOpen {
+            do {
+                try epoll.add(probe.socket.raw, events: Epoll.writable, token: token(scheduled))
+            } catch {
+                finish(scheduled, CheckResult(succeeded: false, duration: 0, detail: "epoll: \(error)"), now: now)
+                return
+            }
+        }
+        step(scheduled, probe, now: now)
+    }
+
+    private func step(_ scheduled: Scheduled, _ probe: Probe, now: Int64) {
+        switch probe.advance(now: now) {
+        case .wait(let readable):
+            try? epoll.modify(probe.socket.raw, events: readable ? Epoll.readable : Epoll.writable, token: token(scheduled))
+        case .finished(let result):
+            finish(scheduled, result, now: now)
+        }
+    }
+
+    private func finish(_ scheduled: Scheduled, _ result: CheckResult, now: Int64) {
+        closeProbe(scheduled)
+        shared.record(scheduled.target.key, settings: scheduled.target.settings, result: result, now: now)
+        let settings = scheduled.target.settings
+        let jitter = Int64(Double(settings.interval) * settings.jitter)
+        scheduled.nextRun = now + settings.interval + (jitter > 0 ? Int64.random(in: -jitter...jitter, using: &random) : 0)
+        scheduled.generation &+= 1
+        timers.insert(.init(deadline: scheduled.nextRun, slot: scheduled.slot, generation: scheduled.generation))
+    }
+
+    private func closeProbe(_ scheduled: Scheduled) {
+        guard let probe = scheduled.probe else { return }
+        if probe.socket.isOpen { epoll.remove(probe.socket.raw) }
+        probe.closeSocket()
+        scheduled.probe = nil
+    }
+
+    private func token(_ scheduled: Scheduled) -> UInt64 {
+        UInt64(scheduled.generation) << 32 | UInt64(UInt32(bitPattern: scheduled.slot))
+    }
+
+    private func shutdown() {
+        for scheduled in slots.compactMap({ $0 }) { closeProbe(scheduled) }
+        epoll.remove(shared.wakeup.fd)
+    }
+}
