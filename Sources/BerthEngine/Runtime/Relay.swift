@@ -251,8 +251,11 @@ extension Worker {
                     held.deallocate()
                     flow.held = nil
                 }
-                // 2. Source finished and everything passed on: pass the FIN on, once.
+                // 2. Source finished and everything passed on: pass the FIN on, once. A backend
+                // that closes before answering, while the session may still be replayed, is not
+                // passed on: `pump` moves the session to another backend.
                 if flow.sourceClosed {
+                    if !isRequest && session.replayArmed && !session.responseStarted { return .waiting }
                     if !flow.finished {
                         Sockets.shutdownWrite(destinationFD)
                         flow.finished = true
@@ -266,8 +269,9 @@ extension Worker {
                 if flow.splicing, let pipe = flow.pipe ?? pipes.acquire() {
                     flow.pipe = pipe
                     sourceCall = true
-                    defer { sourceCall = false }
-                    switch try Sockets.splice(from: sourceFD, to: pipe.input, count: pipes.capacity) {
+                    let spliced = try Sockets.splice(from: sourceFD, to: pipe.input, count: pipes.capacity)
+                    sourceCall = false
+                    switch spliced {
                     case .done(0):
                         flow.sourceClosed = true
                     case .done(let moved):
