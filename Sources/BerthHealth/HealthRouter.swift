@@ -108,9 +108,14 @@ public final class HealthRouter: Sendable {
         for index in effective.frontends.indices {
             let frontend = effective.frontends[index]
             guard checker != nil, !frontend.backends.isEmpty else { continue }
-            let up = frontend.backends.filter { backend in
-                health[BackendKey(frontend: frontend.name, backend: backend.name)]?.takesTraffic ?? (policy.newBackendState == .up)
+            // Down backends stay in the table, disabled: no new connections, and their open
+            // connections run on (a removed backend would be drained).
+            for backendIndex in frontend.backends.indices {
+                let backend = frontend.backends[backendIndex]
+                effective.frontends[index].backends[backendIndex].enabled = backend.enabled
+                    && (health[BackendKey(frontend: frontend.name, backend: backend.name)]?.takesTraffic ?? (policy.newBackendState == .up))
             }
+            let up = effective.frontends[index].backends.filter(\.enabled)
             if up.isEmpty {
                 if !state.allDownNow.contains(frontend.name) {
                     state.allDownNow.insert(frontend.name)
@@ -118,12 +123,12 @@ public final class HealthRouter: Sendable {
                 }
                 if policy.allDown == .tryAll {
                     effective.frontends[index].settings.panic = true
-                } else {
-                    effective.frontends[index].backends = []
+                    for backendIndex in frontend.backends.indices {
+                        effective.frontends[index].backends[backendIndex].enabled = frontend.backends[backendIndex].enabled
+                    }
                 }
             } else {
                 state.allDownNow.remove(frontend.name)
-                effective.frontends[index].backends = up
             }
         }
         let result = try engine.apply(effective)

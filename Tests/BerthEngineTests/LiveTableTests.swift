@@ -125,4 +125,35 @@ final class LiveTableTests: DataPlaneTestCase {
         close(connection.fd)
         XCTAssertEqual(connection.tag, 1)
     }
+
+    func testADisabledBackendKeepsItsConnectionsWithNoDeadlineAndGetsNoNewOnes() throws {
+        let first = try echoBackend(tag: 1)
+        let second = try echoBackend(tag: 2)
+        let backends = [Backend(first.address), Backend(second.address)]
+        let (engine, listening) = try startEngine(
+            [Frontend(name: "svc", listen: loopbackAnyPort, backends: backends)],
+            configure: { $0.drainTimeout = 200 })
+        let address = listening["svc"]!
+        let onFirst = try open(address)
+        defer { close(onFirst.fd) }
+        XCTAssertEqual(onFirst.tag, 1)
+        var disabled = backends
+        disabled[0].enabled = false
+        _ = try engine.apply(RoutingTable(frontends: [Frontend(name: "svc", listen: address, backends: disabled)]))
+        for _ in 0..<6 {
+            let connection = try open(address)
+            close(connection.fd)
+            XCTAssertEqual(connection.tag, 2, "a disabled backend must get no new connection")
+        }
+        // Past the drain timeout, the connection to the disabled backend still works.
+        usleep(400_000)
+        XCTAssertTrue(try echo(onFirst.fd, "still open"))
+        _ = try engine.apply(RoutingTable(frontends: [Frontend(name: "svc", listen: address, backends: backends)]))
+        let tags = try (0..<4).map { _ -> UInt8 in
+            let connection = try open(address)
+            close(connection.fd)
+            return connection.tag
+        }
+        XCTAssertEqual(Set(tags), [1, 2], "enabled again, it is back in the rotation")
+    }
 }

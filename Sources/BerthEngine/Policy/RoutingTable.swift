@@ -50,10 +50,14 @@ public struct Backend: Sendable, Hashable {
     /// Unique within its frontend (an instance id, or the address as text).
     public var name: String
     public var address: SocketAddress
+    /// Takes new connections. A disabled backend (down, or drained by an operator) keeps its
+    /// open connections with no deadline, unlike one removed from the table, which drains.
+    public var enabled: Bool
 
-    public init(name: String, address: SocketAddress) {
+    public init(name: String, address: SocketAddress, enabled: Bool = true) {
         self.name = name
         self.address = address
+        self.enabled = enabled
     }
 
     public init(_ address: SocketAddress) {

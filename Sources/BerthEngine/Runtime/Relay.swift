@@ -12,7 +12,7 @@ extension Worker {
     func connectNext(_ session: Session) {
         guard let frontend = session.frontend else { return }
         while true {
-            let backends = frontend.backends
+            let backends = frontend.candidates
             guard !backends.isEmpty, session.attempt <= frontend.settings.retries, !frontend.removed else {
                 frontend.counters.add(frontend.counters.failedSessions, 1)
                 closeSession(session)

@@ -9,7 +9,10 @@ final class FrontendRuntime {
     let cursor: RoundRobinCursor
     let counters: TrafficCounters
     var settings: FrontendSettings
+    /// Every backend of the table (identity and counters of open sessions).
     var backends: [BackendRuntime] = []
+    /// The enabled ones: the round-robin rotation runs over these.
+    var candidates: [BackendRuntime] = []
     var listener = Descriptor.none
     var listenerRegistered = false
     var removed = false
@@ -23,7 +26,8 @@ final class FrontendRuntime {
 }
 
 final class BackendRuntime {
-    let backend: Backend
+    /// Replaced in place when only `enabled` changes.
+    var backend: Backend
     let counters: TrafficCounters
     /// Left the table: no new connections; open ones drain.
     var removed = false
@@ -237,11 +241,15 @@ final class Worker {
             for backend in runtime.backends { existing[backend.backend.name] = backend }
             runtime.backends = spec.backends.map { backend in
                 live.insert(.init(frontend: spec.name, backend: backend.name))
-                if let kept = existing.removeValue(forKey: backend.name), kept.backend == backend { return kept }
+                if let kept = existing.removeValue(forKey: backend.name), kept.backend.address == backend.address {
+                    kept.backend = backend
+                    return kept
+                }
                 return BackendRuntime(
                     backend: backend,
                     counters: handle.registry.counters(frontend: spec.name, backend: backend.name))
             }
+            runtime.candidates = runtime.backends.filter { $0.backend.enabled }
             for gone in existing.values { gone.removed = true }
             if let fd = listeners[spec.name] {
                 closeListener(runtime)
