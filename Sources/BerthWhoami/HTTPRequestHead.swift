@@ -15,6 +15,8 @@ public struct HTTPRequestHead: Equatable, Sendable {
         case incomplete
         /// Not HTTP/1.x, or a malformed line: answer 400 and close.
         case invalid(String)
+        /// The head is longer than `maximumHeadLength`: answer 431 and close.
+        case tooLarge
     }
 
     /// Largest head accepted; past it the request is rejected (431).
@@ -23,14 +25,14 @@ public struct HTTPRequestHead: Equatable, Sendable {
     /// Parses the head at the start of `bytes`.
     public static func parse(_ bytes: UnsafeRawBufferPointer) -> ParseResult {
         guard let end = headEnd(bytes) else {
-            if bytes.count > maximumHeadLength { return .invalid("request head too large") }
+            if bytes.count > maximumHeadLength { return .tooLarge }
             // A request line that already cannot be HTTP: fail before waiting for more.
             if let first = bytes.first, !(first >= 0x41 && first <= 0x5A) && first != 0x0D && first != 0x0A {
                 return .invalid("not an HTTP request")
             }
             return .incomplete
         }
-        guard end <= maximumHeadLength else { return .invalid("request head too large") }
+        guard end <= maximumHeadLength else { return .tooLarge }
         var lines = [Substring]()
         let text = String(decoding: UnsafeRawBufferPointer(rebasing: bytes[0..<end]), as: UTF8.self)
         for line in text.split(separator: "\r\n", omittingEmptySubsequences: false) { lines.append(line) }

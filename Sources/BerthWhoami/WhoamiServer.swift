@@ -204,9 +204,10 @@ private final class WhoamiLoop {
             }
             switch outcome {
             case .incomplete:
-                if connection.input.count - consumed > HTTPRequestHead.maximumHeadLength {
-                    respond(connection, status: "431 Request Header Fields Too Large", body: Array("request head too large\n".utf8), close: true)
-                }
+                return
+            case .tooLarge:
+                respond(connection, status: "431 Request Header Fields Too Large", body: Array("request head too large\n".utf8), close: true)
+                consumed = connection.input.count
                 return
             case .invalid(let reason):
                 respond(connection, status: "400 Bad Request", body: Array("\(reason)\n".utf8), close: true)

@@ -2,47 +2,47 @@ import ArgumentParser
 import BerthEngine
 
 /// `HOST:PORT` on the command line (IPv4, `[IPv6]`, `*`/empty host for all addresses).
-struct AddressArgument: ExpressibleByArgument, Sendable {
+/// Parsed through `@Option(transform:)` so that a bad value's reason reaches the user.
+struct AddressArgument: Sendable {
     let address: SocketAddress
 
-    init?(argument: String) {
-        guard let address = try? SocketAddress(parsing: argument) else { return nil }
-        self.address = address
+    static func parse(_ text: String) throws -> AddressArgument {
+        do {
+            return AddressArgument(address: try SocketAddress(parsing: text.trimmed))
+        } catch {
+            throw ValidationError(error.description)
+        }
     }
-
-    static var defaultCompletionKind: CompletionKind { .default }
 }
 
 /// A list of `HOST:PORT`, repeatable and comma separated: `--backend a:1,b:2 --backend c:3`.
-struct AddressListArgument: ExpressibleByArgument, Sendable {
+struct AddressListArgument: Sendable {
     let addresses: [SocketAddress]
 
-    init?(argument: String) {
-        var parsed: [SocketAddress] = []
-        for item in argument.split(separator: ",", omittingEmptySubsequences: true) {
-            guard let address = try? SocketAddress(parsing: String(item).trimmed) else { return nil }
-            parsed.append(address)
-        }
-        guard !parsed.isEmpty else { return nil }
-        addresses = parsed
+    static func parse(_ text: String) throws -> AddressListArgument {
+        let items = text.split(separator: ",", omittingEmptySubsequences: true)
+        guard !items.isEmpty else { throw ValidationError("invalid address list '\(text)': expected HOST:PORT[,HOST:PORT...]") }
+        return AddressListArgument(addresses: try items.map { try AddressArgument.parse(String($0)).address })
     }
 }
 
 /// A duration as HAProxy writes it: `200ms`, `2s`, `1m` (bare numbers are ms).
-struct DurationArgument: ExpressibleByArgument, Sendable, CustomStringConvertible {
+struct DurationArgument: Sendable, CustomStringConvertible {
     let milliseconds: Int64
 
     init(milliseconds: Int64) {
         self.milliseconds = milliseconds
     }
 
-    init?(argument: String) {
-        guard let value = try? DurationText.milliseconds(argument) else { return nil }
-        milliseconds = value
+    static func parse(_ text: String) throws -> DurationArgument {
+        do {
+            return DurationArgument(milliseconds: try DurationText.milliseconds(text))
+        } catch {
+            throw ValidationError(error.description)
+        }
     }
 
     var description: String { DurationText.format(milliseconds: milliseconds) }
-    var defaultValueDescription: String { description }
 }
 
 extension RelayMode: ExpressibleByArgument {}

@@ -17,10 +17,10 @@ struct HealthOptions: ParsableArguments {
     @Option(help: EnvironmentFlags.help("Active check of every backend: tcp (connect), http:/path (status 2xx-3xx), tls (handshake), https:/path, or none.", "BERTH_CHECK"))
     var check: String = "none"
 
-    @Option(help: EnvironmentFlags.help("Time between two checks of a backend (jittered by 10%).", "BERTH_CHECK_INTERVAL"))
+    @Option(help: EnvironmentFlags.help("Time between two checks of a backend (jittered by 10%).", "BERTH_CHECK_INTERVAL"), transform: DurationArgument.parse)
     var checkInterval = DurationArgument(milliseconds: 2_000)
 
-    @Option(help: EnvironmentFlags.help("A check not finished by then has failed.", "BERTH_CHECK_TIMEOUT"))
+    @Option(help: EnvironmentFlags.help("A check not finished by then has failed.", "BERTH_CHECK_TIMEOUT"), transform: DurationArgument.parse)
     var checkTimeout = DurationArgument(milliseconds: 1_000)
 
     @Option(help: EnvironmentFlags.help("Successful checks in a row that bring a down backend up.", "BERTH_RISE"))

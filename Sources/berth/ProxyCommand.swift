@@ -27,31 +27,31 @@ struct ProxyCommand: ParsableCommand {
         ("--cpus", "BERTH_CPUS"), ("--retry-on", "BERTH_RETRY_ON"),
     ] + HealthOptions.environment)
 
-    @Option(help: EnvironmentFlags.help("Address to listen on, HOST:PORT ([::1]:8000 for IPv6, *:8000 for all).", "BERTH_LISTEN"))
-    var listen: AddressArgument
+    @Option(help: EnvironmentFlags.help("Address to listen on, HOST:PORT ([::1]:8000 for IPv6, *:8000 for all).", "BERTH_LISTEN"), transform: AddressArgument.parse)
+    var listen: AddressArgument?
 
-    @Option(help: EnvironmentFlags.help("A backend HOST:PORT; repeat the flag or separate with commas.", "BERTH_BACKENDS"))
+    @Option(help: EnvironmentFlags.help("A backend HOST:PORT; repeat the flag or separate with commas.", "BERTH_BACKENDS"), transform: AddressListArgument.parse)
     var backend: [AddressListArgument] = []
 
     @Option(help: EnvironmentFlags.help("Name of the frontend in statistics and logs.", "BERTH_NAME"))
     var name: String = "proxy"
 
     @Option(help: EnvironmentFlags.help("Worker threads, each with its own event loop (default: the number of CPUs).", "BERTH_WORKERS"))
-    var workers: Int = availableCPUCount()
+    var workers: Int?
 
     @Option(help: EnvironmentFlags.help("Further backends to try when a connect fails.", "BERTH_RETRIES"))
     var retries: Int = 3
 
-    @Option(help: EnvironmentFlags.help("Give up a backend connect after this long (then retry elsewhere).", "BERTH_CONNECT_TIMEOUT"))
+    @Option(help: EnvironmentFlags.help("Give up a backend connect after this long (then retry elsewhere).", "BERTH_CONNECT_TIMEOUT"), transform: DurationArgument.parse)
     var connectTimeout = DurationArgument(milliseconds: 5_000)
 
-    @Option(help: EnvironmentFlags.help("Close a connection whose client side moved no byte for this long.", "BERTH_CLIENT_TIMEOUT"))
+    @Option(help: EnvironmentFlags.help("Close a connection whose client side moved no byte for this long.", "BERTH_CLIENT_TIMEOUT"), transform: DurationArgument.parse)
     var clientTimeout = DurationArgument(milliseconds: 60_000)
 
-    @Option(help: EnvironmentFlags.help("Close a connection whose backend side moved no byte for this long.", "BERTH_SERVER_TIMEOUT"))
+    @Option(help: EnvironmentFlags.help("Close a connection whose backend side moved no byte for this long.", "BERTH_SERVER_TIMEOUT"), transform: DurationArgument.parse)
     var serverTimeout = DurationArgument(milliseconds: 60_000)
 
-    @Option(help: EnvironmentFlags.help("On SIGTERM/SIGINT, how long open connections may still run.", "BERTH_DRAIN_TIMEOUT"))
+    @Option(help: EnvironmentFlags.help("On SIGTERM/SIGINT, how long open connections may still run.", "BERTH_DRAIN_TIMEOUT"), transform: DurationArgument.parse)
     var drainTimeout = DurationArgument(milliseconds: 30_000)
 
     @Option(help: EnvironmentFlags.help("Most client connections open at once; past it, accepting pauses (default: half the open-file limit).", "BERTH_MAXCONN"))
@@ -73,8 +73,9 @@ struct ProxyCommand: ParsableCommand {
     var health: HealthOptions
 
     func validate() throws {
+        if listen == nil { throw ValidationError("--listen HOST:PORT is required") }
         if backend.isEmpty { throw ValidationError("at least one --backend HOST:PORT is required") }
-        if workers < 1 || workers > 256 { throw invalid("--workers", "\(workers)", "a number from 1 to 256") }
+        if let workers, workers < 1 || workers > 256 { throw invalid("--workers", "\(workers)", "a number from 1 to 256") }
         if retries < 0 || retries > 100 { throw invalid("--retries", "\(retries)", "a number from 0 to 100") }
         if let maxconn, maxconn < 1 { throw invalid("--maxconn", "\(maxconn)", "a positive number") }
         if pipeSize < 0 { throw invalid("--pipe-size", "\(pipeSize)", "a size in bytes, 0 for the default") }
@@ -89,9 +90,10 @@ struct ProxyCommand: ParsableCommand {
     }
 
     func run() throws {
+        guard let listen else { throw ValidationError("--listen HOST:PORT is required") }
         ProcessSignals.block([SIGTERM, SIGINT])
         var configuration = EngineConfiguration()
-        configuration.workers = workers
+        configuration.workers = workers ?? availableCPUCount()
         configuration.relay = relay
         configuration.drainTimeout = drainTimeout.milliseconds
         configuration.pipeSize = pipeSize
@@ -113,7 +115,7 @@ struct ProxyCommand: ParsableCommand {
             throw ListenFailure(address: listen.address, error: failure)
         }
         let bound = result.listening[name]!
-        log("listening on \(bound) (\(name)): \(backends.count) backend(s), \(workers) worker(s), relay \(relay.rawValue), maxconn \(configuration.maxConnections), checks \(health.summary)")
+        log("listening on \(bound) (\(name)): \(backends.count) backend(s), \(configuration.workers) worker(s), relay \(relay.rawValue), maxconn \(configuration.maxConnections), checks \(health.summary)")
         let signal = ProcessSignals.wait(for: [SIGTERM, SIGINT])
         log("signal \(signal): stopping; draining \(engine.openConnections) connection(s) for up to \(drainTimeout)")
         // A second signal ends the drain at once.

@@ -17,8 +17,8 @@ struct WhoamiCommand: ParsableCommand {
         ("--listen", "BERTH_LISTEN"), ("--id", "BERTH_ID"), ("--threads", "BERTH_THREADS"),
     ])
 
-    @Option(help: EnvironmentFlags.help("Address to listen on, HOST:PORT.", "BERTH_LISTEN"))
-    var listen: AddressArgument
+    @Option(help: EnvironmentFlags.help("Address to listen on, HOST:PORT.", "BERTH_LISTEN"), transform: AddressArgument.parse)
+    var listen: AddressArgument?
 
     @Option(help: EnvironmentFlags.help("The name to answer with (default: the host name).", "BERTH_ID"))
     var id: String?
@@ -27,6 +27,7 @@ struct WhoamiCommand: ParsableCommand {
     var threads: Int = 1
 
     func validate() throws {
+        if listen == nil { throw ValidationError("--listen HOST:PORT is required") }
         if threads < 1 || threads > 64 { throw invalid("--threads", "\(threads)", "a number from 1 to 64") }
         if let id, id.isEmpty || id.contains(where: { $0 == "\r" || $0 == "\n" }) {
             throw invalid("--id", id, "a non-empty name on one line")
@@ -34,6 +35,7 @@ struct WhoamiCommand: ParsableCommand {
     }
 
     func run() throws {
+        guard let listen else { throw ValidationError("--listen HOST:PORT is required") }
         ProcessSignals.block([SIGTERM, SIGINT])
         let identity = id ?? hostName()
         let server = try WhoamiServer(listen: listen.address, identity: identity, threads: threads)

@@ -96,6 +96,7 @@ final class PolicyTests: XCTestCase {
         if case .invalid = parse("\u{16}\u{03}\u{01}garbage") {} else { XCTFail("TLS bytes are not HTTP") }
         if case .invalid = parse("GET / SPDY/3\r\n\r\n") {} else { XCTFail("bad version") }
         if case .invalid = parse("GET / HTTP/1.1\r\nContent-Length: -3\r\n\r\n") {} else { XCTFail("bad length") }
-        if case .invalid = parse("GET / HTTP/1.1\r\nX: " + String(repeating: "a", count: 9000)) {} else { XCTFail("too large") }
+        XCTAssertEqual(parse("GET / HTTP/1.1\r\nX: " + String(repeating: "a", count: 9000)), .tooLarge)
+        XCTAssertEqual(parse("GET / HTTP/1.1\r\nX: " + String(repeating: "a", count: 9000) + "\r\n\r\n"), .tooLarge)
     }
 }
