@@ -58,7 +58,7 @@ struct ProxyCommand: ParsableCommand {
     var maxconn: Int?
 
     @Option(help: EnvironmentFlags.help("How bytes are moved: splice (zero-copy through pipes), copy (read/write), auto (copy, then splice once a read is large).", "BERTH_RELAY"))
-    var relay: RelayMode = .splice
+    var relay: RelayMode = .auto
 
     @Option(help: EnvironmentFlags.help("Pipe capacity in bytes for the splice relay (0: the kernel's default, 64 KiB).", "BERTH_PIPE_SIZE"))
     var pipeSize: Int = 0

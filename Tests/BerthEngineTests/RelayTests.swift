@@ -73,6 +73,18 @@ final class RelayTests: DataPlaneTestCase {
     func testSixtyFourMiBEachWayThroughCopy() throws { try integrity(mode: .copy) }
     func testSixtyFourMiBEachWayThroughAuto() throws { try integrity(mode: .auto) }
 
+    /// An engine of one worker in `mode` with one frontend over `backend`, shut down by the caller.
+    private func singleWorkerEngine(mode: RelayMode, backend: SocketAddress) throws -> (Engine, SocketAddress) {
+        var configuration = EngineConfiguration()
+        configuration.relay = mode
+        configuration.workers = 1
+        let engine = try Engine(configuration: configuration)
+        let frontend = try engine.apply(RoutingTable(frontends: [
+            Frontend(name: "half", listen: loopbackAnyPort, backends: [Backend(backend)]),
+        ])).listening["half"]!
+        return (engine, frontend)
+    }
+
     /// The client sends its request and half-closes; the backend answers after seeing EOF.
     func testClientHalfCloseStillGetsTheWholeResponse() throws {
         for mode in RelayMode.allCases {
@@ -82,14 +94,8 @@ final class RelayTests: DataPlaneTestCase {
                 _ = try? sendStream(fd, total: 1 << 20, seed: 7)
             }
             defer { backend.stop() }
-            var configuration = EngineConfiguration()
-            configuration.relay = mode
-            configuration.workers = 1
-            let engine = try Engine(configuration: configuration)
+            let (engine, frontend) = try singleWorkerEngine(mode: mode, backend: backend.address)
             defer { engine.shutdown(drainTimeout: 0) }
-            let frontend = try engine.apply(RoutingTable(frontends: [
-                Frontend(name: "half", listen: loopbackAnyPort, backends: [Backend(backend.address)]),
-            ])).listening["half"]!
             let fd = try TestSocket.connect(frontend)
             defer { close(fd) }
             try TestSocket.sendAll(fd, Array("question".utf8))
@@ -114,14 +120,8 @@ final class RelayTests: DataPlaneTestCase {
                 } catch { observed.fail("\(error)") }
             }
             defer { backend.stop() }
-            var configuration = EngineConfiguration()
-            configuration.relay = mode
-            configuration.workers = 1
-            let engine = try Engine(configuration: configuration)
+            let (engine, frontend) = try singleWorkerEngine(mode: mode, backend: backend.address)
             defer { engine.shutdown(drainTimeout: 0) }
-            let frontend = try engine.apply(RoutingTable(frontends: [
-                Frontend(name: "half", listen: loopbackAnyPort, backends: [Backend(backend.address)]),
-            ])).listening["half"]!
             let fd = try TestSocket.connect(frontend)
             defer { close(fd) }
             let first = try TestSocket.receiveAll(fd, limit: 2 << 20)

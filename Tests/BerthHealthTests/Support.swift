@@ -97,15 +97,9 @@ final class WhoamiProcess {
         try process.run()
         // Ready when it accepts.
         _ = waitFor(timeout: 5) {
-            let fd = socket(AF_INET, CInt(SOCK_STREAM.rawValue), 0)
-            defer { close(fd) }
-            var sin = sockaddr_in()
-            sin.sin_family = sa_family_t(AF_INET)
-            sin.sin_port = port.bigEndian
-            sin.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
-            return withUnsafePointer(to: &sin) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-            } == 0
+            guard let fd = try? connectLoopback(port: port) else { return false }
+            close(fd)
+            return true
         }
     }
 
@@ -122,20 +116,30 @@ func freePort() throws -> UInt16 {
     return try Sockets.localAddress(socket.raw).port
 }
 
-/// One HTTP GET with `Connection: close` through `address`; returns the body, throws on any failure.
-func fetch(_ address: SocketAddress, timeout: Double = 5) throws -> String {
+/// A blocking TCP connection to 127.0.0.1:`port`.
+func connectLoopback(port: UInt16) throws -> CInt {
     let fd = socket(AF_INET, CInt(SOCK_STREAM.rawValue), 0)
-    defer { close(fd) }
-    var time = timeval(tv_sec: Int(timeout), tv_usec: 0)
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &time, socklen_t(MemoryLayout<timeval>.size))
     var sin = sockaddr_in()
     sin.sin_family = sa_family_t(AF_INET)
-    sin.sin_port = address.port.bigEndian
+    sin.sin_port = port.bigEndian
     sin.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
     let connected = withUnsafePointer(to: &sin) {
         $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
     }
-    guard connected == 0 else { throw HealthTestError("connect: errno \(errno)") }
+    guard connected == 0 else {
+        let code = errno
+        close(fd)
+        throw HealthTestError("connect 127.0.0.1:\(port): errno \(code)")
+    }
+    return fd
+}
+
+/// One HTTP GET with `Connection: close` through `address`; returns the body, throws on any failure.
+func fetch(_ address: SocketAddress, timeout: Double = 5) throws -> String {
+    let fd = try connectLoopback(port: address.port)
+    defer { close(fd) }
+    var time = timeval(tv_sec: Int(timeout), tv_usec: 0)
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &time, socklen_t(MemoryLayout<timeval>.size))
     let request = Array("GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".utf8)
     guard send(fd, request, request.count, CInt(MSG_NOSIGNAL)) == request.count else { throw HealthTestError("send") }
     var response: [UInt8] = []

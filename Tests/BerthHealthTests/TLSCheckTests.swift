@@ -130,16 +130,5 @@ final class TLSCheckTests: XCTestCase {
 
 /// Connects and closes (readiness probe for a server).
 func fetchTCP(_ address: SocketAddress) throws {
-    var socket = try Sockets.listen(on: try SocketAddress(parsing: "127.0.0.1:0"), reusePort: false)
-    socket.close()
-    let fd = Glibc.socket(AF_INET, CInt(SOCK_STREAM.rawValue), 0)
-    defer { close(fd) }
-    var sin = sockaddr_in()
-    sin.sin_family = sa_family_t(AF_INET)
-    sin.sin_port = address.port.bigEndian
-    sin.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
-    let result = withUnsafePointer(to: &sin) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-    }
-    if result != 0 { throw HealthTestError("connect") }
+    close(try connectLoopback(port: address.port))
 }

@@ -13,7 +13,8 @@ public enum RelayMode: String, Sendable, CaseIterable {
 public struct EngineConfiguration: Sendable {
     /// Worker threads, each with its own epoll instance, listeners and connections.
     public var workers: Int = max(1, availableCPUCount())
-    public var relay: RelayMode = .splice
+    /// `auto` by measurement (docs/BENCHMARKS.md): copy's cost for small messages, splice's for bulk.
+    public var relay: RelayMode = .auto
     /// With `.auto`: a read at least this large switches that direction to splice.
     public var spliceThreshold: Int = 16 * 1024
     /// Concurrent client connections across all workers; past it, accepting pauses.

@@ -114,6 +114,8 @@ public final class Engine: Sendable {
         do throws(SystemError) {
             for _ in 0..<count {
                 var socket = try Sockets.listen(on: bound, reusePort: true)
+                // Accepted sockets inherit TCP_NODELAY: one system call per listener, not per client.
+                Sockets.setNoDelay(socket.raw)
                 if fds.isEmpty && address.port == 0 {
                     do throws(SystemError) {
                         bound = try Sockets.localAddress(socket.raw)

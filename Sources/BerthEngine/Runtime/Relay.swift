@@ -66,8 +66,7 @@ extension Worker {
     }
 
     func connectFailed(_ session: Session, error: CInt) {
-        epoll.remove(session.backend.raw)
-        session.backend.close()
+        session.backend.close()  // no EPOLL_CTL_DEL needed: see `closeSession`
         session.connectDeadline = .max
         if let server = session.server, let frontend = session.frontend {
             observeFailure(frontend: frontend, server: server)
@@ -84,8 +83,8 @@ extension Worker {
     private func connected_(_ session: Session, events: UInt32) {
         session.state = .relaying
         session.connectDeadline = .max
+        // The client socket inherited TCP_NODELAY from its listener.
         Sockets.setNoDelay(session.backend.raw)
-        Sockets.setNoDelay(session.client.raw)
         session.backendSide.writable = true
         session.backendSide.readable = events & Epoll.readable != 0
         session.backendSide.peerClosed = events & (Epoll.readHangup | Epoll.hangup) != 0
@@ -125,8 +124,7 @@ extension Worker {
     /// relaying → connecting again: the backend closed or reset before its first byte and the
     /// client's bytes are all kept, so the session moves to the next backend and replays them.
     private func redispatch(_ session: Session) {
-        epoll.remove(session.backend.raw)
-        session.backend.close()
+        session.backend.close()  // see `closeSession`
         let clientFinished = session.request.sourceClosed
         releaseFlow(&session.request)
         releaseFlow(&session.response)
@@ -149,7 +147,10 @@ extension Worker {
     @inline(__always)
     func sessionEvent(_ session: Session, backendSide: Bool, events: UInt32) {
         if backendSide && session.state == .connecting {
-            let error = Sockets.pendingError(session.backend.raw)
+            // Writable with no error or hang-up: connected (a failed connect always reports
+            // EPOLLERR). Only then is SO_ERROR worth a system call.
+            let error = events & (Epoll.error | Epoll.hangup) == 0 && events & Epoll.writable != 0
+                ? 0 : Sockets.pendingError(session.backend.raw)
             if error == 0 {
                 connected_(session, events: events)
             } else {
@@ -257,7 +258,10 @@ extension Worker {
                 if flow.sourceClosed {
                     if !isRequest && session.replayArmed && !session.responseStarted { return .waiting }
                     if !flow.finished {
-                        Sockets.shutdownWrite(destinationFD)
+                        // When the other direction is finished too, the session closes right
+                        // away and close() sends this FIN: no shutdown call needed.
+                        let otherFinished = isRequest ? session.response.finished : session.request.finished
+                        if !otherFinished { Sockets.shutdownWrite(destinationFD) }
                         flow.finished = true
                     }
                     return .waiting

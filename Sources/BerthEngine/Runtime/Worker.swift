@@ -382,15 +382,17 @@ final class Worker {
         connectNext(session)
     }
 
-    /// Ends a session: deregisters and closes both sockets, gives its pipes back, frees the slot.
+    /// Ends a session: closes both sockets, gives its pipes back, frees the slot.
+    ///
+    /// Session sockets are closed without EPOLL_CTL_DEL first (as HAProxy does for fds that only
+    /// one poller knows): they are never duplicated, so the close removes them from the epoll
+    /// set, and an event already queued for them carries the slot's old generation and is
+    /// dropped in `dispatch`. That saves two system calls per connection (bench: new connections
+    /// per second). Listeners, eventfds and the checker's sockets are still deregistered first.
     func closeSession(_ session: Session) {
         assertOnLoop()
-        if session.clientRegistered { epoll.remove(session.client.raw) }
         session.client.close()
-        if session.backend.isOpen {
-            epoll.remove(session.backend.raw)
-            session.backend.close()
-        }
+        session.backend.close()
         releaseFlow(&session.request)
         releaseFlow(&session.response)
         session.dropReplay()
