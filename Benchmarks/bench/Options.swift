@@ -1,0 +1,316 @@
+import BerthEngine
+
+/// One kind of load, run against one setup for a fixed time. Phases run in this order.
+enum Phase: String, CaseIterable, Sendable {
+    /// Small HTTP requests on keep-alive connections, closed loop.
+    case keepAlive = "keepalive"
+    /// One request per new connection (`Connection: close`), several in flight.
+    case newConnections = "connect"
+    /// One connection reading everything the bulk server sends.
+    case bulkSingle = "bulk1"
+    /// `BenchOptions.bulkStreams` such connections at once.
+    case bulkMulti = "bulk4"
+    /// Open loop at `BenchOptions.rate` requests per second; every response time recorded.
+    case latency
+
+    /// The phases whose figure is a rate (the proxy's CPU tells who was the bottleneck).
+    var isThroughput: Bool { self != .latency }
+
+    /// The phases that go to the bulk server (the others go to the whoami backends).
+    var isBulk: Bool { self == .bulkSingle || self == .bulkMulti }
+}
+
+/// What the load goes through.
+enum Setup: Hashable, Sendable {
+    /// Straight to the backends.
+    case direct
+    /// Berth's engine in a child process, one worker, in the given relay mode.
+    case berth(RelayMode)
+    /// HAProxy, `mode tcp`, one thread, with or without `option splice-auto`.
+    case haproxy(spliceAuto: Bool)
+
+    static let all: [Setup] = [
+        .direct, .berth(.splice), .berth(.copy), .berth(.auto),
+        .haproxy(spliceAuto: false), .haproxy(spliceAuto: true),
+    ]
+
+    /// The name on the command line (`--setups`) and in the JSON output.
+    var name: String {
+        switch self {
+        case .direct: "direct"
+        case .berth(let mode): "berth-\(mode.rawValue)"
+        case .haproxy(let spliceAuto): spliceAuto ? "haproxy-splice-auto" : "haproxy"
+        }
+    }
+
+    /// The row label in the tables.
+    var label: String {
+        switch self {
+        case .direct: "direct"
+        case .berth(let mode): "berth \(mode.rawValue)"
+        case .haproxy(let spliceAuto): spliceAuto ? "haproxy splice-auto" : "haproxy"
+        }
+    }
+
+    var isProxy: Bool { self != .direct }
+
+    var isBerth: Bool {
+        if case .berth = self { return true }
+        return false
+    }
+
+    var isHAProxy: Bool {
+        if case .haproxy = self { return true }
+        return false
+    }
+}
+
+/// Settings of a benchmark run (the command line without `--role`).
+struct BenchOptions: Sendable {
+    var quick = false
+    var json = false
+    var phases = Phase.allCases
+    var setups = Setup.all
+    /// Measured seconds per phase; nil: 5, or 1 with `--quick`.
+    var seconds: Double?
+    /// Requests per second of the latency phase.
+    var rate = 2_000
+    var keepAliveConnections = 32
+    var concurrentConnects = 16
+    var latencyConnections = 16
+    var bulkStreams = 4
+    /// HAProxy binary; nil: looked up in the usual places.
+    var haproxyPath: String?
+    /// A command the Berth proxy role runs under (a profiler), split on spaces.
+    var proxyWrapper: [String] = []
+    /// Rounds over all setups; each figure is taken from the least disturbed round.
+    var rounds = 1
+
+    var phaseSeconds: Double { seconds ?? (quick ? 1 : 5) }
+    /// Load before each measured window (connections open, TCP windows grow); not counted.
+    var warmupSeconds: Double { quick ? 0.2 : 0.5 }
+}
+
+/// The hidden roles: the processes the benchmark starts by re-executing itself.
+enum Role: String, Sendable {
+    /// Berth's engine serving the given frontends.
+    case proxy
+    /// A `WhoamiServer` (HTTP backend).
+    case whoami
+    /// A `BulkServer` (streams bytes to whoever connects).
+    case bulk
+    /// Stops a process the bench cannot stop itself once the bench is gone (HAProxy, which
+    /// does not watch its stdin): SIGTERM, then SIGKILL, to `--pid` when its own stdin ends.
+    case watchdog
+}
+
+/// A frontend of the proxy role: `--frontend NAME --listen HOST:PORT --backend HOST:PORT[,...]`.
+struct FrontendSpec: Sendable {
+    var name: String
+    var listen: SocketAddress?
+    var backends: [SocketAddress] = []
+}
+
+/// Settings of a role process (the command line with `--role`).
+struct RoleOptions: Sendable {
+    var role: Role
+    var relay: RelayMode = .splice
+    var frontends: [FrontendSpec] = []
+    var listen: SocketAddress?
+    var name = "whoami"
+    /// CPU to pin to: the engine's worker for `proxy`, the whole process otherwise.
+    var cpu: Int?
+    /// The watchdog's charge, and a temporary directory it removes after stopping it.
+    var watchedPID: Int32?
+    var removeDirectory: String?
+}
+
+/// What the command line asks for.
+enum BenchCommand: Sendable {
+    case help
+    case benchmark(BenchOptions)
+    case role(RoleOptions)
+}
+
+/// A command-line mistake, worded for the person who typed it.
+struct UsageError: Error, CustomStringConvertible {
+    let description: String
+}
+
+let benchUsage = """
+    usage: bench [--quick] [--json] [--phases LIST] [--setups LIST] [--seconds N] [--rate N]
+                 [--repeat N] [--haproxy PATH] [--proxy-wrapper COMMAND] [--help]
+
+    Measures Berth against a direct connection and against HAProxy on this machine, all in one
+    run: keep-alive requests/s, new connections/s, bulk Gbit/s with 1 and 4 streams, latency
+    percentiles at a fixed request rate, and the proxy's CPU time and peak RSS. The proxy runs
+    pinned to CPU 0; the load generator and the backends run on CPU 1.
+
+      --quick          1 s per phase instead of 5 s
+      --json           print the figures as JSON instead of tables (progress still goes to stderr)
+      --phases LIST    comma-separated, from: keepalive, connect, bulk1, bulk4, latency
+                       (bulk means bulk1,bulk4; default: all)
+      --setups LIST    comma-separated, from: direct, berth-splice, berth-copy, berth-auto,
+                       haproxy, haproxy-splice-auto (berth means its three modes;
+                       default: all)
+      --seconds N      measured seconds per phase (overrides --quick's 1 s)
+      --rate N         requests per second of the latency phase (default 2000)
+      --repeat N       run every setup N times, interleaved; each figure comes from its least
+                       disturbed round (other processes' CPU plus hypervisor steal; default 1)
+      --haproxy PATH   the HAProxy binary (default: haproxy in /usr/sbin, /usr/local/sbin or PATH)
+      --proxy-wrapper COMMAND
+                       run Berth's proxy process under COMMAND (split on spaces), e.g.
+                       "valgrind --tool=callgrind --callgrind-out-file=/tmp/berth.%p.out";
+                       its figures then measure the profiler too
+      --help           this text
+    """
+
+/// Parses the arguments (without the program name).
+enum CommandLineParser {
+    static func parse(_ arguments: [String]) throws(UsageError) -> BenchCommand {
+        if arguments.contains("--role") { return .role(try parseRole(arguments)) }
+        var options = BenchOptions()
+        var reader = ArgumentReader(arguments)
+        while let flag = reader.next() {
+            switch flag {
+            case "--help", "-h": return .help
+            case "--quick": options.quick = true
+            case "--json": options.json = true
+            case "--phases": options.phases = try parsePhases(try reader.value(for: flag))
+            case "--setups": options.setups = try parseSetups(try reader.value(for: flag))
+            case "--seconds":
+                let text = try reader.value(for: flag)
+                guard let seconds = Double(text), seconds >= 0.1, seconds <= 600 else {
+                    throw UsageError(description: "--seconds \(text): expected a number of seconds from 0.1 to 600")
+                }
+                options.seconds = seconds
+            case "--rate":
+                let text = try reader.value(for: flag)
+                guard let rate = Int(text), rate >= 1, rate <= 100_000 else {
+                    throw UsageError(description: "--rate \(text): expected requests per second from 1 to 100000")
+                }
+                options.rate = rate
+            case "--repeat":
+                let text = try reader.value(for: flag)
+                guard let rounds = Int(text), rounds >= 1, rounds <= 20 else {
+                    throw UsageError(description: "--repeat \(text): expected a number of rounds from 1 to 20")
+                }
+                options.rounds = rounds
+            case "--haproxy": options.haproxyPath = try reader.value(for: flag)
+            case "--proxy-wrapper":
+                options.proxyWrapper = try reader.value(for: flag).split(separator: " ").map(String.init)
+                guard !options.proxyWrapper.isEmpty else { throw UsageError(description: "--proxy-wrapper needs a command") }
+            default: throw UsageError(description: "unknown argument '\(flag)'")
+            }
+        }
+        return .benchmark(options)
+    }
+
+    private static func parsePhases(_ text: String) throws(UsageError) -> [Phase] {
+        var chosen = Set<Phase>()
+        for word in text.split(separator: ",") {
+            if word == "bulk" {
+                chosen.formUnion([.bulkSingle, .bulkMulti])
+            } else if let phase = Phase(rawValue: String(word)) {
+                chosen.insert(phase)
+            } else {
+                throw UsageError(description: "--phases: unknown phase '\(word)'")
+            }
+        }
+        guard !chosen.isEmpty else { throw UsageError(description: "--phases: name at least one phase") }
+        return Phase.allCases.filter { chosen.contains($0) }
+    }
+
+    private static func parseSetups(_ text: String) throws(UsageError) -> [Setup] {
+        var chosen = Set<Setup>()
+        for word in text.split(separator: ",") {
+            let matches = Setup.all.filter { $0.name == word || (word == "berth" && $0.isBerth) }
+            guard !matches.isEmpty else { throw UsageError(description: "--setups: unknown setup '\(word)'") }
+            chosen.formUnion(matches)
+        }
+        guard !chosen.isEmpty else { throw UsageError(description: "--setups: name at least one setup") }
+        return Setup.all.filter { chosen.contains($0) }
+    }
+
+    private static func parseRole(_ arguments: [String]) throws(UsageError) -> RoleOptions {
+        var reader = ArgumentReader(arguments)
+        var options = RoleOptions(role: .proxy)
+        while let flag = reader.next() {
+            switch flag {
+            case "--role":
+                let text = try reader.value(for: flag)
+                guard let role = Role(rawValue: text) else { throw UsageError(description: "--role: unknown role '\(text)'") }
+                options.role = role
+            case "--relay":
+                let text = try reader.value(for: flag)
+                guard let relay = RelayMode(rawValue: text) else { throw UsageError(description: "--relay: expected splice, copy or auto") }
+                options.relay = relay
+            case "--frontend":
+                options.frontends.append(FrontendSpec(name: try reader.value(for: flag)))
+            case "--listen":
+                let address = try parseAddress(try reader.value(for: flag))
+                if options.frontends.isEmpty {
+                    options.listen = address
+                } else {
+                    options.frontends[options.frontends.count - 1].listen = address
+                }
+            case "--backend":
+                guard !options.frontends.isEmpty else { throw UsageError(description: "--backend comes after --frontend NAME") }
+                for part in try reader.value(for: flag).split(separator: ",") {
+                    options.frontends[options.frontends.count - 1].backends.append(try parseAddress(String(part)))
+                }
+            case "--name": options.name = try reader.value(for: flag)
+            case "--pid":
+                let text = try reader.value(for: flag)
+                guard let pid = Int32(text), pid > 1 else { throw UsageError(description: "--pid \(text): expected a process id") }
+                options.watchedPID = pid
+            case "--remove": options.removeDirectory = try reader.value(for: flag)
+            case "--cpu":
+                let text = try reader.value(for: flag)
+                guard let cpu = Int(text), cpu >= 0 else { throw UsageError(description: "--cpu \(text): expected a CPU number") }
+                options.cpu = cpu
+            default: throw UsageError(description: "unknown role argument '\(flag)'")
+            }
+        }
+        if options.role == .proxy {
+            guard !options.frontends.isEmpty else { throw UsageError(description: "--role proxy needs --frontend NAME --listen ADDRESS --backend ADDRESS") }
+            for frontend in options.frontends where frontend.listen == nil || frontend.backends.isEmpty {
+                throw UsageError(description: "frontend '\(frontend.name)' needs --listen and --backend")
+            }
+        } else if options.role == .watchdog {
+            guard options.watchedPID != nil else { throw UsageError(description: "--role watchdog needs --pid PID") }
+        } else if options.listen == nil {
+            throw UsageError(description: "--role \(options.role.rawValue) needs --listen ADDRESS")
+        }
+        return options
+    }
+
+    private static func parseAddress(_ text: String) throws(UsageError) -> SocketAddress {
+        do {
+            return try SocketAddress(parsing: text)
+        } catch {
+            throw UsageError(description: "\(error)")
+        }
+    }
+}
+
+/// Walks the arguments; a flag's value is the argument after it.
+private struct ArgumentReader {
+    private let arguments: [String]
+    private var index = 0
+
+    init(_ arguments: [String]) {
+        self.arguments = arguments
+    }
+
+    mutating func next() -> String? {
+        guard index < arguments.count else { return nil }
+        defer { index += 1 }
+        return arguments[index]
+    }
+
+    mutating func value(for flag: String) throws(UsageError) -> String {
+        guard let value = next() else { throw UsageError(description: "\(flag) needs a value") }
+        return value
+    }
+}

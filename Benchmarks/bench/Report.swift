@@ -1,0 +1,434 @@
+import BerthEngine
+import Glibc
+
+/// The tables, ratios and notes printed at the end of a run (or the same figures as JSON).
+///
+/// Ratios divide a Berth row by the direct row, or by `haproxy*`: per column, the better of the
+/// HAProxy rows (higher throughput, lower latency, CPU and memory). Which Berth row is the
+/// headline is decided by the numbers (`chooseHeadline`).
+struct Report {
+    /// One figure per setup in a table.
+    private struct Column {
+        /// The column's name in the JSON ratios.
+        var key: String
+        var header: String
+        var unit: String
+        var higherIsBetter: Bool
+        var phase: Phase?
+        var value: (SetupResult) -> Double?
+        var format: (Double) -> String
+        /// Shown in the ratio rows (not for context columns such as the sample count).
+        var inRatios = true
+    }
+
+    private let result: RunResult
+    /// The Berth row used against direct, and why.
+    private let headline: SetupResult?
+    private let headlineReason: String
+    private static let labelWidth = 30
+    private static let columnWidth = 11
+    /// Below this share of its core, the proxy was not what limited a throughput row.
+    private static let bottleneckShare = 0.8
+    /// At or above this busy share, the load CPU was what limited it.
+    private static let saturatedShare = 0.9
+    /// Other processes' CPU use in a phase above which the figure is flagged as disturbed.
+    private static let disturbanceCPUs = 0.1
+    /// Steal share of any CPU above which a phase is flagged.
+    private static let disturbingSteal = 0.02
+
+    init(_ result: RunResult) {
+        self.result = result
+        (headline, headlineReason) = Report.chooseHeadline(result)
+    }
+
+    private var ran: [SetupResult] { result.setups.filter { $0.skipped == nil } }
+    private var berthRows: [SetupResult] { ran.filter { $0.setup.isBerth } }
+    private var haproxyRows: [SetupResult] { ran.filter { $0.setup.isHAProxy } }
+    private var directRow: SetupResult? { ran.first { $0.setup == .direct } }
+
+    /// The engine's default relay mode, unless another mode is faster by more than 3% over the
+    /// throughput columns (geometric mean of its ratios to the default).
+    private static func chooseHeadline(_ result: RunResult) -> (SetupResult?, String) {
+        let berth = result.setups.filter { $0.setup.isBerth && $0.skipped == nil }
+        let defaultMode = EngineConfiguration().relay
+        guard let standard = berth.first(where: { $0.setup == .berth(defaultMode) }) else {
+            return (berth.first, berth.isEmpty ? "" : "the only Berth mode measured")
+        }
+        let phases = result.options.phases.filter(\.isThroughput)
+        var best = standard
+        var bestMean = 1.0
+        for candidate in berth where candidate.setup != standard.setup {
+            var logSum = 0.0
+            var count = 0
+            for phase in phases {
+                guard let mine = candidate.phases[phase]?.value, let theirs = standard.phases[phase]?.value,
+                      mine > 0, theirs > 0 else { continue }
+                logSum += log(mine / theirs)
+                count += 1
+            }
+            let mean = count > 0 ? exp(logSum / Double(count)) : 0
+            if mean > bestMean {
+                best = candidate
+                bestMean = mean
+            }
+        }
+        if bestMean > 1.03 {
+            return (best, "faster than the default (\(defaultMode.rawValue)) by \(Format.fixed((bestMean - 1) * 100, 0))% on average over the throughput columns")
+        }
+        return (standard, "the engine's default; no other mode was more than 3% faster on average over the throughput columns")
+    }
+
+    // MARK: Columns
+
+    private var throughputColumns: [Column] {
+        let phases = result.options.phases.filter(\.isThroughput)
+        return phases.map { phase in
+            let (header, unit): (String, String) = switch phase {
+            case .keepAlive: ("keep-alive", "req/s")
+            case .newConnections: ("new conn", "conn/s")
+            case .bulkSingle: ("bulk 1", "Gbit/s")
+            case .bulkMulti: ("bulk \(result.options.bulkStreams)", "Gbit/s")
+            case .latency: ("", "")
+            }
+            return Column(key: phase.rawValue, header: header, unit: unit, higherIsBetter: true, phase: phase,
+                          value: { $0.phases[phase]?.value },
+                          format: unit == "Gbit/s" ? { Format.fixed($0, 2) } : { Format.rate($0) })
+        }
+    }
+
+    private var latencyColumns: [Column] {
+        guard result.options.phases.contains(.latency) else { return [] }
+        let micro: (Double) -> String = { Format.fixed($0, 1) }
+        let pick: [(String, (LatencySummary) -> Double)] = [
+            ("p50", \.p50), ("p90", \.p90), ("p99", \.p99), ("p99.9", \.p999), ("max", \.max),
+        ]
+        return pick.map { name, field in
+            Column(key: "latency.\(name)", header: name, unit: "us", higherIsBetter: false, phase: .latency,
+                   value: { $0.phases[.latency]?.latency.map(field) }, format: micro)
+        } + [
+            Column(key: "latency.samples", header: "samples", unit: "", higherIsBetter: true, phase: .latency,
+                   value: { $0.phases[.latency]?.latency.map { Double($0.samples) } }, format: { Format.rate($0) }, inRatios: false),
+            Column(key: "latency.sendLagP99", header: "gen lag", unit: "p99 us", higherIsBetter: false, phase: .latency,
+                   value: { $0.phases[.latency]?.latency?.sendLagP99 }, format: micro, inRatios: false),
+        ]
+    }
+
+    private var resourceColumns: [Column] {
+        var columns = [
+            Column(key: "cpuSeconds", header: "CPU", unit: "s", higherIsBetter: false, phase: nil,
+                   value: \.cpuSeconds, format: { Format.fixed($0, 2) }),
+            Column(key: "peakRSS", header: "peak RSS", unit: "MiB", higherIsBetter: false, phase: nil,
+                   value: { $0.peakRSS.map { Double($0) / 1_048_576 } }, format: { Format.fixed($0, 1) }),
+        ]
+        for phase in result.options.phases {
+            columns.append(Column(key: "cpuPercent.\(phase.rawValue)", header: phase.rawValue, unit: "CPU %", higherIsBetter: false,
+                                  phase: phase, value: { $0.phases[phase]?.proxyCPUShare.map { $0 * 100 } },
+                                  format: { Format.fixed($0, 0) }))
+        }
+        return columns
+    }
+
+    private var costColumns: [Column] {
+        result.options.phases.map { phase in
+            Column(key: "cost.\(phase.rawValue)", header: phase.rawValue, unit: phase.costUnit, higherIsBetter: false, phase: phase,
+                   value: { $0.phases[phase]?.cost }, format: { Format.fixed($0, phase.costUnit == "ms/GB" ? 1 : 2) })
+        }
+    }
+
+    /// Per column, the better of the HAProxy rows.
+    private func bestHAProxy(_ column: Column) -> (value: Double, setup: Setup)? {
+        var best: (value: Double, setup: Setup)?
+        for row in haproxyRows {
+            guard let value = column.value(row) else { continue }
+            if let current = best, column.higherIsBetter ? value <= current.value : value >= current.value { continue }
+            best = (value, row.setup)
+        }
+        return best
+    }
+
+    // MARK: Text
+
+    func text() -> String {
+        let options = result.options
+        var out = "Berth benchmark: \(result.cpuCount) CPUs (\(result.cpuModel)), Linux \(result.kernel)\n"
+        out += "proxy on CPU \(result.proxyCPU) (1 worker / nbthread 1); load generator and backends on CPU \(result.loadCPU); "
+        out += "\(Format.fixed(options.phaseSeconds, 1)) s per phase after \(Format.fixed(options.warmupSeconds, 1)) s warm-up\n"
+        out += "keep-alive: \(options.keepAliveConnections) connections; new connections: \(options.concurrentConnects) in flight; "
+        out += "bulk: 1 and \(options.bulkStreams) streams; latency: \(Format.grouped(UInt64(options.rate))) req/s open loop over \(options.latencyConnections) connections\n"
+        if let version = result.haproxyVersion { out += "\(version)\n" }
+        if let headline {
+            out += "ratios: \(headline.setup.label) / direct, and each Berth mode / haproxy* (per column, the better HAProxy row); "
+            out += ">1 means more (better for throughput, worse for latency, CPU, memory)\n"
+        }
+        out += "\n"
+        let throughput = throughputColumns
+        if !throughput.isEmpty { out += table("Throughput (higher is better)", throughput, rows: result.setups, withDirect: true) }
+        let latency = latencyColumns
+        if !latency.isEmpty {
+            out += table("Latency at \(Format.grouped(UInt64(options.rate))) req/s, microseconds (lower is better)", latency,
+                         rows: result.setups, withDirect: true)
+        }
+        let proxies = result.setups.filter { $0.setup.isProxy }
+        if !proxies.isEmpty {
+            out += table("Proxy process: CPU seconds and peak RSS over the setup, CPU % of its core per phase", resourceColumns,
+                         rows: proxies, withDirect: false)
+            out += table("Proxy CPU per unit of work (lower is better)", costColumns, rows: proxies, withDirect: false)
+        }
+        out += "Notes\n"
+        for note in notes() { out += "- \(note)\n" }
+        return out
+    }
+
+    private func table(_ title: String, _ columns: [Column], rows: [SetupResult], withDirect: Bool) -> String {
+        let width = Self.columnWidth
+        var out = title + "\n"
+        out += Format.pad("", Self.labelWidth, alignRight: false) + columns.map { Format.pad($0.header, width) }.joined() + "\n"
+        out += Format.pad("", Self.labelWidth, alignRight: false) + columns.map { Format.pad($0.unit, width) }.joined() + "\n"
+        for row in rows {
+            out += Format.pad(row.setup.label, Self.labelWidth, alignRight: false)
+            if let skipped = row.skipped {
+                out += "  skipped: \(skipped)\n"
+                continue
+            }
+            out += columns.map { column in
+                if let value = column.value(row) { return Format.pad(column.format(value), width) }
+                if let phase = column.phase, row.failures[phase] != nil { return Format.pad("failed", width) }
+                return Format.pad("-", width)
+            }.joined() + "\n"
+        }
+        var ratioRows: [(String, [Double?])] = []
+        if withDirect, let headline, let direct = directRow {
+            ratioRows.append(("\(headline.setup.label) / direct", columns.map { column in
+                column.inRatios ? ratio(column.value(headline), column.value(direct)) : nil
+            }))
+        }
+        for berth in berthRows where !haproxyRows.isEmpty {
+            ratioRows.append(("\(berth.setup.label) / haproxy*", columns.map { column in
+                column.inRatios ? ratio(column.value(berth), bestHAProxy(column)?.value) : nil
+            }))
+        }
+        for (label, ratios) in ratioRows {
+            out += Format.pad(label, Self.labelWidth, alignRight: false) + ratios.map { Format.pad(Format.ratio($0), width) }.joined() + "\n"
+        }
+        return out + "\n"
+    }
+
+    private func ratio(_ numerator: Double?, _ denominator: Double?) -> Double? {
+        guard let numerator, let denominator, denominator > 0 else { return nil }
+        return numerator / denominator
+    }
+
+    // MARK: Notes
+
+    func notes() -> [String] {
+        var notes = result.notes
+        for row in result.setups {
+            // A missing HAProxy is one run-level note, not one per row.
+            if let skipped = row.skipped, skipped != BenchmarkRunner.haproxyMissing {
+                notes.append("\(row.setup.label): skipped: \(skipped)")
+            }
+            for phase in result.options.phases {
+                if let failure = row.failures[phase] { notes.append("\(row.setup.label) \(phase.rawValue): failed: \(failure)") }
+                if let measurement = row.phases[phase] {
+                    if measurement.errors > 0 {
+                        notes.append("\(row.setup.label) \(phase.rawValue): \(measurement.errors) errors (last: \(measurement.lastError ?? "?"))")
+                    }
+                    if measurement.capped { notes.append("\(row.setup.label) \(phase.rawValue): stopped at the operation cap before the end of the window") }
+                }
+            }
+        }
+        notes += bottleneckNotes()
+        notes += disturbanceNotes()
+        if let headline { notes.append("headline Berth row: \(headline.setup.label): \(headlineReason)") }
+        notes += relayModeNotes()
+        notes += haproxyNotes()
+        let lags = ran.compactMap { $0.phases[.latency]?.latency }
+        if let worst = lags.max(by: { $0.sendLagP99 < $1.sendLagP99 }) {
+            notes.append("latency phase: the load generator sent on-time requests at most \(Format.fixed(worst.sendLagP99, 1)) us late at p99 "
+                + "(max \(Format.fixed(lags.map(\.sendLagMax).max() ?? 0, 1)) us); response times count from the actual send, "
+                + "or from the due time when a request had to wait for a free connection")
+        }
+        return notes
+    }
+
+    /// Where the proxy used well under its core in a throughput phase, the limit was elsewhere.
+    private func bottleneckNotes() -> [String] {
+        var notes: [String] = []
+        let loadCPU = result.loadCPU
+        for row in ran where row.setup.isProxy {
+            var loadBound: [String] = []
+            var neither: [String] = []
+            var proxyBound: [String] = []
+            for phase in result.options.phases where phase.isThroughput {
+                guard let measurement = row.phases[phase], let share = measurement.proxyCPUShare else { continue }
+                let load = measurement.cpuBusy.count > loadCPU ? measurement.cpuBusy[loadCPU] : 0
+                let figures = "\(phase.rawValue) (proxy \(Format.fixed(share * 100, 0))%, CPU \(loadCPU) \(Format.fixed(load * 100, 0))%)"
+                if share >= Self.bottleneckShare {
+                    proxyBound.append(figures)
+                } else if load >= Self.saturatedShare {
+                    loadBound.append(figures)
+                } else {
+                    neither.append(figures)
+                }
+            }
+            let threshold = Format.fixed(Self.bottleneckShare * 100, 0)
+            if !loadBound.isEmpty {
+                notes.append("\(row.setup.label): the proxy used under \(threshold)% of its core in " + loadBound.joined(separator: ", ")
+                    + ": the load generator and backends (CPU \(loadCPU)) were the bottleneck for those figures")
+            }
+            if !neither.isEmpty {
+                notes.append("\(row.setup.label): no CPU saturated in " + neither.joined(separator: ", ")
+                    + ": those figures were bound by round trips between the CPUs (wake-ups), or disturbed by other processes")
+            }
+            if !proxyBound.isEmpty {
+                notes.append("\(row.setup.label): proxy-bound (its core at least \(threshold)% busy) in " + proxyBound.joined(separator: ", "))
+            }
+        }
+        return notes
+    }
+
+    /// Phases during which other processes, or the hypervisor, took a noticeable share of the
+    /// machine.
+    private func disturbanceNotes() -> [String] {
+        var busy: [String] = []
+        var stolen: [String] = []
+        for row in ran {
+            for phase in result.options.phases {
+                guard let measurement = row.phases[phase] else { continue }
+                if measurement.foreignCPUs >= Self.disturbanceCPUs {
+                    busy.append("\(row.setup.label) \(phase.rawValue) (\(Format.fixed(measurement.foreignCPUs, 2)))")
+                }
+                if measurement.steal.contains(where: { $0 >= Self.disturbingSteal }) {
+                    stolen.append("\(row.setup.label) \(phase.rawValue) ("
+                        + measurement.steal.map { Format.fixed($0 * 100, 0) + "%" }.joined(separator: "/") + ")")
+                }
+            }
+        }
+        var notes: [String] = []
+        if !busy.isEmpty {
+            notes.append("other processes used CPU time (in CPUs) during " + busy.joined(separator: ", ")
+                + ": those figures are disturbed; rerun on a quieter machine (or with --repeat) to confirm them")
+        }
+        if !stolen.isEmpty {
+            notes.append("the hypervisor stole time from the CPUs (steal per CPU) during " + stolen.joined(separator: ", ")
+                + ": latency tails and the load generator's lateness follow steal")
+        }
+        return notes
+    }
+
+    /// Which relay mode was fastest, per throughput column and for the latency median.
+    private func relayModeNotes() -> [String] {
+        guard berthRows.count > 1 else { return [] }
+        var notes: [String] = []
+        for column in throughputColumns + latencyColumns.prefix(1) {
+            let values = berthRows.compactMap { row in column.value(row).map { (row.setup, $0) } }
+            guard values.count > 1 else { continue }
+            let sorted = values.sorted { column.higherIsBetter ? $0.1 > $1.1 : $0.1 < $1.1 }
+            let ordering = sorted.map { "\($0.0.label.replacingBerthPrefix) \(column.format($0.1))" }
+                .joined(separator: column.higherIsBetter ? " > " : " < ")
+            let name = column.phase == .latency ? "latency \(column.header)" : column.header
+            notes.append("relay modes, \(name): \(ordering) \(column.unit)")
+        }
+        return notes
+    }
+
+    /// Which HAProxy setup was better, per column.
+    private func haproxyNotes() -> [String] {
+        guard haproxyRows.count > 1 else { return [] }
+        var winners: [Setup: [String]] = [:]
+        for column in throughputColumns + latencyColumns.prefix(3) {
+            guard let best = bestHAProxy(column) else { continue }
+            winners[best.setup, default: []].append(column.phase == .latency ? "latency \(column.header)" : column.header)
+        }
+        return haproxyRows.compactMap { row in
+            guard let columns = winners[row.setup] else { return nil }
+            return "haproxy*: \(row.setup.label) was the better HAProxy for " + columns.joined(separator: ", ")
+        }
+    }
+
+    // MARK: JSON
+
+    func json() -> String {
+        let options = result.options
+        var setups: [JSONValue] = []
+        for row in result.setups {
+            var members: [(String, JSONValue)] = [("name", .string(row.setup.name))]
+            if let skipped = row.skipped {
+                members.append(("skipped", .string(skipped)))
+                setups.append(.object(members))
+                continue
+            }
+            members.append(("cpuSeconds", .optional(row.cpuSeconds)))
+            members.append(("peakRSSBytes", row.peakRSS.map { .integer(Int64($0)) } ?? .null))
+            var phases: [(String, JSONValue)] = []
+            for phase in options.phases {
+                if let failure = row.failures[phase], row.phases[phase] == nil {
+                    phases.append((phase.rawValue, .object([("failed", .string(failure))])))
+                }
+                guard let measurement = row.phases[phase] else { continue }
+                var fields: [(String, JSONValue)] = [
+                    ("value", .number(measurement.value)), ("unit", .string(measurement.unit)),
+                    ("operations", .integer(Int64(measurement.operations))), ("errors", .integer(Int64(measurement.errors))),
+                    ("seconds", .number(measurement.seconds)),
+                    ("proxyCPUPercent", .optional(measurement.proxyCPUShare.map { $0 * 100 })),
+                    ("proxyCPUCost", .optional(measurement.cost)), ("costUnit", .string(measurement.costUnit)),
+                    ("cpuBusyPercent", .array(measurement.cpuBusy.map { .number($0 * 100) })),
+                    ("otherProcessesCPUs", .number(measurement.foreignCPUs)),
+                    ("stealPercent", .array(measurement.steal.map { .number($0 * 100) })),
+                    ("capped", .bool(measurement.capped)), ("round", .integer(Int64(measurement.round))),
+                ]
+                if let error = measurement.lastError { fields.append(("lastError", .string(error))) }
+                if let latency = measurement.latency {
+                    fields.append(("latencyMicroseconds", .object([
+                        ("p50", .number(latency.p50)), ("p90", .number(latency.p90)), ("p99", .number(latency.p99)),
+                        ("p99.9", .number(latency.p999)), ("max", .number(latency.max)),
+                        ("samples", .integer(Int64(latency.samples))),
+                        ("sendLagP99", .number(latency.sendLagP99)), ("sendLagMax", .number(latency.sendLagMax)),
+                    ])))
+                }
+                phases.append((phase.rawValue, .object(fields)))
+            }
+            members.append(("phases", .object(phases)))
+            setups.append(.object(members))
+        }
+        var ratios: [(String, JSONValue)] = []
+        let columns = (throughputColumns + latencyColumns + resourceColumns + costColumns).filter(\.inRatios)
+        if let headline, let direct = directRow {
+            ratios.append(("\(headline.setup.name)/direct", .object(columns.compactMap { column in
+                ratio(column.value(headline), column.value(direct)).map { (column.key, .number($0)) }
+            })))
+        }
+        for berth in berthRows where !haproxyRows.isEmpty {
+            ratios.append(("\(berth.setup.name)/haproxy*", .object(columns.compactMap { column in
+                ratio(column.value(berth), bestHAProxy(column)?.value).map { (column.key, .number($0)) }
+            })))
+        }
+        let document = JSONValue.object([
+            ("machine", .object([
+                ("cpus", .integer(Int64(result.cpuCount))), ("cpuModel", .string(result.cpuModel)),
+                ("kernel", .string(result.kernel)), ("proxyCPU", .integer(Int64(result.proxyCPU))),
+                ("loadCPU", .integer(Int64(result.loadCPU))),
+                ("busyPercentBeforeRun", .number(result.idleCheckBusy * 100)),
+                ("haproxy", result.haproxyVersion.map { .string($0) } ?? .null),
+            ])),
+            ("settings", .object([
+                ("phaseSeconds", .number(options.phaseSeconds)), ("warmupSeconds", .number(options.warmupSeconds)),
+                ("keepAliveConnections", .integer(Int64(options.keepAliveConnections))),
+                ("concurrentConnects", .integer(Int64(options.concurrentConnects))),
+                ("bulkStreams", .integer(Int64(options.bulkStreams))), ("latencyRate", .integer(Int64(options.rate))),
+                ("latencyConnections", .integer(Int64(options.latencyConnections))),
+                ("rounds", .integer(Int64(options.rounds))),
+            ])),
+            ("setups", .array(setups)),
+            ("headline", headline.map { .string($0.setup.name) } ?? .null),
+            ("ratios", .object(ratios)),
+            ("notes", .array(notes().map { .string($0) })),
+        ])
+        return document.rendered() + "\n"
+    }
+}
+
+private extension String {
+    /// "berth splice" → "splice", for the relay-mode notes.
+    var replacingBerthPrefix: String { hasPrefix("berth ") ? String(dropFirst(6)) : self }
+}
