@@ -156,4 +156,41 @@ final class LiveTableTests: DataPlaneTestCase {
         }
         XCTAssertEqual(Set(tags), [1, 2], "enabled again, it is back in the rotation")
     }
+
+    func testReapplyingTheBoundAddressKeepsTheListenerAndItsQueuedConnections() throws {
+        let backend = try echoBackend(tag: 1)
+        let (engine, listening) = try startEngine(
+            [Frontend(name: "svc", listen: loopbackAnyPort, backends: [Backend(backend.address)])])
+        let address = listening["svc"]!
+        // Connections keep arriving while tables naming the bound address (not port 0) are
+        // applied: none may be reset, as it would be if the listeners were rebound.
+        final class Failures: @unchecked Sendable {
+            let lock = NSLock()
+            var count = 0
+            var done = false
+        }
+        let failures = Failures()
+        let client = Thread {
+            for _ in 0..<400 {
+                do {
+                    let fd = try TestSocket.connect(address)
+                    defer { close(fd) }
+                    _ = try TestSocket.receiveExactly(fd, 1)
+                } catch {
+                    failures.lock.lock(); failures.count += 1; failures.lock.unlock()
+                }
+            }
+            failures.lock.lock(); failures.done = true; failures.lock.unlock()
+        }
+        client.start()
+        for revision in 2..<40 {
+            let result = try engine.apply(RoutingTable(revision: UInt64(revision), frontends: [
+                Frontend(name: "svc", listen: address, backends: [Backend(backend.address)]),
+            ]))
+            XCTAssertEqual(result.listening["svc"], address)
+            usleep(5_000)
+        }
+        XCTAssertTrue(eventually(timeout: 30) { failures.lock.lock(); defer { failures.lock.unlock() }; return failures.done })
+        XCTAssertEqual(failures.count, 0, "connections reset while the table was re-applied")
+    }
 }

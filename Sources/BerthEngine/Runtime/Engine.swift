@@ -78,7 +78,11 @@ public final class Engine: Sendable {
             var served: [Frontend] = []
             var listening: [String: (requested: SocketAddress, bound: SocketAddress)] = [:]
             for frontend in table.frontends {
-                if let current = state.listening[frontend.name], current.requested == frontend.listen {
+                // Unchanged when asked for the same address, or for the address it is bound to
+                // (a caller that asked for port 0 may pass the port it got). Rebinding would close
+                // the old sockets and reset the connections waiting in their accept queues.
+                if let current = state.listening[frontend.name],
+                   current.requested == frontend.listen || current.bound == frontend.listen {
                     listening[frontend.name] = current
                 } else {
                     do throws(SystemError) {
