@@ -20,6 +20,29 @@ final class TimeoutTests: DataPlaneTestCase {
         XCTAssertEqual(engine.statistics().frontends["idle"]?.traffic.timeouts, 1)
     }
 
+    /// The backend side moves no byte (a backend that accepts and says nothing, a client that
+    /// waits for it): the server timeout closes the connection, long before the client timeout.
+    func testAnIdleBackendIsClosedAfterTheServerTimeout() throws {
+        let silent = try TestBackend { fd in
+            var buffer = [UInt8](repeating: 0, count: 4096)
+            while recv(fd, &buffer, buffer.count, 0) > 0 {}
+            close(fd)
+        }
+        addTeardownBlock { silent.stop() }
+        let settings = FrontendSettings(clientTimeout: 10_000, serverTimeout: 300)
+        let (engine, listening) = try startEngine(
+            [Frontend(name: "silent", listen: loopbackAnyPort, backends: [Backend(silent.address)], settings: settings)])
+        let fd = try TestSocket.connect(listening["silent"]!)
+        defer { close(fd) }
+        let start = Date()
+        XCTAssertEqual(try TestSocket.receiveAll(fd).count, 0)
+        let waited = Date().timeIntervalSince(start)
+        print("idle backend side: closed after \(Int(waited * 1000)) ms (server timeout 300 ms, client timeout 10 s)")
+        XCTAssertGreaterThan(waited, 0.25)
+        XCTAssertLessThan(waited, 2)
+        XCTAssertEqual(engine.statistics().frontends["silent"]?.traffic.timeouts, 1)
+    }
+
     func testAnActiveConnectionOutlivesTheIdleTimeout() throws {
         let server = try whoami("busy")
         let settings = FrontendSettings(clientTimeout: 300, serverTimeout: 300)
