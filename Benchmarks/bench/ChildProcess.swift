@@ -176,6 +176,15 @@ final class ChildProcess {
         throw .child("\(name) (pid \(pid)) said nothing for \(timeout) ms")
     }
 
+    /// Writes `text` to the child's stdin (a role that answers there, such as `listeners`).
+    /// False when the pipe is closed or full.
+    func send(_ text: String) -> Bool {
+        guard stdinWriter.isOpen else { return false }
+        var bytes = Array(text.utf8)
+        let written = bytes.withUnsafeMutableBytes { Glibc.write(stdinWriter.raw, $0.baseAddress, $0.count) }
+        return written == bytes.count
+    }
+
     /// Whether the child has ended (reaps it if so).
     func hasExited() -> Bool {
         if exitStatus != nil { return true }

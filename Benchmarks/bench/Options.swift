@@ -85,6 +85,10 @@ struct BenchOptions: Sendable {
     var proxyWrapper: [String] = []
     /// Rounds over all setups; each figure is taken from the least disturbed round.
     var rounds = 1
+    /// The scenarios run after the phases (Scenarios.swift).
+    var scenarios = Scenario.allCases
+    /// The `berth` executable the scenarios run; nil: the one built beside this bench.
+    var berthPath: String?
 
     var phaseSeconds: Double { seconds ?? (quick ? 1 : 5) }
     /// Load before each measured window (connections open, TCP windows grow); not counted.
@@ -102,6 +106,8 @@ enum Role: String, Sendable {
     /// Stops a process the bench cannot stop itself once the bench is gone (HAProxy, which
     /// does not watch its stdin): SIGTERM, then SIGKILL, to `--pid` when its own stdin ends.
     case watchdog
+    /// `--count` listening sockets that accept and close (the checks scenario's check targets).
+    case listeners
 }
 
 /// A frontend of the proxy role: `--frontend NAME --listen HOST:PORT --backend HOST:PORT[,...]`.
@@ -123,6 +129,8 @@ struct RoleOptions: Sendable {
     /// The watchdog's charge, and a temporary directory it removes after stopping it.
     var watchedPID: Int32?
     var removeDirectory: String?
+    /// Sockets of the `listeners` role.
+    var count = 1_000
 }
 
 /// What the command line asks for.
@@ -138,18 +146,23 @@ struct UsageError: Error, CustomStringConvertible {
 }
 
 let benchUsage = """
-    usage: bench [--quick] [--json] [--phases LIST] [--setups LIST] [--seconds N] [--rate N]
-                 [--repeat N] [--haproxy PATH] [--proxy-wrapper COMMAND] [--help]
+    usage: bench [--quick] [--json] [--phases LIST] [--scenarios LIST] [--setups LIST] [--seconds N]
+                 [--rate N] [--repeat N] [--haproxy PATH] [--berth PATH] [--proxy-wrapper COMMAND] [--help]
 
     Measures Berth against a direct connection and against HAProxy on this machine, all in one
     run: keep-alive requests/s, new connections/s, bulk Gbit/s with 1 and 4 streams, latency
     percentiles at a fixed request rate, and the proxy's CPU time and peak RSS. The proxy runs
-    pinned to CPU 0; the load generator and the backends run on CPU 1.
+    pinned to CPU 0; the load generator and the backends run on CPU 1. Then two scenarios through
+    the berth binary with health checks: failover (a backend SIGKILLed and restarted under load)
+    and checks (throughput with and without 1,000 checked backends, and the checks' CPU cost).
 
       --quick          1 s per phase instead of 5 s
       --json           print the figures as JSON instead of tables (progress still goes to stderr)
-      --phases LIST    comma-separated, from: keepalive, connect, bulk1, bulk4, latency
-                       (bulk means bulk1,bulk4; default: all)
+      --phases LIST    comma-separated, from: keepalive, connect, bulk1, bulk4, latency and the
+                       scenarios failover, checks (bulk means bulk1,bulk4; phases the five
+                       phases; scenarios both scenarios); only what is named runs (default: all)
+      --scenarios LIST the same, for scenarios only: failover, checks (with no --phases, no
+                       phase runs)
       --setups LIST    comma-separated, from: direct, berth-splice, berth-copy, berth-auto,
                        haproxy, haproxy-splice-auto (berth means its three modes;
                        default: all)
@@ -158,6 +171,8 @@ let benchUsage = """
       --repeat N       run every setup N times, interleaved; each figure comes from its least
                        disturbed round (other processes' CPU plus hypervisor steal; default 1)
       --haproxy PATH   the HAProxy binary (default: haproxy in /usr/sbin, /usr/local/sbin or PATH)
+      --berth PATH     the berth binary of the scenarios (default: the one beside this bench,
+                       built by swift build -c release --product berth)
       --proxy-wrapper COMMAND
                        run Berth's proxy process under COMMAND (split on spaces), e.g.
                        "valgrind --tool=callgrind --callgrind-out-file=/tmp/berth.%p.out";
@@ -171,12 +186,21 @@ enum CommandLineParser {
         if arguments.contains("--role") { return .role(try parseRole(arguments)) }
         var options = BenchOptions()
         var reader = ArgumentReader(arguments)
+        // nil: not named on the command line (then everything runs, unless the other list is named).
+        var phases: [Phase]?
+        var scenarios: [Scenario]?
         while let flag = reader.next() {
             switch flag {
             case "--help", "-h": return .help
             case "--quick": options.quick = true
             case "--json": options.json = true
-            case "--phases": options.phases = try parsePhases(try reader.value(for: flag))
+            case "--phases":
+                let (named, namedScenarios) = try parseSelection(try reader.value(for: flag), flag: flag, phasesAllowed: true)
+                phases = (phases ?? []) + named
+                scenarios = (scenarios ?? []) + namedScenarios
+            case "--scenarios":
+                let (_, named) = try parseSelection(try reader.value(for: flag), flag: flag, phasesAllowed: false)
+                scenarios = (scenarios ?? []) + named
             case "--setups": options.setups = try parseSetups(try reader.value(for: flag))
             case "--seconds":
                 let text = try reader.value(for: flag)
@@ -197,28 +221,46 @@ enum CommandLineParser {
                 }
                 options.rounds = rounds
             case "--haproxy": options.haproxyPath = try reader.value(for: flag)
+            case "--berth": options.berthPath = try reader.value(for: flag)
             case "--proxy-wrapper":
                 options.proxyWrapper = try reader.value(for: flag).split(separator: " ").map(String.init)
                 guard !options.proxyWrapper.isEmpty else { throw UsageError(description: "--proxy-wrapper needs a command") }
             default: throw UsageError(description: "unknown argument '\(flag)'")
             }
         }
+        if phases != nil || scenarios != nil {
+            let chosenPhases = Set(phases ?? [])
+            let chosenScenarios = Set(scenarios ?? [])
+            options.phases = Phase.allCases.filter { chosenPhases.contains($0) }
+            options.scenarios = Scenario.allCases.filter { chosenScenarios.contains($0) }
+            guard !options.phases.isEmpty || !options.scenarios.isEmpty else {
+                throw UsageError(description: "--phases/--scenarios: name at least one phase or scenario")
+            }
+        }
         return .benchmark(options)
     }
 
-    private static func parsePhases(_ text: String) throws(UsageError) -> [Phase] {
-        var chosen = Set<Phase>()
+    /// Phases and scenarios named in `text` (`bulk` stands for both bulk phases, `phases` for
+    /// the five phases, `scenarios` for both scenarios).
+    private static func parseSelection(_ text: String, flag: String, phasesAllowed: Bool) throws(UsageError) -> ([Phase], [Scenario]) {
+        var phases: [Phase] = []
+        var scenarios: [Scenario] = []
         for word in text.split(separator: ",") {
-            if word == "bulk" {
-                chosen.formUnion([.bulkSingle, .bulkMulti])
-            } else if let phase = Phase(rawValue: String(word)) {
-                chosen.insert(phase)
+            if phasesAllowed && word == "phases" {
+                phases += Phase.allCases
+            } else if word == "scenarios" {
+                scenarios += Scenario.allCases
+            } else if let scenario = Scenario(rawValue: String(word)) {
+                scenarios.append(scenario)
+            } else if phasesAllowed && word == "bulk" {
+                phases += [.bulkSingle, .bulkMulti]
+            } else if phasesAllowed, let phase = Phase(rawValue: String(word)) {
+                phases.append(phase)
             } else {
-                throw UsageError(description: "--phases: unknown phase '\(word)'")
+                throw UsageError(description: "\(flag): unknown \(phasesAllowed ? "phase or scenario" : "scenario") '\(word)'")
             }
         }
-        guard !chosen.isEmpty else { throw UsageError(description: "--phases: name at least one phase") }
-        return Phase.allCases.filter { chosen.contains($0) }
+        return (phases, scenarios)
     }
 
     private static func parseSetups(_ text: String) throws(UsageError) -> [Setup] {
@@ -265,6 +307,12 @@ enum CommandLineParser {
                 guard let pid = Int32(text), pid > 1 else { throw UsageError(description: "--pid \(text): expected a process id") }
                 options.watchedPID = pid
             case "--remove": options.removeDirectory = try reader.value(for: flag)
+            case "--count":
+                let text = try reader.value(for: flag)
+                guard let count = Int(text), count >= 1, count <= 5_000 else {
+                    throw UsageError(description: "--count \(text): expected a number of sockets from 1 to 5000")
+                }
+                options.count = count
             case "--cpu":
                 let text = try reader.value(for: flag)
                 guard let cpu = Int(text), cpu >= 0 else { throw UsageError(description: "--cpu \(text): expected a CPU number") }
@@ -279,7 +327,7 @@ enum CommandLineParser {
             }
         } else if options.role == .watchdog {
             guard options.watchedPID != nil else { throw UsageError(description: "--role watchdog needs --pid PID") }
-        } else if options.listen == nil {
+        } else if options.role != .listeners && options.listen == nil {
             throw UsageError(description: "--role \(options.role.rawValue) needs --listen ADDRESS")
         }
         return options

@@ -124,6 +124,38 @@ enum ProcFS {
         return times
     }
 
+    /// A field of the `Tcp:` counters of /proc/net/snmp (`AttemptFails`: connects that failed,
+    /// refused ones included; `ActiveOpens`: connects started). Counted for the whole network
+    /// namespace, so other processes' connections count too.
+    static func tcpCounter(_ name: String) -> UInt64? {
+        guard let text = read("/proc/net/snmp") else { return nil }
+        let lines = text.split(separator: "\n").filter { $0.hasPrefix("Tcp:") }
+        guard lines.count == 2 else { return nil }
+        let names = lines[0].split(separator: " ")
+        let values = lines[1].split(separator: " ")
+        guard let index = names.firstIndex(where: { $0 == name }), index < values.count else { return nil }
+        return UInt64(values[index])
+    }
+
+    /// utime + stime of the threads of `pid` whose name (`comm`) is `name`.
+    static func threadTicks(of pid: pid_t, named name: String) -> UInt64? {
+        guard let directory = opendir("/proc/\(pid)/task") else { return nil }
+        var tasks: [String] = []
+        while tasks.count < 4_096, let entry = readdir(directory) {
+            let task = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            if task.first?.isNumber == true { tasks.append(task) }
+        }
+        closedir(directory)
+        var total: UInt64?
+        for task in tasks where read("/proc/\(pid)/task/\(task)/comm")?.split(separator: "\n").first.map(String.init) == name {
+            guard let text = read("/proc/\(pid)/task/\(task)/stat"), let close = text.lastIndex(of: ")") else { continue }
+            let fields = text[text.index(after: close)...].split(separator: " ")
+            guard fields.count > 12, let user = UInt64(fields[11]), let system = UInt64(fields[12]) else { continue }
+            total = (total ?? 0) + user + system
+        }
+        return total
+    }
+
     /// The running kernel's release, for the report header.
     static func kernelRelease() -> String {
         read("/proc/sys/kernel/osrelease")?.split(separator: "\n").first.map(String.init) ?? "unknown"

@@ -74,9 +74,9 @@ enum Launcher {
         }
     }
 
-    /// A whoami backend on `cpu`.
-    static func startWhoami(name: String, cpu: Int) throws(BenchError) -> ServingProcess {
-        try startRole(name, arguments: ["--role", "whoami", "--name", name, "--listen", "127.0.0.1:0", "--cpu", "\(cpu)"])
+    /// A whoami backend on `cpu`, on `listen` (default: a free port of 127.0.0.1).
+    static func startWhoami(name: String, cpu: Int, listen: SocketAddress? = nil) throws(BenchError) -> ServingProcess {
+        try startRole(name, arguments: ["--role", "whoami", "--name", name, "--listen", listen?.description ?? "127.0.0.1:0", "--cpu", "\(cpu)"])
     }
 
     /// The bulk backend on `cpu`.
@@ -163,48 +163,59 @@ enum Launcher {
             let bulkAddress = SocketAddress(ipv4: (127, 0, 0, 1), port: try freePort())
             let configuration = try directory.write("haproxy.cfg", contents: haproxyConfiguration(
                 spliceAuto: spliceAuto, webPort: webAddress.port, bulkPort: bulkAddress.port, web: web, bulk: bulk, cpu: cpu))
-            let log = "\(directory.path)/haproxy.log"
-            let name = spliceAuto ? "haproxy-splice-auto" : "haproxy"
-            let tasksetPaths: [String] = ["/usr/bin/taskset", "/bin/taskset"]
-            let taskset = tasksetPaths.first { access($0, X_OK) == 0 }
-            let child = if let taskset {
-                try ChildProcess.spawn(name: name, path: taskset, arguments: ["-c", "\(cpu)", path, "-db", "-f", configuration], logFile: log)
-            } else {
-                try ChildProcess.spawn(name: name, path: path, arguments: ["-db", "-f", configuration], logFile: log)
-            }
-            let watchdog: ChildProcess
-            do {
-                watchdog = try ChildProcess.spawn(name: "\(name) watchdog", path: currentExecutablePath(), arguments: [
-                    "--role", "watchdog", "--pid", "\(child.pid)", "--remove", directory.path,
-                ])
-                _ = try watchdog.readLine(timeout: startTimeout)
-            } catch {
-                child.stop()
-                throw error
-            }
-            let deadline = MonotonicClock.milliseconds() + startTimeout
-            var ready = false
-            while !ready && MonotonicClock.milliseconds() < deadline {
-                if child.hasExited() { break }
-                ready = canConnect(to: webAddress) && canConnect(to: bulkAddress)
-                if !ready { usleep(20_000) }
-            }
-            guard ready else {
-                let output = ProcFS.read(log) ?? ""
-                watchdog.stop()
-                child.stop()
-                throw BenchError.child("\(name) did not start: \(output.split(separator: "\n").suffix(3).joined(separator: " | "))")
-            }
-            return ServingProcess(child: child, addresses: ["web": webAddress, "bulk": bulkAddress], directory: directory,
-                                  watchdog: watchdog)
+            return try startExternal(name: spliceAuto ? "haproxy-splice-auto" : "haproxy", path: path,
+                                     arguments: ["-db", "-f", configuration], cpus: "\(cpu)", directory: directory,
+                                     addresses: ["web": webAddress, "bulk": bulkAddress])
         } catch {
             directory.remove()
             throw error
         }
     }
 
+    /// A program that does not watch its stdin (HAProxy, the berth binary), its stdout and
+    /// stderr in `directory/NAME.log`, run under `taskset -c CPUS` when taskset exists (a child
+    /// would otherwise inherit the bench's own pinning to the load CPU), with a watchdog role
+    /// that stops it if the bench dies. Ready once every address of `addresses` accepts a
+    /// connection (within `startTimeout`). The returned process owns `directory`; on failure the
+    /// caller still does.
+    static func startExternal(name: String, path: String, arguments: [String], cpus: String,
+                              directory: TemporaryDirectory, addresses: [String: SocketAddress]) throws(BenchError) -> ServingProcess {
+        let log = "\(directory.path)/\(name).log"
+        let tasksetPaths: [String] = ["/usr/bin/taskset", "/bin/taskset"]
+        let taskset = tasksetPaths.first { access($0, X_OK) == 0 }
+        let child = if let taskset {
+            try ChildProcess.spawn(name: name, path: taskset, arguments: ["-c", cpus, path] + arguments, logFile: log)
+        } else {
+            try ChildProcess.spawn(name: name, path: path, arguments: arguments, logFile: log)
+        }
+        let watchdog: ChildProcess
+        do {
+            watchdog = try ChildProcess.spawn(name: "\(name) watchdog", path: currentExecutablePath(), arguments: [
+                "--role", "watchdog", "--pid", "\(child.pid)", "--remove", directory.path,
+            ])
+            _ = try watchdog.readLine(timeout: startTimeout)
+        } catch {
+            child.stop()
+            throw error
+        }
+        let deadline = MonotonicClock.milliseconds() + startTimeout
+        var ready = false
+        while !ready && MonotonicClock.milliseconds() < deadline {
+            if child.hasExited() { break }
+            ready = addresses.values.allSatisfy { canConnect(to: $0) }
+            if !ready { usleep(20_000) }
+        }
+        guard ready else {
+            let output = ProcFS.read(log) ?? ""
+            watchdog.stop()
+            child.stop()
+            throw BenchError.child("\(name) did not start: \(output.split(separator: "\n").suffix(3).joined(separator: " | "))")
+        }
+        return ServingProcess(child: child, addresses: addresses, directory: directory, watchdog: watchdog)
+    }
+
     /// A port on 127.0.0.1 that was free a moment ago (bound to port 0, then closed).
-    private static func freePort() throws(BenchError) -> UInt16 {
+    static func freePort() throws(BenchError) -> UInt16 {
         do {
             var socket = try Sockets.listen(on: SocketAddress(ipv4: (127, 0, 0, 1), port: 0), reusePort: false)
             defer { socket.close() }

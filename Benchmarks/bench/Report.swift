@@ -42,6 +42,9 @@ struct Report {
     }
 
     private var ran: [SetupResult] { result.setups.filter { $0.skipped == nil } }
+    private var scenarioReport: ScenarioReport? {
+        result.scenarios.map { ScenarioReport(results: $0, options: result.options, proxyCPU: result.proxyCPU, loadCPU: result.loadCPU) }
+    }
     private var berthRows: [SetupResult] { ran.filter { $0.setup.isBerth } }
     private var haproxyRows: [SetupResult] { ran.filter { $0.setup.isHAProxy } }
     private var directRow: SetupResult? { ran.first { $0.setup == .direct } }
@@ -153,8 +156,10 @@ struct Report {
         var out = "Berth benchmark: \(result.cpuCount) CPUs (\(result.cpuModel)), Linux \(result.kernel)\n"
         out += "proxy on CPU \(result.proxyCPU) (1 worker / nbthread 1); load generator and backends on CPU \(result.loadCPU); "
         out += "\(Format.fixed(options.phaseSeconds, 1)) s per phase after \(Format.fixed(options.warmupSeconds, 1)) s warm-up\n"
-        out += "keep-alive: \(options.keepAliveConnections) connections; new connections: \(options.concurrentConnects) in flight; "
-        out += "bulk: 1 and \(options.bulkStreams) streams; latency: \(Format.grouped(UInt64(options.rate))) req/s open loop over \(options.latencyConnections) connections\n"
+        if !options.phases.isEmpty {
+            out += "keep-alive: \(options.keepAliveConnections) connections; new connections: \(options.concurrentConnects) in flight; "
+            out += "bulk: 1 and \(options.bulkStreams) streams; latency: \(Format.grouped(UInt64(options.rate))) req/s open loop over \(options.latencyConnections) connections\n"
+        }
         if let version = result.haproxyVersion { out += "\(version)\n" }
         if let headline {
             out += "ratios: \(headline.setup.label) / direct, and each Berth mode / haproxy* (per column, the better HAProxy row); "
@@ -174,6 +179,7 @@ struct Report {
                          rows: proxies, withDirect: false)
             out += table("Proxy CPU per unit of work (lower is better)", costColumns, rows: proxies, withDirect: false)
         }
+        if let scenarios = scenarioReport { out += scenarios.text() }
         out += "Notes\n"
         for note in notes() { out += "- \(note)\n" }
         return out
@@ -242,6 +248,7 @@ struct Report {
         if let headline { notes.append("headline Berth row: \(headline.setup.label): \(headlineReason)") }
         notes += relayModeNotes()
         notes += haproxyNotes()
+        notes += scenarioReport?.notes() ?? []
         let lags = ran.compactMap { $0.phases[.latency]?.latency }
         if let worst = lags.max(by: { $0.sendLagP99 < $1.sendLagP99 }) {
             notes.append("latency phase: the load generator sent on-time requests at most \(Format.fixed(worst.sendLagP99, 1)) us late at p99 "
@@ -422,6 +429,7 @@ struct Report {
             ("setups", .array(setups)),
             ("headline", headline.map { .string($0.setup.name) } ?? .null),
             ("ratios", .object(ratios)),
+            ("scenarios", scenarioReport?.json() ?? .null),
             ("notes", .array(notes().map { .string($0) })),
         ])
         return document.rendered() + "\n"

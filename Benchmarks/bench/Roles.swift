@@ -22,6 +22,7 @@ enum RoleMain {
             case .whoami: try runWhoami(options)
             case .bulk: try runBulk(options)
             case .watchdog: runWatchdog(options)
+            case .listeners: try ListenersRole.run(options)
             }
             return 0
         } catch {

@@ -124,6 +124,8 @@ struct RunResult {
     var notes: [String] = []
     /// Busy share of the whole machine in the second before the run started.
     var idleCheckBusy: Double = 0
+    /// The scenarios' figures (nil when none ran).
+    var scenarios: ScenarioResults?
 }
 
 /// Runs the benchmark: backends, then each setup in turn with every phase, on this thread.
@@ -181,7 +183,7 @@ struct BenchmarkRunner {
 
         let own = backends.map(\.pid)
         var rounds: [[SetupResult]] = []
-        for round in 1...options.rounds {
+        for round in 1...options.rounds where !options.phases.isEmpty {
             if options.rounds > 1 { progress("round \(round) of \(options.rounds)") }
             rounds.append(options.setups.map { setup in
                 var outcome = runSetup(setup, web: web, bulk: bulk, own: own, haproxy: haproxy, proxyCPU: result.proxyCPU)
@@ -189,10 +191,14 @@ struct BenchmarkRunner {
                 return outcome
             })
         }
-        result.setups = options.setups.indices.map { index in Self.leastDisturbed(rounds.map { $0[index] }) }
-        if options.rounds > 1 {
+        result.setups = rounds.isEmpty ? [] : options.setups.indices.map { index in Self.leastDisturbed(rounds.map { $0[index] }) }
+        if options.rounds > 1 && !rounds.isEmpty {
             result.notes.append("\(options.rounds) rounds: each figure is from the least disturbed round (CPU used by other processes "
                 + "plus time stolen by the hypervisor); CPU seconds are the median over the rounds, peak RSS the highest")
+        }
+        if !options.scenarios.isEmpty {
+            result.scenarios = ScenarioRunner(options: options, proxyCPU: result.proxyCPU, loadCPU: result.loadCPU, web: web,
+                                              own: own, haproxy: haproxy).run()
         }
         return result
     }

@@ -1,0 +1,205 @@
+import BerthEngine
+
+/// The scenarios' sections of the report (text and JSON), and their notes.
+struct ScenarioReport {
+    let results: ScenarioResults
+    let options: BenchOptions
+    let proxyCPU: Int
+    let loadCPU: Int
+
+    private static let labelWidth = 30
+    private static let columnWidth = 11
+
+    private static func row(_ label: String, _ cells: [String]) -> String {
+        Format.pad(label, labelWidth, alignRight: false) + cells.map { Format.pad($0, columnWidth) }.joined() + "\n"
+    }
+
+    private static func milliseconds(_ value: Double?, _ digits: Int) -> String {
+        value.map { Format.fixed($0, digits) } ?? "-"
+    }
+
+    private static func percent(_ share: Double?, _ digits: Int = 0) -> String {
+        share.map { Format.fixed($0 * 100, digits) } ?? "-"
+    }
+
+    // MARK: Text
+
+    func text() -> String {
+        var out = ""
+        if let rows = results.failover { out += failoverText(rows) }
+        if let checks = results.checks { out += checksText(checks) }
+        return out
+    }
+
+    private func failoverText(_ rows: [FailoverRow]) -> String {
+        let timeline = results.timeline
+        let victim = "app\(FailoverScenario.victimIndex)"
+        var out = "Failover: new connections (\(options.concurrentConnects) in flight, one request each, Connection: close) for "
+        out += "\(Format.fixed(timeline.duration, 1)) s through the proxy (CPU \(proxyCPU)) to \(FailoverScenario.backendCount) whoami "
+        out += "processes (CPU \(loadCPU)); \(victim) gets SIGKILL at \(Format.fixed(timeline.killAt, 1)) s and is restarted on its port at "
+        out += "\(Format.fixed(timeline.restartAt, 1)) s; fresh backends and proxy per row\n"
+        out += "berth: berth proxy " + FailoverScenario.berthFlags.joined(separator: " ")
+        out += " (1 worker, relay \(EngineConfiguration().relay.rawValue))\n"
+        out += "haproxy: option httpchk GET /, check inter \(FailoverScenario.checkInterval)ms rise \(FailoverScenario.rise) "
+        out += "fall \(FailoverScenario.fall) observe layer4 error-limit \(FailoverScenario.observeErrors) on-error mark-down, "
+        out += "retries \(FailoverScenario.retries), option redispatch (nbthread 1)\n"
+        out += Self.row("", ["answered", "failed", "ejected", "refused", "back", "p99", "max"])
+        out += Self.row("", ["", "", "ms after", "connects", "ms after", "ms", "ms"])
+        out += Self.row("", ["", "", "SIGKILL", "", "restart", "", ""])
+        for row in rows {
+            if let skipped = row.skipped {
+                out += Format.pad(row.label, Self.labelWidth, alignRight: false) + "  skipped: \(skipped)\n"
+                continue
+            }
+            out += Self.row(row.label, [
+                Format.grouped(row.completed), Format.grouped(row.failed), Self.milliseconds(row.ejectionMilliseconds, 1),
+                row.ejectionMilliseconds == nil ? "-" : Format.grouped(row.refusedConnects), Self.milliseconds(row.backMilliseconds, 0),
+                Format.fixed(row.p99Milliseconds, 2), Format.fixed(row.maxMilliseconds, 1),
+            ])
+        }
+        let interval = FailoverScenario.checkInterval
+        let fall = Int64(FailoverScenario.fall)
+        let rise = Int64(FailoverScenario.rise)
+        out += "for reference, with active checks alone: ejected \((fall - 1) * interval)-\(fall * interval) ms after the SIGKILL "
+        out += "((fall - 1) to fall intervals, as the next check falls), up again \((rise - 1) * interval)-\(rise * interval) ms after "
+        out += "the restart (rise - 1 to rise intervals); each interval jittered by 10%\n\n"
+        return out
+    }
+
+    private func checksText(_ checks: ChecksResult) -> String {
+        let targets = Format.grouped(UInt64(checks.targets))
+        var out = "Health-check overhead: keep-alive requests (\(options.keepAliveConnections) connections, "
+        out += "\(Format.fixed(options.phaseSeconds, 1)) s windows after \(Format.fixed(options.warmupSeconds, 1)) s warm-up) through berth proxy "
+        out += "(1 worker on CPU \(proxyCPU)), without checks and with \(targets) extra backends HTTP-checked every "
+        out += "\(DurationText.format(milliseconds: checks.intervalMilliseconds)) (accept-and-close listeners on CPU \(loadCPU): "
+        out += "their checks fail, so they take no traffic); windows "
+        out += ChecksScenario.order(options).map { $0 ? "on" : "off" }.joined(separator: ", ") + ", a fresh proxy each\n"
+        if let skipped = checks.skipped { return out + "skipped: \(skipped)\n\n" }
+        out += Self.row("", ["req/s", "lowest", "highest", "proxy CPU", "worker", "CPU \(loadCPU)", "windows"])
+        out += Self.row("", ["mean", "window", "window", "%", "us/req", "busy %", ""])
+        for enabled in [false, true] {
+            let windows = checks.windows.filter { $0.checks == enabled }
+            let load = windows.compactMap(\.loadCPUShare)
+            let rates = windows.map(\.requestsPerSecond)
+            out += Self.row(enabled ? "\(targets) checks every \(DurationText.format(milliseconds: checks.intervalMilliseconds))" : "no checks", [
+                checks.mean(checks: enabled).map { Format.rate($0) } ?? "-", rates.min().map { Format.rate($0) } ?? "-",
+                rates.max().map { Format.rate($0) } ?? "-", Self.percent(checks.meanProxyShare(checks: enabled)),
+                checks.meanWorkerCost(checks: enabled).map { Format.fixed($0, 2) } ?? "-",
+                load.isEmpty ? "-" : Self.percent(load.reduce(0, +) / Double(load.count)), "\(windows.count)",
+            ])
+        }
+        var proxyRatio: Double?
+        if let with = checks.meanProxyShare(checks: true), let without = checks.meanProxyShare(checks: false), without > 0 {
+            proxyRatio = with / without
+        }
+        var workerRatio: Double?
+        if let with = checks.meanWorkerCost(checks: true), let without = checks.meanWorkerCost(checks: false), without > 0 {
+            workerRatio = with / without
+        }
+        out += Self.row("with / without", [Format.ratio(checks.ratio), "", "", Format.ratio(proxyRatio), Format.ratio(workerRatio), "", ""])
+        for idle in checks.idle {
+            out += "idle with \(idle.kind) checks (\(Format.fixed(idle.seconds, 1)) s): \(Format.rate(idle.checksPerSecond)) checks/s "
+            out += "(accepted by the listeners); proxy process \(Self.percent(idle.proxyShare, 1))% of a core, its checker thread "
+            out += "\(Self.percent(idle.checkerShare, 1))% (\(idle.microsecondsPerCheck.map { Format.fixed($0, 1) } ?? "-") us per check); "
+            out += "listeners \(Self.percent(idle.listenersShare, 1))%; the busiest 100 ms held "
+            out += "\(idle.busiestTenthShare.map { Format.fixed($0 * 100, 0) } ?? "-")% of a second's checks (10% if spread evenly)\n"
+        }
+        return out + "\n"
+    }
+
+    // MARK: Notes
+
+    func notes() -> [String] {
+        var notes = results.notes
+        for row in results.failover ?? [] where row.skipped == nil {
+            if row.failed > 0 {
+                notes.append("failover \(row.label): \(row.failed) failed: "
+                    + row.reasons.prefix(4).map { "\($0.count) \($0.reason)" }.joined(separator: "; "))
+            }
+            for remark in row.remarks { notes.append("failover \(row.label): \(remark)") }
+            if row.ejectionMilliseconds == nil {
+                notes.append("failover \(row.label): no refused connect after the SIGKILL: the ejection time could not be seen")
+            }
+            let answers = row.answers.sorted { $0.key < $1.key }.map { "\($0.key) \(Format.grouped($0.value))" }.joined(separator: ", ")
+            notes.append("failover \(row.label): answers per backend: \(answers); the restarted backend was listening "
+                + "\(Self.milliseconds(row.restartMilliseconds, 0)) ms after it was spawned")
+        }
+        if results.failover?.contains(where: { $0.skipped == nil }) == true {
+            notes.append("failover: \"ejected\" is the end of the burst of refused connects after the SIGKILL (the kernel's "
+                + "AttemptFails, /proc/net/snmp, sampled every ms; a refusal more than \(FailoverScenario.burstGap / 1_000_000) ms "
+                + "after the previous one, such as the dead backend's next check, ends it); the counter covers the whole machine, "
+                + "so other processes' refused connects would show in \"refused connects\"")
+        }
+        if let checks = results.checks {
+            for failure in checks.failures { notes.append("checks: \(failure)") }
+            for window in checks.windows where window.disturbance >= 0.1 || window.errors > 0 {
+                notes.append("checks: a window \(window.checks ? "with" : "without") checks was disturbed (other processes and steal: "
+                    + "\(Format.fixed(window.disturbance, 2)) CPU)" + (window.errors > 0 ? " and had \(window.errors) errors" : ""))
+            }
+        }
+        return notes
+    }
+
+    // MARK: JSON
+
+    func json() -> JSONValue {
+        var members: [(String, JSONValue)] = [("berth", results.berthPath.map { .string($0) } ?? .null)]
+        if let rows = results.failover {
+            let timeline = results.timeline
+            members.append(("failover", .object([
+                ("killAtSeconds", .number(timeline.killAt)), ("restartAtSeconds", .number(timeline.restartAt)),
+                ("durationSeconds", .number(timeline.duration)),
+                ("checkIntervalMs", .integer(FailoverScenario.checkInterval)), ("rise", .integer(Int64(FailoverScenario.rise))),
+                ("fall", .integer(Int64(FailoverScenario.fall))), ("observeErrors", .integer(Int64(FailoverScenario.observeErrors))),
+                ("rows", .array(rows.map(failoverJSON))),
+            ])))
+        }
+        if let checks = results.checks { members.append(("checks", checksJSON(checks))) }
+        return .object(members)
+    }
+
+    private func failoverJSON(_ row: FailoverRow) -> JSONValue {
+        if let skipped = row.skipped { return .object([("name", .string(row.name)), ("skipped", .string(skipped))]) }
+        return .object([
+            ("name", .string(row.name)), ("answered", .integer(Int64(row.completed))), ("failed", .integer(Int64(row.failed))),
+            ("failureReasons", .object(row.reasons.map { ($0.reason, .integer(Int64($0.count))) })),
+            ("ejectionMs", .optional(row.ejectionMilliseconds)), ("refusedConnects", .integer(Int64(row.refusedConnects))),
+            ("backAfterRestartMs", .optional(row.backMilliseconds)), ("restartMs", .optional(row.restartMilliseconds)),
+            ("p99Ms", .number(row.p99Milliseconds)), ("maxMs", .number(row.maxMilliseconds)), ("seconds", .number(row.seconds)),
+            ("answers", .object(row.answers.sorted { $0.key < $1.key }.map { ($0.key, .integer(Int64($0.value))) })),
+            ("remarks", .array(row.remarks.map { .string($0) })),
+        ])
+    }
+
+    private func checksJSON(_ checks: ChecksResult) -> JSONValue {
+        var members: [(String, JSONValue)] = [
+            ("targets", .integer(Int64(checks.targets))), ("intervalMs", .integer(checks.intervalMilliseconds)),
+        ]
+        if let skipped = checks.skipped { return .object(members + [("skipped", .string(skipped))]) }
+        members += [
+            ("windows", .array(checks.windows.map { window in
+                .object([
+                    ("checks", .bool(window.checks)), ("requestsPerSecond", .number(window.requestsPerSecond)),
+                    ("proxyCPUPercent", .optional(window.proxyCPUShare.map { $0 * 100 })),
+                    ("loadCPUBusyPercent", .optional(window.loadCPUShare.map { $0 * 100 })),
+                    ("workerMicrosecondsPerRequest", .optional(window.workerMicrosecondsPerRequest)),
+                    ("disturbanceCPUs", .number(window.disturbance)), ("errors", .integer(Int64(window.errors))),
+                ])
+            })),
+            ("withoutChecks", .optional(checks.mean(checks: false))), ("withChecks", .optional(checks.mean(checks: true))),
+            ("ratio", .optional(checks.ratio)),
+            ("idle", .array(checks.idle.map { idle in
+                .object([
+                    ("kind", .string(idle.kind)), ("seconds", .number(idle.seconds)), ("checksPerSecond", .number(idle.checksPerSecond)),
+                    ("proxyCPUPercent", .optional(idle.proxyShare.map { $0 * 100 })),
+                    ("checkerThreadCPUPercent", .optional(idle.checkerShare.map { $0 * 100 })),
+                    ("listenersCPUPercent", .optional(idle.listenersShare.map { $0 * 100 })),
+                    ("checkerMicrosecondsPerCheck", .optional(idle.microsecondsPerCheck)),
+                    ("busiestTenthSecondShare", .optional(idle.busiestTenthShare)),
+                ])
+            })),
+            ("failures", .array(checks.failures.map { .string($0) })),
+        ]
+        return .object(members)
+    }
+}
