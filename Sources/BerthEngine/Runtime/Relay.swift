@@ -170,6 +170,9 @@ extension Worker {
             if events & writableMask != 0 { session.clientSide.writable = true }
             if events & closedMask != 0 { session.clientSide.peerClosed = true }
         }
+        // A client event while a redispatched session connects again: remembered, acted on
+        // once the new backend is connected (`connected_` pumps).
+        guard session.state == .relaying else { return }
         pump(session)
     }
 
@@ -311,7 +314,9 @@ extension Worker {
                     }
                     // A short read drained the socket, unless its FIN is pending (read on to get 0).
                     if received < capacity && !source.peerClosed { source.readable = false }
-                    if configuration.relay == .auto && received >= configuration.spliceThreshold {
+                    // (Not while the client's bytes may still be replayed: they must stay in view.)
+                    if configuration.relay == .auto && received >= configuration.spliceThreshold
+                        && !(isRequest && session.replayArmed) {
                         flow.splicing = true
                     }
                     var written = 0
