@@ -122,11 +122,10 @@ enum Launcher {
         return ProcFS.read(log)?.split(separator: "\n").first.map(String.init)
     }
 
-    /// The HAProxy configuration the comparison uses: `mode tcp`, `balance roundrobin`, one
-    /// thread on `cpu`, the same backends and timeouts as Berth's defaults.
-    static func haproxyConfiguration(spliceAuto: Bool, webPort: UInt16, bulkPort: UInt16,
-                                     web: [SocketAddress], bulk: SocketAddress, cpu: Int) -> String {
-        var lines = [
+    /// The `global` and `defaults` sections every HAProxy row shares: one thread on `cpu`,
+    /// `mode tcp`, round-robin, Berth's default timeouts.
+    static func haproxyPreamble(cpu: Int) -> [String] {
+        [
             "global",
             "    nbthread 1",
             "    cpu-map 1/1 \(cpu)",
@@ -138,6 +137,13 @@ enum Launcher {
             "    timeout client 60s",
             "    timeout server 60s",
         ]
+    }
+
+    /// The HAProxy configuration the comparison uses: `mode tcp`, `balance roundrobin`, one
+    /// thread on `cpu`, the same backends and timeouts as Berth's defaults.
+    static func haproxyConfiguration(spliceAuto: Bool, webPort: UInt16, bulkPort: UInt16,
+                                     web: [SocketAddress], bulk: SocketAddress, cpu: Int) -> String {
+        var lines = haproxyPreamble(cpu: cpu)
         if spliceAuto { lines.append("    option splice-auto") }
         lines += [
             "frontend web",

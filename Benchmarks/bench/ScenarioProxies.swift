@@ -81,17 +81,7 @@ extension Launcher {
 
     /// HAProxy for the failover scenario: the settings Berth's row uses, in HAProxy's words.
     static func haproxyFailoverConfiguration(port: UInt16, backends: [SocketAddress], cpu: Int) -> String {
-        var lines = [
-            "global",
-            "    nbthread 1",
-            "    cpu-map 1/1 \(cpu)",
-            "    maxconn 4000",
-            "defaults",
-            "    mode tcp",
-            "    balance roundrobin",
-            "    timeout connect 5s",
-            "    timeout client 60s",
-            "    timeout server 60s",
+        var lines = haproxyPreamble(cpu: cpu) + [
             "    timeout check \(FailoverScenario.checkInterval)ms",
             "    retries \(FailoverScenario.retries)",
             "    option redispatch",

@@ -16,16 +16,22 @@ final class PolicyRoutingTests: XCTestCase {
                                      policy: HealthPolicy(checks: checks, newBackendState: newBackendState, allDown: allDown))
     }
 
-    func testAllDownRejectClosesNewClientsAtOnceAndCountsThem() throws {
-        let backend = try WhoamiServerHandle(identity: "failing-checks")
-        defer { backend.stop() }
-        let router = try router(allDown: .reject)
-        defer { router.shutdown(drainTimeout: 0) }
+    /// A router over one frontend `web` whose only backend fails its checks, once it is down.
+    private func routerWithItsOnlyBackendDown(allDown: AllDownPolicy, backend: WhoamiServerHandle) throws -> (HealthRouter, SocketAddress) {
+        let router = try router(allDown: allDown)
         let frontend = try router.apply(RoutingTable(frontends: [
             Frontend(name: "web", listen: try SocketAddress(parsing: "127.0.0.1:0"), backends: [Backend(backend.address)]),
         ])).listening["web"]!
         let key = BackendKey(frontend: "web", backend: backend.address.description)
         XCTAssertNotNil(waitFor(timeout: 5) { router.health()[key]?.status == .down })
+        return (router, frontend)
+    }
+
+    func testAllDownRejectClosesNewClientsAtOnceAndCountsThem() throws {
+        let backend = try WhoamiServerHandle(identity: "failing-checks")
+        defer { backend.stop() }
+        let (router, frontend) = try routerWithItsOnlyBackendDown(allDown: .reject, backend: backend)
+        defer { router.shutdown(drainTimeout: 0) }
         let start = Date()
         XCTAssertThrowsError(try fetch(frontend), "with every backend down the client must be closed")
         XCTAssertLessThan(Date().timeIntervalSince(start), 0.5)
@@ -36,13 +42,8 @@ final class PolicyRoutingTests: XCTestCase {
     func testAllDownTryAllRoutesAnywayAndCountsPanicSessions() throws {
         let backend = try WhoamiServerHandle(identity: "failing-checks")
         defer { backend.stop() }
-        let router = try router(allDown: .tryAll)
+        let (router, frontend) = try routerWithItsOnlyBackendDown(allDown: .tryAll, backend: backend)
         defer { router.shutdown(drainTimeout: 0) }
-        let frontend = try router.apply(RoutingTable(frontends: [
-            Frontend(name: "web", listen: try SocketAddress(parsing: "127.0.0.1:0"), backends: [Backend(backend.address)]),
-        ])).listening["web"]!
-        let key = BackendKey(frontend: "web", backend: backend.address.description)
-        XCTAssertNotNil(waitFor(timeout: 5) { router.health()[key]?.status == .down })
         usleep(100_000)  // the table with the panic flag reaches the worker
         XCTAssertEqual(try fetch(frontend), "I'm failing-checks\n")
         XCTAssertEqual(router.allDownEvents()["web"], 1)

@@ -114,6 +114,7 @@ final class Worker {
     var activeSessions = 0
     var timers = DeadlineHeap()
     var deferredSessions: [Session] = []
+    private var deferredRound: [Session] = []
     var frontends: [String: FrontendRuntime] = [:]
     /// Frontends indexed by listener token index.
     var listenerFrontends: [FrontendRuntime?] = []
@@ -455,13 +456,15 @@ final class Worker {
         closeSession(session)
     }
 
+    /// Pumps the sessions deferred last round. The two lists swap, so that neither is
+    /// reallocated while sessions defer themselves again during the round.
     private func runDeferred() {
-        let batch = deferredSessions
-        deferredSessions.removeAll(keepingCapacity: true)
-        for session in batch {
+        swap(&deferredSessions, &deferredRound)
+        for session in deferredRound {
             session.deferred = false
             if session.state == .relaying { pump(session) }
         }
+        deferredRound.removeAll(keepingCapacity: true)
     }
 
     func defer_(_ session: Session) {
