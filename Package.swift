@@ -1,7 +1,8 @@
 // swift-tools-version:6.0
 import PackageDescription
 
-// Import direction (DESIGN.md §7): berth → {BerthHealth, BerthWhoami, later Registrar/Discovery/Stats} → BerthEngine → CBerthShims.
+// Import direction (DESIGN.md §7): berth → {BerthRegistrar → BerthDiscovery → BerthEtcd, BerthStats,
+// BerthHealth, BerthWhoami} → BerthEngine → CBerthShims.
 // BerthEngine imports nothing of ours but the C shim, and no SwiftNIO: the data plane is Glibc only.
 let package = Package(
     name: "Berth",
@@ -13,6 +14,12 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
+        // Control plane only (etcd, Docker, stats): never imported by BerthEngine.
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-protobuf", from: "1.39.0"),
+        .package(url: "https://github.com/grpc/grpc-swift-2", from: "2.4.3"),
+        .package(url: "https://github.com/grpc/grpc-swift-nio-transport", from: "2.9.2"),
+        .package(url: "https://github.com/grpc/grpc-swift-protobuf", from: "2.4.1"),
     ],
     targets: [
         .target(name: "CBerthShims"),
@@ -39,12 +46,55 @@ let package = Package(
             name: "BerthWhoami",
             dependencies: ["BerthEngine", "CBerthShims"]
         ),
+        .target(
+            // etcd v3 over its own gRPC API; code generated from etcd's protos (scripts/generate-etcd).
+            name: "BerthEtcd",
+            dependencies: [
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2Posix", package: "grpc-swift-nio-transport"),
+                .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
+        .target(
+            // Key schema, catalog, etcd watch → routing tables.
+            name: "BerthDiscovery",
+            dependencies: ["BerthEngine", "BerthHealth", "BerthEtcd"]
+        ),
+        .target(
+            // Docker Engine API client and registration under one lease.
+            name: "BerthRegistrar",
+            dependencies: [
+                "BerthDiscovery",
+                "BerthEtcd",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ]
+        ),
+        .target(
+            // The stats and admin HTTP server on :1936 and its renderers.
+            name: "BerthStats",
+            dependencies: [
+                "BerthEngine",
+                "BerthHealth",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ]
+        ),
         .executableTarget(
             name: "berth",
             dependencies: [
                 "BerthEngine",
                 "BerthHealth",
                 "BerthWhoami",
+                "BerthEtcd",
+                "BerthDiscovery",
+                "BerthRegistrar",
+                "BerthStats",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -65,6 +115,28 @@ let package = Package(
         .testTarget(
             name: "BerthHealthTests",
             dependencies: ["BerthHealth", "BerthEngine", "BerthWhoami"]
+        ),
+        .target(
+            // Fixtures for tests only: a real etcd (one member or a cluster), a real dockerd.
+            name: "BerthTestSupport",
+            dependencies: ["BerthEngine", "CBerthShims"],
+            path: "Tests/BerthTestSupport"
+        ),
+        .testTarget(
+            name: "BerthEtcdTests",
+            dependencies: ["BerthEtcd", "BerthTestSupport"]
+        ),
+        .testTarget(
+            name: "BerthDiscoveryTests",
+            dependencies: ["BerthTestSupport", "BerthDiscovery", "BerthEtcd", "BerthEngine", "BerthHealth", "BerthWhoami"]
+        ),
+        .testTarget(
+            name: "BerthRegistrarTests",
+            dependencies: ["BerthTestSupport", "BerthRegistrar", "BerthDiscovery", "BerthEtcd"]
+        ),
+        .testTarget(
+            name: "BerthStatsTests",
+            dependencies: ["BerthTestSupport", "BerthStats", "BerthEngine", "BerthHealth", "BerthWhoami"]
         ),
         .testTarget(
             name: "BerthCLITests",

@@ -1,0 +1,1 @@
+// Key schema, catalog and watch → routing land here (issue 5).

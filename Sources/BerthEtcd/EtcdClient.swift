@@ -1,0 +1,1 @@
+// The etcd v3 client lands here (issue 5).

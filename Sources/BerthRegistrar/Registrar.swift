@@ -1,0 +1,1 @@
+// Docker client and registration land here (issue 6).

@@ -1,0 +1,1 @@
+// The stats server lands here (issue 7).

@@ -1,0 +1,1 @@
+// Tests of BerthEtcd land here.

@@ -1,0 +1,1 @@
+// Tests of BerthRegistrar land here.

@@ -1,0 +1,1 @@
+// Tests of BerthStats land here.

@@ -1,0 +1,1 @@
+// Fixtures shared by test targets: a real etcd, a real dockerd.
