@@ -15,6 +15,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
         // Control plane only (etcd, Docker, stats): never imported by BerthEngine.
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
         .package(url: "https://github.com/apple/swift-protobuf", from: "1.39.0"),
         .package(url: "https://github.com/grpc/grpc-swift-2", from: "2.4.3"),
@@ -50,6 +51,7 @@ let package = Package(
             // etcd v3 over its own gRPC API; code generated from etcd's protos (scripts/generate-etcd).
             name: "BerthEtcd",
             dependencies: [
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2Posix", package: "grpc-swift-nio-transport"),
                 .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
@@ -61,12 +63,18 @@ let package = Package(
         .target(
             // Key schema, catalog, etcd watch → routing tables.
             name: "BerthDiscovery",
-            dependencies: ["BerthEngine", "BerthHealth", "BerthEtcd"]
+            dependencies: [
+                "BerthEngine",
+                "BerthHealth",
+                "BerthEtcd",
+                .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         .target(
             // Docker Engine API client and registration under one lease.
             name: "BerthRegistrar",
             dependencies: [
+                .product(name: "Logging", package: "swift-log"),
                 "BerthDiscovery",
                 "BerthEtcd",
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -78,6 +86,7 @@ let package = Package(
             // The stats and admin HTTP server on :1936 and its renderers.
             name: "BerthStats",
             dependencies: [
+                .product(name: "Logging", package: "swift-log"),
                 "BerthEngine",
                 "BerthHealth",
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -95,6 +104,7 @@ let package = Package(
                 "BerthDiscovery",
                 "BerthRegistrar",
                 "BerthStats",
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
