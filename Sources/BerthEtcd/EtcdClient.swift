@@ -1,1 +1,354 @@
-// The etcd v3 client lands here (issue 5).
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2Posix
+import Logging
+import Synchronization
+
+typealias EtcdTransport = HTTP2ClientTransport.Posix
+
+/// An etcd v3 client over etcd's gRPC API: KV, Lease, Watch and Auth, with failover across the
+/// configured endpoints.
+///
+/// Requests go to one endpoint at a time. A transport failure (refused, reset, timed out, "no
+/// leader") moves the client to the next endpoint and the request is tried again there, up to
+/// twice round the list with backoff between rounds; then it fails with `.unavailable`. With
+/// credentials, the client authenticates on first use and again whenever etcd says the token
+/// is no longer valid. Thread-safe: any task may call any method.
+public final class EtcdClient: Sendable {
+    public let configuration: EtcdConfiguration
+    let logger: Logger
+    private let state = Mutex<State>(State())
+
+    private struct State {
+        var connection: EtcdConnection?
+        var index = 0
+        var token: String?
+        var failovers: UInt64 = 0
+        var connected = false
+        var lastError: String?
+        var closed = false
+    }
+
+    public init(configuration: EtcdConfiguration, logger: Logger = Logger(label: "berth.etcd")) throws(EtcdError) {
+        guard !configuration.endpoints.isEmpty else { throw .invalidConfiguration("no endpoint given") }
+        if let tls = configuration.tls {
+            for path in [tls.caFile, tls.certificateFile, tls.keyFile].compactMap({ $0 }) where !FileManager.default.isReadableFile(atPath: path) {
+                throw .invalidConfiguration("cannot read '\(path)'")
+            }
+            if (tls.certificateFile == nil) != (tls.keyFile == nil) {
+                throw .invalidConfiguration("a client certificate needs its key, and a key its certificate")
+            }
+        }
+        self.configuration = configuration
+        self.logger = logger
+    }
+
+    deinit { close() }
+
+    /// Closes the connection; later calls fail with `.unavailable`.
+    public func close() {
+        let connection = state.withLock { state -> EtcdConnection? in
+            state.closed = true
+            defer { state.connection = nil }
+            return state.connection
+        }
+        connection?.close()
+    }
+
+    public var status: EtcdStatus {
+        state.withLock { state in
+            EtcdStatus(endpoint: configuration.endpoints[state.index].description, connected: state.connected,
+                       failovers: state.failovers, lastError: state.lastError)
+        }
+    }
+
+    // MARK: - KV
+
+    /// Every key under `prefix` (all keys when empty), at one revision.
+    public func get(prefix: String) async throws -> RangeResult {
+        var request = Etcdserverpb_RangeRequest()
+        request.key = Data(prefix.isEmpty ? [0] : Array(prefix.utf8))
+        request.rangeEnd = Data(Self.rangeEnd(ofPrefix: prefix))
+        let message = request
+        let response = try await call("Range") { connection, metadata, options in
+            try await Etcdserverpb_KV.Client(wrapping: connection.client).range(message, metadata: metadata, options: options)
+        }
+        return RangeResult(keyValues: response.kvs.map(KeyValue.init), revision: response.header.revision)
+    }
+
+    /// The key's value, or nil.
+    public func get(key: String) async throws -> KeyValue? {
+        var request = Etcdserverpb_RangeRequest()
+        request.key = Data(key.utf8)
+        let message = request
+        let response = try await call("Range") { connection, metadata, options in
+            try await Etcdserverpb_KV.Client(wrapping: connection.client).range(message, metadata: metadata, options: options)
+        }
+        return response.kvs.first.map(KeyValue.init)
+    }
+
+    /// Puts a key (attached to `lease` when non-zero); returns the new revision.
+    @discardableResult
+    public func put(key: String, value: [UInt8], lease: Int64 = 0) async throws -> Int64 {
+        var request = Etcdserverpb_PutRequest()
+        request.key = Data(key.utf8)
+        request.value = Data(value)
+        request.lease = lease
+        let message = request
+        let response = try await call("Put") { connection, metadata, options in
+            try await Etcdserverpb_KV.Client(wrapping: connection.client).put(message, metadata: metadata, options: options)
+        }
+        return response.header.revision
+    }
+
+    @discardableResult
+    public func put(key: String, value: String, lease: Int64 = 0) async throws -> Int64 {
+        try await put(key: key, value: Array(value.utf8), lease: lease)
+    }
+
+    /// Deletes one key; returns how many were deleted (0 or 1).
+    @discardableResult
+    public func delete(key: String) async throws -> Int64 {
+        var request = Etcdserverpb_DeleteRangeRequest()
+        request.key = Data(key.utf8)
+        return try await deleteRange(request)
+    }
+
+    /// Deletes every key under `prefix`; returns how many.
+    @discardableResult
+    public func delete(prefix: String) async throws -> Int64 {
+        var request = Etcdserverpb_DeleteRangeRequest()
+        request.key = Data(prefix.isEmpty ? [0] : Array(prefix.utf8))
+        request.rangeEnd = Data(Self.rangeEnd(ofPrefix: prefix))
+        return try await deleteRange(request)
+    }
+
+    private func deleteRange(_ request: Etcdserverpb_DeleteRangeRequest) async throws -> Int64 {
+        let message = request
+        let response = try await call("DeleteRange") { connection, metadata, options in
+            try await Etcdserverpb_KV.Client(wrapping: connection.client).deleteRange(message, metadata: metadata, options: options)
+        }
+        return response.deleted
+    }
+
+    /// Compacts the history up to `revision` (tests and maintenance).
+    public func compact(revision: Int64) async throws {
+        var request = Etcdserverpb_CompactionRequest()
+        request.revision = revision
+        request.physical = true
+        let message = request
+        _ = try await call("Compact") { connection, metadata, options in
+            try await Etcdserverpb_KV.Client(wrapping: connection.client).compact(message, metadata: metadata, options: options)
+        }
+    }
+
+    // MARK: - Leases
+
+    /// Grants a lease of `ttl` seconds; returns its id.
+    public func grantLease(ttl: Int64) async throws -> Int64 {
+        var request = Etcdserverpb_LeaseGrantRequest()
+        request.ttl = ttl
+        let message = request
+        let response = try await call("LeaseGrant") { connection, metadata, options in
+            try await Etcdserverpb_Lease.Client(wrapping: connection.client).leaseGrant(message, metadata: metadata, options: options)
+        }
+        guard response.error.isEmpty else { throw EtcdError.server("LeaseGrant", response.error) }
+        return response.id
+    }
+
+    /// Renews a lease once; returns its remaining TTL in seconds, 0 when the lease is gone.
+    public func keepAliveOnce(lease: Int64) async throws -> Int64 {
+        var request = Etcdserverpb_LeaseKeepAliveRequest()
+        request.id = lease
+        let message = request
+        return try await call("LeaseKeepAlive") { connection, metadata, options in
+            try await Etcdserverpb_Lease.Client(wrapping: connection.client).leaseKeepAlive(
+                metadata: metadata, options: options,
+                requestProducer: { writer in try await writer.write(message) },
+                onResponse: { response in
+                    for try await message in response.messages { return message.ttl }
+                    throw RPCError(code: .unavailable, message: "the keep-alive stream closed with no answer")
+                })
+        }
+    }
+
+    /// Revokes a lease: every key attached to it is deleted at once.
+    public func revokeLease(_ lease: Int64) async throws {
+        var request = Etcdserverpb_LeaseRevokeRequest()
+        request.id = lease
+        do {
+            let message = request
+            _ = try await call("LeaseRevoke") { connection, metadata, options in
+                try await Etcdserverpb_Lease.Client(wrapping: connection.client).leaseRevoke(message, metadata: metadata, options: options)
+            }
+        } catch EtcdError.server(_, let message) where message.contains("lease not found") {
+            return  // already gone: the goal is met
+        }
+    }
+
+    // MARK: - Calls with failover
+
+    /// Runs one request on the current endpoint, moving to the next on a transport failure.
+    func call<Result: Sendable>(
+        _ name: String,
+        timeout: Duration? = nil,
+        _ body: @Sendable (EtcdConnection, Metadata, CallOptions) async throws -> Result
+    ) async throws -> Result {
+        var options = CallOptions.defaults
+        options.timeout = timeout ?? configuration.requestTimeout
+        options.waitForReady = false
+        options.maxResponseMessageBytes = 256 * 1024 * 1024
+        let endpoints = configuration.endpoints.count
+        var backoff = Backoff(configuration.backoff)
+        var lastReason = "no attempt made"
+        var reauthenticated = false
+        for attempt in 1...(2 * endpoints + 1) {
+            try Task.checkCancellation()
+            let connection = try currentConnection()
+            do {
+                let metadata = try await metadata(on: connection, options: options)
+                let result = try await body(connection, metadata, options)
+                markHealthy(connection)
+                return result
+            } catch let error as RPCError {
+                switch Self.classify(error) {
+                case .transport:
+                    lastReason = "\(connection.endpoint): \(error.message.isEmpty ? "\(error.code)" : error.message)"
+                    failover(from: connection, reason: lastReason)
+                    if attempt % endpoints == 0 { try await backoff.wait() }
+                case .tokenExpired where !reauthenticated && configuration.credentials != nil:
+                    reauthenticated = true
+                    resetToken()
+                case .tokenExpired, .authentication:
+                    throw EtcdError.authenticationFailed(error.message)
+                case .server:
+                    throw EtcdError.server("\(error.code)", error.message)
+                }
+            }
+        }
+        throw EtcdError.unavailable("\(name): \(lastReason)")
+    }
+
+    enum FailureKind { case transport, tokenExpired, authentication, server }
+
+    static func classify(_ error: RPCError) -> FailureKind {
+        let message = error.message
+        if message.contains("authentication failed") || message.contains("user name is empty")
+            || message.contains("permission denied") || message.contains("authentication is not enabled") {
+            return .authentication
+        }
+        switch error.code {
+        case .unavailable, .deadlineExceeded, .cancelled, .unknown, .internalError, .resourceExhausted:
+            return message.contains("mvcc: required revision has been compacted") ? .server : .transport
+        case .unauthenticated:
+            return .tokenExpired
+        default:
+            return message.contains("no leader") ? .transport : .server
+        }
+    }
+
+    /// Request metadata: the auth token (authenticating first when there is none yet).
+    func metadata(on connection: EtcdConnection, options: CallOptions) async throws -> Metadata {
+        guard let credentials = configuration.credentials else { return [:] }
+        if let token = state.withLock({ $0.token }) { return ["token": "\(token)"] }
+        var request = Etcdserverpb_AuthenticateRequest()
+        request.name = credentials.username
+        request.password = credentials.password
+        let response = try await Etcdserverpb_Auth.Client(wrapping: connection.client).authenticate(request, options: options)
+        state.withLock { $0.token = response.token }
+        return ["token": "\(response.token)"]
+    }
+
+    /// Forgets the auth token: the next request authenticates again.
+    func resetToken() {
+        state.withLock { $0.token = nil }
+    }
+
+    /// The connection to the current endpoint, opened on first use.
+    func currentConnection() throws -> EtcdConnection {
+        try state.withLock { state throws -> EtcdConnection in
+            guard !state.closed else { throw EtcdError.unavailable("the client is closed") }
+            if let connection = state.connection { return connection }
+            let endpoint = configuration.endpoints[state.index]
+            let connection = try EtcdConnection(endpoint: endpoint, tls: configuration.tls)
+            state.connection = connection
+            return connection
+        }
+    }
+
+    /// Leaves `connection`'s endpoint for the next one (unless another caller already did).
+    func failover(from connection: EtcdConnection, reason: String) {
+        let dropped = state.withLock { state -> EtcdConnection? in
+            state.lastError = reason
+            state.connected = false
+            guard state.connection === connection else { return nil }
+            state.connection = nil
+            state.index = (state.index + 1) % configuration.endpoints.count
+            state.failovers += 1
+            return connection
+        }
+        if let dropped {
+            logger.warning("etcd endpoint failed, trying the next", metadata: ["reason": "\(reason)", "next": "\(status.endpoint)"])
+            dropped.close()
+        }
+    }
+
+    func markHealthy(_ connection: EtcdConnection) {
+        state.withLock { state in
+            if state.connection === connection { state.connected = true }
+        }
+    }
+
+    /// The smallest key greater than every key that starts with `prefix` (etcd's range_end).
+    static func rangeEnd(ofPrefix prefix: String) -> [UInt8] {
+        var bytes = Array(prefix.utf8)
+        while let last = bytes.last {
+            if last < 0xff {
+                bytes[bytes.count - 1] = last + 1
+                return bytes
+            }
+            bytes.removeLast()
+        }
+        return [0]  // every key
+    }
+}
+
+/// One gRPC connection to one endpoint, and the task that runs it.
+final class EtcdConnection: Sendable {
+    let endpoint: EtcdEndpoint
+    let client: GRPCClient<EtcdTransport>
+    private let runner: Task<Void, Never>
+
+    init(endpoint: EtcdEndpoint, tls: EtcdConfiguration.TLSFiles?) throws {
+        self.endpoint = endpoint
+        let target: any ResolvableTarget = endpoint.host.contains(":")
+            ? .ipv6(address: endpoint.host, port: endpoint.port)
+            : (endpoint.host.allSatisfy { $0.isNumber || $0 == "." } ? .ipv4(address: endpoint.host, port: endpoint.port)
+                : .dns(host: endpoint.host, port: endpoint.port))
+        var security = EtcdTransport.TransportSecurity.plaintext
+        if endpoint.secure {
+            security = .tls { config in
+                if let ca = tls?.caFile { config.trustRoots = .certificates([.file(path: ca, format: .pem)]) }
+                if let certificate = tls?.certificateFile, let key = tls?.keyFile {
+                    config.certificateChain = [.file(path: certificate, format: .pem)]
+                    config.privateKey = .file(path: key, format: .pem)
+                }
+            }
+        }
+        let config = EtcdTransport.Config.defaults { config in
+            config.backoff.initial = .milliseconds(50)
+            config.backoff.max = .seconds(2)
+            config.connection.keepalive = .init(time: .seconds(10), timeout: .seconds(5), allowWithoutCalls: false)
+        }
+        let transport = try EtcdTransport(target: target, transportSecurity: security, config: config)
+        let client = GRPCClient(transport: transport)
+        self.client = client
+        self.runner = Task { try? await client.runConnections() }
+    }
+
+    /// Ends the connection now: calls still running on it fail and are retried elsewhere.
+    func close() {
+        client.beginGracefulShutdown()
+        runner.cancel()
+    }
+}

@@ -1,0 +1,315 @@
+import BerthEngine
+
+/// What etcd says, as services and their instances: the registry's keys and values folded in
+/// revision order. A plain value with no threads and no I/O; the watch loop owns one and calls
+/// `reset` (initial Range, re-list after compaction) and `apply` (each watch event), then
+/// `routingTable` (CatalogRouting.swift) to get the table to publish.
+///
+/// Malformed keys and values are never fatal: they are skipped, counted in `malformed`, and the
+/// key's previous meaning (a good instance, port or config) is dropped, since the key's current
+/// value is what counts.
+public struct Catalog: Sendable {
+    public struct Options: Sendable, Equatable {
+        public var layout: RegistryLayout
+        /// Listen port of services that get one from nowhere else (registrator's layout).
+        public var defaultListen: UInt16?
+        /// How long a service whose last instance left keeps its frontend (ms); `_config`'s
+        /// `linger` overrides it per service.
+        public var linger: Int64
+        /// How many malformed keys are kept for the stats page and the log.
+        public var malformedHistory: Int
+
+        public init(layout: RegistryLayout = RegistryLayout(), defaultListen: UInt16? = nil,
+                    linger: Int64 = 30_000, malformedHistory: Int = 64) {
+            self.layout = layout
+            self.defaultListen = defaultListen
+            self.linger = linger
+            self.malformedHistory = malformedHistory
+        }
+    }
+
+    /// What the registry holds for one service.
+    public struct Service: Sendable, Equatable {
+        /// Instance id → record.
+        public var instances: [String: InstanceRecord] = [:]
+        /// The seed's `<prefix>/<service>/port`.
+        public var seedPort: UInt16?
+        public var config: ServiceConfig?
+
+        var isEmpty: Bool { instances.isEmpty && seedPort == nil && config == nil }
+    }
+
+    public let options: Options
+    /// The etcd revision every applied event and the last reset are at or below.
+    public private(set) var revision: Int64 = 0
+    /// Services by decoded name.
+    public private(set) var services: [String: Service] = [:]
+    public private(set) var malformed: MalformedLog
+    /// Keys whose current value is malformed, with the reason: cleared when the key is
+    /// deleted or gets a good value.
+    public private(set) var malformedKeys: [String: MalformedReason] = [:]
+
+    /// True after `reset(revision: R)`: every event of revision R is already reflected.
+    private var revisionComplete = true
+    /// Keys applied at `revision` (a transaction changes several keys at one revision).
+    private var keysAtRevision: Set<String> = []
+    /// Routing memory between builds (listen ports served, when a service became empty).
+    var routingMemory = RoutingMemory()
+
+    public init(options: Options = Options()) {
+        self.options = options
+        self.malformed = MalformedLog(capacity: options.malformedHistory)
+    }
+
+    // MARK: Events
+
+    /// Replaces everything with a full listing at `revision` (the initial Range, or a re-list
+    /// after the watch was compacted). Returns which instances appeared, changed and
+    /// disappeared, so that none of the old ones survives unnoticed.
+    @discardableResult
+    public mutating func reset(entries: [(key: String, value: [UInt8])], revision: Int64) -> CatalogDiff {
+        let before = services
+        services = [:]
+        malformedKeys = [:]
+        for entry in entries {
+            _ = store(key: entry.key, value: entry.value, revision: revision)
+        }
+        self.revision = revision
+        revisionComplete = true
+        keysAtRevision = []
+        return CatalogDiff(before: before, after: services)
+    }
+
+    /// Applies a put. Events older than the applied revision, and repeats of one already
+    /// applied at the same revision, are ignored (`.stale`): a watch resumed from an earlier
+    /// revision replays harmlessly. Events of one revision (a transaction) all apply.
+    @discardableResult
+    public mutating func apply(put key: String, value: [UInt8], revision: Int64) -> EventOutcome {
+        guard admit(key: key, revision: revision) else { return .stale }
+        return store(key: key, value: value, revision: revision)
+    }
+
+    /// Applies a delete; same revision rule as `apply(put:)`.
+    @discardableResult
+    public mutating func apply(delete key: String, revision: Int64) -> EventOutcome {
+        guard admit(key: key, revision: revision) else { return .stale }
+        malformedKeys.removeValue(forKey: key)
+        switch options.layout.classify(key) {
+        case .ignored(let reason):
+            return .ignored(reason)
+        case .malformed:
+            return .unchanged
+        case .instance(let service, let instance):
+            let removed = services[service]?.instances.removeValue(forKey: instance) != nil
+            dropIfEmpty(service)
+            return removed ? .changed : .unchanged
+        case .port(let service):
+            let removed = services[service]?.seedPort != nil
+            services[service]?.seedPort = nil
+            dropIfEmpty(service)
+            return removed ? .changed : .unchanged
+        case .config(let service):
+            let removed = services[service]?.config != nil
+            services[service]?.config = nil
+            dropIfEmpty(service)
+            return removed ? .changed : .unchanged
+        }
+    }
+
+    /// One event of a watch response.
+    public enum Event: Sendable, Equatable {
+        case put(key: String, value: [UInt8], revision: Int64)
+        case delete(key: String, revision: Int64)
+    }
+
+    /// Applies events in order; true when any of them changed the catalog.
+    @discardableResult
+    public mutating func apply(_ events: [Event]) -> Bool {
+        var changed = false
+        for event in events {
+            let outcome: EventOutcome
+            switch event {
+            case .put(let key, let value, let revision): outcome = apply(put: key, value: value, revision: revision)
+            case .delete(let key, let revision): outcome = apply(delete: key, revision: revision)
+            }
+            changed = changed || outcome.changesCatalog
+        }
+        return changed
+    }
+
+    private mutating func admit(key: String, revision: Int64) -> Bool {
+        if revision > self.revision {
+            self.revision = revision
+            revisionComplete = false
+            keysAtRevision = [key]
+            return true
+        }
+        if revision == self.revision && !revisionComplete && keysAtRevision.insert(key).inserted {
+            return true
+        }
+        return false
+    }
+
+    /// Sets the key's meaning from its value, or drops it and counts the value as malformed.
+    private mutating func store(key: String, value: [UInt8], revision: Int64) -> EventOutcome {
+        let kind = options.layout.classify(key)
+        if case .ignored(let reason) = kind { return .ignored(reason) }
+        if case .malformed(let error) = kind {
+            return record(MalformedEntry(key: key, reason: .key(error.reason), detail: error.reason.rawValue, revision: revision),
+                          removed: false)
+        }
+        do throws(ValueError) {
+            let changed: Bool
+            switch kind {
+            case .instance(let service, let instance):
+                let parsed = try InstanceRecord.parse(value)
+                changed = services[service, default: Service()].instances.updateValue(parsed, forKey: instance) != parsed
+            case .port(let service):
+                let port = try Self.parsePort(value)
+                changed = services[service, default: Service()].seedPort != port
+                services[service]?.seedPort = port
+            case .config(let service):
+                let config = try ServiceConfig.parse(value)
+                changed = services[service, default: Service()].config != config
+                services[service]?.config = config
+            case .ignored, .malformed:
+                return .unchanged
+            }
+            malformedKeys.removeValue(forKey: key)
+            return changed ? .changed : .unchanged
+        } catch {
+            let removed = forget(kind)
+            return record(MalformedEntry(key: key, reason: .value(error.reason), detail: error.detail, revision: revision),
+                          removed: removed)
+        }
+    }
+
+    /// Drops what a key meant; true when it meant something.
+    private mutating func forget(_ kind: KeyClass) -> Bool {
+        let removed: Bool
+        let name: String
+        switch kind {
+        case .instance(let service, let instance):
+            name = service
+            removed = services[service]?.instances.removeValue(forKey: instance) != nil
+        case .port(let service):
+            name = service
+            removed = services[service]?.seedPort != nil
+            services[service]?.seedPort = nil
+        case .config(let service):
+            name = service
+            removed = services[service]?.config != nil
+            services[service]?.config = nil
+        case .ignored, .malformed:
+            return false
+        }
+        dropIfEmpty(name)
+        return removed
+    }
+
+    private mutating func record(_ entry: MalformedEntry, removed: Bool) -> EventOutcome {
+        malformed.add(entry)
+        malformedKeys[entry.key] = entry.reason
+        return .malformed(entry, removedPrevious: removed)
+    }
+
+    private mutating func dropIfEmpty(_ service: String) {
+        if services[service]?.isEmpty == true { services.removeValue(forKey: service) }
+    }
+
+    /// The seed's port value: digits (white space trimmed), 1...65535.
+    static func parsePort(_ bytes: [UInt8]) throws(ValueError) -> UInt16 {
+        guard bytes.count <= 64, let text = String(validating: bytes, as: UTF8.self) else {
+            throw ValueError(.badPort, "the port value must be a number from 1 to 65535")
+        }
+        let trimmed = InstanceRecord.trimWhiteSpace(text)
+        guard !trimmed.isEmpty, trimmed.allSatisfy({ $0.isASCII && $0.isNumber }),
+              let port = UInt16(trimmed), port >= 1 else {
+            throw ValueError(trimmed.isEmpty ? .empty : .badPort, "port '\(trimmed.prefix(20))' is not a number from 1 to 65535")
+        }
+        return port
+    }
+
+    // MARK: Queries
+
+    /// Instances in all services.
+    public var instanceCount: Int { services.values.reduce(0) { $0 + $1.instances.count } }
+
+    /// Host names (not IP addresses) of every instance: what `HostResolver.track` should follow.
+    public var hostNames: Set<String> {
+        var names = Set<String>()
+        for service in services.values {
+            for instance in service.instances.values where instance.hostKind == .name && instance.host != "localhost" {
+                names.insert(instance.host)
+            }
+        }
+        return names
+    }
+}
+
+/// What one event did.
+public enum EventOutcome: Sendable, Equatable {
+    /// The catalog changed: rebuild the routing table.
+    case changed
+    /// Applied, but the key's meaning is as it was (same value again, delete of an unknown key).
+    case unchanged
+    /// Older than the applied revision, or a repeat at the same revision: ignored.
+    case stale
+    /// Not a key of the layout (outside the prefix, a reserved name): ignored, not counted.
+    case ignored(IgnoredReason)
+    /// Skipped and counted; `removedPrevious` when the key held a good value until now.
+    case malformed(MalformedEntry, removedPrevious: Bool)
+
+    public var changesCatalog: Bool {
+        switch self {
+        case .changed: true
+        case .malformed(_, let removed): removed
+        case .unchanged, .stale, .ignored: false
+        }
+    }
+}
+
+/// One instance, by service and id.
+public struct InstanceID: Sendable, Hashable, Comparable, CustomStringConvertible {
+    public var service: String
+    public var instance: String
+
+    public init(service: String, instance: String) {
+        self.service = service
+        self.instance = instance
+    }
+
+    public static func < (lhs: InstanceID, rhs: InstanceID) -> Bool {
+        (lhs.service, lhs.instance) < (rhs.service, rhs.instance)
+    }
+
+    public var description: String { "\(service)/\(instance)" }
+}
+
+/// The instances a reset added, changed and removed; each list sorted.
+public struct CatalogDiff: Sendable, Equatable {
+    public var added: [InstanceID] = []
+    public var changed: [InstanceID] = []
+    public var removed: [InstanceID] = []
+    /// Service settings or seed ports that differ.
+    public var servicesReconfigured: [String] = []
+
+    public var isEmpty: Bool { added.isEmpty && changed.isEmpty && removed.isEmpty && servicesReconfigured.isEmpty }
+
+    init(before: [String: Catalog.Service], after: [String: Catalog.Service]) {
+        for name in Set(before.keys).union(after.keys).sorted() {
+            let old = before[name] ?? Catalog.Service()
+            let new = after[name] ?? Catalog.Service()
+            for instance in Set(old.instances.keys).union(new.instances.keys).sorted() {
+                let id = InstanceID(service: name, instance: instance)
+                switch (old.instances[instance], new.instances[instance]) {
+                case (nil, .some): added.append(id)
+                case (.some, nil): removed.append(id)
+                case (.some(let a), .some(let b)) where a != b: changed.append(id)
+                default: break
+                }
+            }
+            if old.seedPort != new.seedPort || old.config != new.config { servicesReconfigured.append(name) }
+        }
+    }
+}

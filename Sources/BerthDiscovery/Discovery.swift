@@ -1,1 +1,0 @@
-// Key schema, catalog and watch → routing land here (issue 5).

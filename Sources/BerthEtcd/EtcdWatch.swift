@@ -1,0 +1,157 @@
+import Foundation
+import GRPCCore
+import Synchronization
+
+extension EtcdClient {
+    /// Watches every key under `prefix` from `revision` on, across endpoint failures, calling
+    /// `onBatch` with each response's events in revision order. Runs until cancelled.
+    ///
+    /// A broken, cancelled ("no leader") or silent stream is reopened on the next endpoint from
+    /// the revision after the last event delivered, so no revision is skipped or repeated. A
+    /// stream counts as silent when it answers none of the progress requests sent every
+    /// `watchProgressInterval` for twice that long.
+    ///
+    /// - Throws: `EtcdError.compacted` when the revision to resume from is gone (the caller lists
+    ///   again and watches from the new revision); `EtcdError.authenticationFailed`;
+    ///   `CancellationError`; whatever `onBatch` throws.
+    public func watch(
+        prefix: String,
+        fromRevision revision: Int64,
+        onConnected: @escaping @Sendable (EtcdEndpoint) -> Void = { _ in },
+        onBatch: @escaping @Sendable (WatchBatch) async throws -> Void
+    ) async throws {
+        let progress = WatchProgress(next: revision)
+        var backoff = Backoff(configuration.backoff)
+        while true {
+            try Task.checkCancellation()
+            let connection = try currentConnection()
+            do {
+                try await watchSession(connection: connection, prefix: prefix, progress: progress,
+                                       onConnected: onConnected, onBatch: onBatch)
+            } catch let error as RPCError {
+                switch Self.classify(error) {
+                case .transport:
+                    failover(from: connection, reason: "\(connection.endpoint): watch: \(error.message)")
+                case .tokenExpired where configuration.credentials != nil:
+                    resetToken()
+                case .tokenExpired, .authentication:
+                    throw EtcdError.authenticationFailed(error.message)
+                case .server:
+                    if error.message.contains("compacted") { throw EtcdError.compacted(0) }
+                    failover(from: connection, reason: "\(connection.endpoint): watch: \(error.message)")
+                }
+            } catch let error as EtcdError {
+                switch error {
+                case .compacted, .authenticationFailed: throw error
+                default: failover(from: connection, reason: "\(connection.endpoint): \(error)")
+                }
+            }
+            if Task.isCancelled { throw CancellationError() }
+            // A stream that was established and then broke reconnects at once; repeated
+            // failures to establish one back off.
+            if progress.takeCreated() { backoff.reset() } else { try await backoff.wait() }
+        }
+    }
+
+    /// One watch stream on one connection; returns or throws when it ends.
+    private func watchSession(
+        connection: EtcdConnection, prefix: String, progress: WatchProgress,
+        onConnected: @escaping @Sendable (EtcdEndpoint) -> Void,
+        onBatch: @escaping @Sendable (WatchBatch) async throws -> Void
+    ) async throws {
+        var options = CallOptions.defaults
+        options.waitForReady = false
+        options.maxResponseMessageBytes = 256 * 1024 * 1024
+        var metadata = try await self.metadata(on: connection, options: options)
+        // Ask the member to cancel the watch when it loses its leader, so a cut-off member
+        // never leaves us watching a frozen history (etcd's clientv3 WithRequireLeader).
+        metadata.addString("true", forKey: "hasleader")
+
+        var create = Etcdserverpb_WatchCreateRequest()
+        create.key = Data(prefix.isEmpty ? [0] : Array(prefix.utf8))
+        create.rangeEnd = Data(Self.rangeEnd(ofPrefix: prefix))
+        create.startRevision = progress.next
+        create.prevKv = true
+        create.progressNotify = true
+        var createMessage = Etcdserverpb_WatchRequest()
+        createMessage.createRequest = create
+        var progressMessage = Etcdserverpb_WatchRequest()
+        progressMessage.progressRequest = Etcdserverpb_WatchProgressRequest()
+        let createRequest = createMessage
+        let progressRequest = progressMessage
+        let interval = configuration.watchProgressInterval
+        let endpoint = connection.endpoint
+        progress.touch()
+
+        try await Etcdserverpb_Watch.Client(wrapping: connection.client).watch(
+            metadata: metadata, options: options,
+            requestProducer: { writer in
+                try await writer.write(createRequest)
+                // The stream stays open for as long as the watch runs: closing it would end it.
+                while true {
+                    try await Task.sleep(for: interval)
+                    if progress.silence > interval * 2 {
+                        throw RPCError(code: .unavailable, message: "the watch stream has been silent for \(progress.silence)")
+                    }
+                    try await writer.write(progressRequest)
+                }
+            },
+            onResponse: { response in
+                for try await message in response.messages {
+                    progress.touch()
+                    if message.compactRevision != 0 { throw EtcdError.compacted(message.compactRevision) }
+                    if message.canceled {
+                        throw RPCError(code: .unavailable, message: "cancelled by the server: \(message.cancelReason)")
+                    }
+                    if message.created {
+                        progress.markCreated()
+                        self.markHealthy(connection)
+                        onConnected(endpoint)
+                    }
+                    if message.events.isEmpty {
+                        // A progress notification: the stream is alive. Its revision is not used
+                        // to resume (etcd 3.4 may send it before an unsynced watcher caught up).
+                        continue
+                    }
+                    let events = message.events.map(WatchEvent.init)
+                    let last = events.last!.keyValue.modRevision
+                    guard last >= progress.next else { continue }  // replayed: already delivered
+                    try await onBatch(WatchBatch(events: events.filter { $0.keyValue.modRevision >= progress.next },
+                                                 revision: last, endpoint: endpoint))
+                    progress.delivered(through: last)
+                }
+                throw RPCError(code: .unavailable, message: "the watch stream ended")
+            })
+    }
+
+}
+
+/// The resume point of a watch, and when its stream last said anything.
+final class WatchProgress: Sendable {
+    private let state: Mutex<(next: Int64, lastMessage: ContinuousClock.Instant, created: Bool)>
+
+    init(next: Int64) {
+        state = Mutex((next, .now, false))
+    }
+
+    func markCreated() { state.withLock { $0.created = true } }
+    /// Whether a stream was established since the last call.
+    func takeCreated() -> Bool {
+        state.withLock { state in
+            defer { state.created = false }
+            return state.created
+        }
+    }
+
+    var next: Int64 { state.withLock { $0.next } }
+    var silence: Duration { state.withLock { .now - $0.lastMessage } }
+    func touch() { state.withLock { $0.lastMessage = .now } }
+    func delivered(through revision: Int64) { state.withLock { $0.next = max($0.next, revision + 1) } }
+}
+
+extension WatchEvent {
+    init(_ event: Mvccpb_Event) {
+        self.init(kind: event.type == .delete ? .delete : .put, keyValue: KeyValue(event.kv),
+                  previous: event.hasPrevKv ? KeyValue(event.prevKv) : nil)
+    }
+}

@@ -1,1 +1,0 @@
-// Tests of BerthDiscovery land here.

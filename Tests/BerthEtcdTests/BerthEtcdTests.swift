@@ -1,1 +1,0 @@
-// Tests of BerthEtcd land here.

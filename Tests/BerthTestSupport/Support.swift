@@ -1,1 +1,0 @@
-// Fixtures shared by test targets: a real etcd, a real dockerd.
