@@ -1,20 +1,35 @@
-/// The registrar's store on BerthEtcd's client. Replaced by the adapter once the client lands.
+import BerthEtcd
+
+/// The registrar's store on BerthEtcd's client (failover, reconnect and request timeouts are
+/// the client's). `berth run` passes the client it shares with discovery.
 public struct EtcdRegistrationStore: RegistrationStore {
-    public let endpoints: [String]
+    public let client: EtcdClient
 
+    public init(client: EtcdClient) {
+        self.client = client
+    }
+
+    /// A client of its own for `endpoints` (`HOST:PORT` or `http://HOST:PORT`).
     public init(endpoints: [String]) throws {
-        self.endpoints = endpoints
-        throw Unavailable()
+        let parsed = try EtcdEndpoint.parseList(endpoints.joined(separator: ","))
+        client = try EtcdClient(configuration: EtcdConfiguration(endpoints: parsed))
     }
 
-    struct Unavailable: Error, CustomStringConvertible {
-        var description: String { "the etcd client is not built yet" }
+    public func grantLease(ttl: Int64) async throws -> Int64 { try await client.grantLease(ttl: ttl) }
+    public func keepAliveOnce(lease: Int64) async throws -> Int64 { try await client.keepAliveOnce(lease: lease) }
+    public func revokeLease(_ lease: Int64) async throws { try await client.revokeLease(lease) }
+
+    public func put(key: String, value: String, lease: Int64) async throws {
+        _ = try await client.put(key: key, value: value, lease: lease)
     }
 
-    public func grantLease(ttl: Int64) async throws -> Int64 { throw Unavailable() }
-    public func keepAliveOnce(lease: Int64) async throws -> Int64 { throw Unavailable() }
-    public func revokeLease(_ lease: Int64) async throws { throw Unavailable() }
-    public func put(key: String, value: String, lease: Int64) async throws { throw Unavailable() }
-    public func delete(key: String) async throws { throw Unavailable() }
-    public func get(prefix: String) async throws -> [String: String] { throw Unavailable() }
+    public func delete(key: String) async throws {
+        _ = try await client.delete(key: key)
+    }
+
+    public func get(prefix: String) async throws -> [String: String] {
+        var result: [String: String] = [:]
+        for keyValue in try await client.get(prefix: prefix).keyValues { result[keyValue.key] = keyValue.valueText }
+        return result
+    }
 }

@@ -39,7 +39,7 @@ public struct Registration: Sendable, Equatable {
 ///   binding without `--host-ip` cannot be dialled from elsewhere and is skipped with a warning;
 /// - opt out: label `berth.ignore` true/1/yes or env `SERVICE_IGNORE` set (whole container),
 ///   env `SERVICE_<port>_IGNORE` set (one port);
-/// - weight: label `berth.weight` (1...1000, default 1); tags: label `berth.tags` or env
+/// - weight: label `berth.weight` (0...256 as HAProxy's, default 1); tags: label `berth.tags` or env
 ///   `SERVICE_TAGS`, comma separated;
 /// - draining: the container is paused or its health check says `unhealthy`.
 /// `<port>` is always the container's private port.
@@ -51,7 +51,7 @@ public enum RegistrationRules {
         let baseName = label(container, "berth.service") ?? environment(container, "SERVICE_NAME") ?? imageName(container.image)
         let tagsText = label(container, "berth.tags") ?? environment(container, "SERVICE_TAGS") ?? ""
         let tags = tagsText.split(separator: ",").map { String($0).trimmedSpaces }.filter { !$0.isEmpty }
-        let weight = label(container, "berth.weight").flatMap { Int($0) }.map { min(max($0, 1), 1000) } ?? 1
+        let weight = label(container, "berth.weight").flatMap { Int($0) }.map { min(max($0, 0), 256) } ?? 1
         var meta = ["container": container.name, "image": container.image]
         if meta["container"] == "" { meta["container"] = nil }
         let draining = container.paused || container.health == "unhealthy"

@@ -1,3 +1,5 @@
+import BerthDiscovery
+
 /// What goes into etcd for a set of registrations: keys and values, pure.
 ///
 /// Layout (DESIGN.md §2): `<prefix>/<service>/<instance>` holds Berth's JSON. With
@@ -10,27 +12,25 @@ public enum CompatMode: String, Sendable, CaseIterable {
 }
 
 public struct RecordLayout: Sendable, Equatable {
-    /// Without a trailing slash: `/backends`.
-    public let prefix: String
+    /// The discovery side's key schema: one escaping rule for both sides.
+    public let registry: RegistryLayout
     public let compat: CompatMode
 
     public init(prefix: String = "/backends", compat: CompatMode = .none) {
-        var trimmed = Substring(prefix)
-        while trimmed.hasSuffix("/") { trimmed = trimmed.dropLast() }
-        self.prefix = String(trimmed)
+        self.registry = RegistryLayout(prefix: prefix)
         self.compat = compat
     }
 
+    public var prefix: String { registry.prefix }
     /// The prefix with its trailing slash: what to read back when checking etcd.
-    public var readPrefix: String { prefix + "/" }
+    public var readPrefix: String { registry.watchPrefix }
 
-    public func instanceKey(service: String, instance: String) -> String {
-        "\(prefix)/\(escapeSegment(service))/\(escapeSegment(instance))"
+    /// nil for a name the schema refuses (empty, or the reserved instance id `port`).
+    public func instanceKey(service: String, instance: String) -> String? {
+        try? registry.instanceKey(service: service, instance: instance)
     }
 
-    public func portKey(service: String) -> String {
-        "\(prefix)/\(escapeSegment(service))/port"
-    }
+    public func portKey(service: String) -> String { registry.portKey(service: service) }
 
     /// Every key this host should have, with its value. When two instances of one service
     /// disagree on the seed's `port` key, the first in key order wins.
@@ -38,72 +38,31 @@ public struct RecordLayout: Sendable, Equatable {
         var result: [String: String] = [:]
         let ordered = registrations.sorted { ($0.service, $0.instance) < ($1.service, $1.instance) }
         for registration in ordered {
-            let key = instanceKey(service: registration.service, instance: registration.instance)
+            guard let key = instanceKey(service: registration.service, instance: registration.instance) else { continue }
             switch compat {
             case .none:
                 result[key] = encodeRecord(registration)
             case .seed:
                 guard !registration.draining else { continue }
-                result[key] = seedValue(registration)
+                result[key] = record(registration).encodedHostPort()
                 let port = portKey(service: registration.service)
                 if result[port] == nil { result[port] = String(registration.listen) }
             }
         }
         return result
     }
-
-    private func seedValue(_ registration: Registration) -> String {
-        registration.host.contains(":") ? "[\(registration.host)]:\(registration.port)" : "\(registration.host):\(registration.port)"
-    }
 }
 
-/// The one rule for a name as a key segment (the discovery side's `KeySegment`): `%` → `%25`,
-/// `/` → `%2F` anywhere, a leading `_` → `%5F` (so no name collides with `_config`).
-/// `jwilder/whoami` → `jwilder%2Fwhoami`.
-public func escapeSegment(_ name: String) -> String {
-    var output = ""
-    output.reserveCapacity(name.utf8.count)
-    for (offset, character) in name.enumerated() {
-        switch character {
-        case "%": output += "%25"
-        case "/": output += "%2F"
-        case "_" where offset == 0: output += "%5F"
-        default: output.append(character)
-        }
-    }
-    return output
-}
-
-/// Berth's JSON value, fields in a fixed order and `meta` sorted, so one registration always
-/// encodes to the same text (the registrar compares texts to decide what to write):
-/// `{"host":"127.0.0.1","port":32768,"listen":8000,"weight":1,"tags":[],"meta":{},"draining":false}`.
+/// Berth's JSON value, in the discovery side's one encoding (`InstanceRecord.encodedJSON`:
+/// fields in a fixed order, unset ones left out), so one registration always encodes to the
+/// same text; the registrar compares texts to decide what to write.
 public func encodeRecord(_ registration: Registration) -> String {
-    var json = "{\"host\":\(jsonString(registration.host)),\"port\":\(registration.port),\"listen\":\(registration.listen)"
-    json += ",\"weight\":\(registration.weight),\"tags\":["
-    json += registration.tags.map(jsonString).joined(separator: ",")
-    json += "],\"meta\":{"
-    json += registration.meta.sorted { $0.key < $1.key }.map { "\(jsonString($0.key)):\(jsonString($0.value))" }.joined(separator: ",")
-    json += "},\"draining\":\(registration.draining)}"
-    return json
+    record(registration).encodedJSON()
 }
 
-/// A JSON string literal (RFC 8259 escapes; other characters as UTF-8).
-func jsonString(_ text: String) -> String {
-    var output = "\""
-    for scalar in text.unicodeScalars {
-        switch scalar {
-        case "\"": output += "\\\""
-        case "\\": output += "\\\\"
-        case "\n": output += "\\n"
-        case "\r": output += "\\r"
-        case "\t": output += "\\t"
-        case _ where scalar.value < 0x20:
-            let hex = String(scalar.value, radix: 16)
-            output += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-        default: output.unicodeScalars.append(scalar)
-        }
-    }
-    return output + "\""
+func record(_ registration: Registration) -> InstanceRecord {
+    InstanceRecord(host: registration.host, port: UInt16(clamping: registration.port), listen: UInt16(clamping: registration.listen),
+                   weight: registration.weight, tags: registration.tags, meta: registration.meta, draining: registration.draining)
 }
 
 /// The writes that take etcd from `written` to `desired`: puts of new or changed values and

@@ -1,5 +1,6 @@
 import ArgumentParser
 import BerthEngine
+import BerthEtcd
 import BerthRegistrar
 import Glibc
 import Logging
@@ -97,9 +98,10 @@ struct RegistrationOptions: ParsableArguments {
     static let defaultDockerSocket = "unix:///var/run/docker.sock"
 
     func validate() throws {
-        if endpoints.isEmpty { throw invalid("--etcd", etcd, "HOST:PORT endpoints separated by commas") }
-        for endpoint in endpoints where !isEndpoint(endpoint) {
-            throw invalid("--etcd", endpoint, "HOST:PORT or http://HOST:PORT")
+        do {
+            _ = try EtcdEndpoint.parseList(etcd)
+        } catch {
+            throw invalid("--etcd", etcd, "HOST:PORT or http://HOST:PORT endpoints separated by commas (\(error))")
         }
         if prefix.isEmpty || !prefix.hasPrefix("/") { throw invalid("--prefix", prefix, "a key prefix starting with /") }
         if let hostIP, hostIP.isEmpty || hostIP.contains(where: { $0 == " " || $0 == "/" }) {
@@ -145,13 +147,6 @@ struct RegistrationOptions: ParsableArguments {
         }
         let store = try EtcdRegistrationStore(endpoints: endpoints)
         return Registrar(configuration: configuration, store: store)
-    }
-
-    private func isEndpoint(_ text: String) -> Bool {
-        var rest = Substring(text)
-        if rest.hasPrefix("http://") { rest = rest.dropFirst(7) }
-        guard let colon = rest.lastIndex(of: ":"), let port = Int(rest[rest.index(after: colon)...]) else { return false }
-        return (1...65535).contains(port) && colon != rest.startIndex
     }
 }
 

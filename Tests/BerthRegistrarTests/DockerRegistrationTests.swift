@@ -9,7 +9,7 @@ import XCTest
 
 final class DockerRegistrationTests: XCTestCase {
     nonisolated(unsafe) static var docker: DockerFixture?
-    nonisolated(unsafe) static var etcd: LocalEtcd?
+    nonisolated(unsafe) static var etcd: EtcdFixture?
     nonisolated(unsafe) static var setUpFailure: String?
     nonisolated(unsafe) static var prefixSequence = 0
 
@@ -20,7 +20,7 @@ final class DockerRegistrationTests: XCTestCase {
             return
         }
         do {
-            etcd = try LocalEtcd()
+            etcd = try EtcdFixture()
             docker = try DockerFixture()
         } catch {
             setUpFailure = "\(error)"
@@ -30,14 +30,14 @@ final class DockerRegistrationTests: XCTestCase {
     override class func tearDown() {
         docker?.stop()
         docker = nil
-        etcd?.stop(removeData: true)
+        etcd?.stop()
         etcd = nil
         super.tearDown()
     }
 
     private var docker: DockerFixture!
-    private var etcd: LocalEtcd!
-    private var gateway: EtcdGateway!
+    private var etcd: EtcdFixture!
+    private var gateway: EtcdReader!
     private var prefix = ""
     private var registrar: Registrar?
     private var task: Task<Void, Error>?
@@ -46,7 +46,7 @@ final class DockerRegistrationTests: XCTestCase {
         if let failure = Self.setUpFailure { throw XCTSkip("no real dockerd/etcd: \(failure)") }
         docker = Self.docker
         etcd = Self.etcd
-        gateway = EtcdGateway(port: etcd.clientPort)
+        gateway = try EtcdReader(etcd)
         Self.prefixSequence += 1
         prefix = "/registrar-test-\(Self.prefixSequence)"
     }
@@ -69,7 +69,7 @@ final class DockerRegistrationTests: XCTestCase {
         task = Task { try await registrar.run() }
     }
 
-    func makeStore() throws -> any RegistrationStore { gateway }
+    func makeStore() throws -> any RegistrationStore { try EtcdRegistrationStore(endpoints: [etcd.endpoints]) }
 
     private func keys() async throws -> [String: String] { try await gateway.get(prefix: prefix + "/") }
 
@@ -100,7 +100,7 @@ final class DockerRegistrationTests: XCTestCase {
             XCTAssertEqual(value["host"] as? String, "127.0.0.1")
             XCTAssertEqual(value["port"] as? Int, try docker.publishedPort(id))
             XCTAssertEqual(value["listen"] as? Int, 8000)
-            XCTAssertEqual(value["draining"] as? Bool, false)
+            XCTAssertNil(value["draining"], "not draining: the field is left out")
         }
         let lease = try await gateway.lease(of: firstKey)
         XCTAssertEqual(lease, registrar?.status.leaseID)
@@ -169,14 +169,12 @@ final class DockerRegistrationTests: XCTestCase {
         await assertEventually(timeout: 3) { try await keys().count == 2 }
 
         // The same data: the lease survives the restart.
-        etcd.stop()
-        try etcd.start()
+        try etcd.restart(losingData: false)
         let back = await eventually(timeout: 5) { try await keys().count == 2 }
         XCTAssertLessThan(back ?? 99, 2.0, "keys back after \(back ?? -1) s (data kept)")
 
         // Data lost: the registrar finds its lease gone, grants a new one and puts every key again.
-        etcd.stop(removeData: true)
-        try etcd.start()
+        try etcd.restart(losingData: true)
         let again = await eventually(timeout: 5) { let all = try await keys(); return all[key] != nil && all.count == 2 }
         XCTAssertLessThan(again ?? 99, 2.0, "keys back after \(again ?? -1) s (data lost)")
         print("registrar: etcd restarted, keys back in \(String(format: "%.3f", back ?? -1)) s (data kept), \(String(format: "%.3f", again ?? -1)) s (data lost)")

@@ -17,7 +17,7 @@ enum BerthExecutable {
 
 final class RegisterCommandTests: XCTestCase {
     nonisolated(unsafe) static var docker: DockerFixture?
-    nonisolated(unsafe) static var etcd: LocalEtcd?
+    nonisolated(unsafe) static var etcd: EtcdFixture?
     nonisolated(unsafe) static var setUpFailure: String?
 
     override class func setUp() {
@@ -27,7 +27,7 @@ final class RegisterCommandTests: XCTestCase {
             return
         }
         do {
-            etcd = try LocalEtcd()
+            etcd = try EtcdFixture()
             docker = try DockerFixture()
         } catch {
             setUpFailure = "\(error)"
@@ -37,7 +37,7 @@ final class RegisterCommandTests: XCTestCase {
     override class func tearDown() {
         docker?.stop()
         docker = nil
-        etcd?.stop(removeData: true)
+        etcd?.stop()
         etcd = nil
         super.tearDown()
     }
@@ -49,10 +49,10 @@ final class RegisterCommandTests: XCTestCase {
         processes = []
     }
 
-    private func fixtures() throws -> (DockerFixture, LocalEtcd, EtcdGateway) {
+    private func fixtures() throws -> (DockerFixture, EtcdFixture, EtcdReader) {
         if let failure = Self.setUpFailure { throw XCTSkip("no real dockerd/etcd: \(failure)") }
         guard let docker = Self.docker, let etcd = Self.etcd else { throw XCTSkip("fixtures missing") }
-        return (docker, etcd, EtcdGateway(port: etcd.clientPort))
+        return (docker, etcd, try EtcdReader(etcd))
     }
 
     private func register(_ arguments: [String], environment: [String: String] = [:]) throws -> SpawnedProcess {
@@ -65,7 +65,7 @@ final class RegisterCommandTests: XCTestCase {
         let (docker, etcd, gateway) = try fixtures()
         let id = try docker.run()
         let prefix = "/register-kill"
-        let arguments = ["--etcd", etcd.endpoint, "--prefix", prefix, "--ttl", "3s", "--static", "db=127.0.0.1:5432"]
+        let arguments = ["--etcd", etcd.endpoints, "--prefix", prefix, "--ttl", "3s", "--static", "db=127.0.0.1:5432"]
         let environment = ["DOCKER_HOST": docker.host]
         let keys = { try await gateway.get(prefix: prefix + "/") }
         let expected: Set<String> = ["\(prefix)/whoami/\(id.prefix(12))", "\(prefix)/db/127.0.0.1:5432"]
@@ -96,7 +96,7 @@ final class RegisterCommandTests: XCTestCase {
         let id = try docker.run()
         let prefix = "/register-seed"
         let process = try register(["--compat", "seed"], environment: [
-            "ETCD_HOST": etcd.endpoint, "BERTH_PREFIX": prefix, "DOCKER_HOST": docker.host, "HOST_IP": "192.0.2.2",
+            "ETCD_HOST": "127.0.0.1:\(etcd.members[0].clientPort)", "BERTH_PREFIX": prefix, "DOCKER_HOST": docker.host, "HOST_IP": "192.0.2.2",
         ])
         let expected = ["\(prefix)/whoami/\(id.prefix(12))": "127.0.0.1:\(try docker.publishedPort(id))", "\(prefix)/whoami/port": "8000"]
         let found = await eventually(timeout: 5) { try await gateway.get(prefix: prefix + "/") == expected }

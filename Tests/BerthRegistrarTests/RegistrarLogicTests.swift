@@ -93,7 +93,7 @@ final class RegistrarLogicTests: XCTestCase {
         let took = await eventually(timeout: 2) { store.values.count == 2 }
         XCTAssertNotNil(took)
         XCTAssertEqual(store.values["/backends/whoami/127.0.0.5:8001"],
-                       #"{"host":"127.0.0.5","port":8001,"listen":8000,"weight":1,"tags":[],"meta":{"static":"true"},"draining":false}"#)
+                       #"{"host":"127.0.0.5","port":8001,"listen":8000,"weight":1,"meta":{"static":"true"}}"#)
         XCTAssertNotNil(store.values["/backends/jwilder%2Fwhoami/127.0.0.6:8002"])
         XCTAssertEqual(store.state.withLock { Set($0.keys.values.map(\.lease)) }.count, 1)
         XCTAssertEqual(registrar.status.registered, 2)

@@ -4,12 +4,6 @@ import Foundation
 import Glibc
 import Synchronization
 
-/// A fixture failure with a message fit for the test log.
-public struct FixtureFailure: Error, CustomStringConvertible {
-    public let description: String
-    public init(_ description: String) { self.description = description }
-}
-
 /// Seconds on the monotonic clock.
 public func monotonicSeconds() -> Double {
     var time = timespec()
