@@ -102,6 +102,9 @@ final class DockerRegistrationTests: XCTestCase {
             XCTAssertEqual(value["listen"] as? Int, 8000)
             XCTAssertNil(value["draining"], "not draining: the field is left out")
         }
+        // The published port on 127.0.0.1 reaches the container (docker-proxy), which answers.
+        let answer = try SpawnedProcess.run("curl", ["-s", "-m", "2", "http://127.0.0.1:\(try docker.publishedPort(first))/"], timeout: 5)
+        XCTAssertEqual(answer.output.trimmingCharacters(in: .whitespacesAndNewlines), "I'm \(first.prefix(12))")
         let lease = try await gateway.lease(of: firstKey)
         XCTAssertEqual(lease, registrar?.status.leaseID)
 

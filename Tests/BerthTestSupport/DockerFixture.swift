@@ -110,18 +110,23 @@ public final class DockerFixture: @unchecked Sendable {
 
     private func buildImage() throws {
         let root = "\(directory)/rootfs"
-        for folder in ["bin", "www", "tmp", "etc"] { mkdir("\(root)/\(folder)", 0o755) }
+        for folder in ["", "/bin", "/www", "/tmp", "/etc"] { mkdir(root + folder, 0o755) }
         _ = try SpawnedProcess.run("cp", ["/bin/busybox", "\(root)/bin/busybox"], timeout: 10)
         for tool in ["sh", "httpd", "hostname", "sleep", "echo", "cat"] { symlink("busybox", "\(root)/bin/\(tool)") }
-        let script = #"echo "I'm $(hostname)" > /www/index.html; trap 'exit 0' TERM; httpd -p 8001 -h /www; httpd -f -p 8000 -h /www & wait"#
-        let command = #"CMD ["/bin/sh","-c","# + jsonEscaped(script) + #""]"#
-        let tar = "tar -C \(root) -c . | docker -H \(host) import -c '\(command.replacingOccurrences(of: "'", with: "'\\''"))' - \(Self.image)"
+        // PID 1 is this script: it answers SIGTERM at once (a shell as PID 1 would ignore it).
+        let script = """
+            echo "I'm $(hostname)" > /www/index.html
+            trap 'exit 0' TERM
+            httpd -p 8001 -h /www
+            httpd -f -p 8000 -h /www &
+            wait
+            """
+        guard FileManager.default.createFile(atPath: "\(root)/start.sh", contents: Data(script.utf8)) else {
+            throw FixtureFailure("cannot write \(root)/start.sh")
+        }
+        let tar = "tar -C \(root) -c . | docker -H \(host) import -c 'CMD [\"/bin/sh\",\"/start.sh\"]' - \(Self.image)"
         let result = try SpawnedProcess.run("sh", ["-c", tar], timeout: 60)
         guard result.code == 0 else { throw FixtureFailure("docker import: \(result.error)") }
-    }
-
-    private func jsonEscaped(_ text: String) -> String {
-        text.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"")
     }
 
     /// Removes every container, stops dockerd by PID, deletes the bridge and the directory.

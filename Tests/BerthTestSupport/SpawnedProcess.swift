@@ -71,6 +71,16 @@ public final class SpawnedProcess: Sendable {
         pid = child
     }
 
+    /// A child never outlives its owner: killed (by PID) and reaped, output files removed.
+    deinit {
+        if poll() == nil {
+            kill(pid, SIGKILL)
+            _ = waitForExit(timeout: 5)
+        }
+        unlink(outputPath)
+        unlink(errorPath)
+    }
+
     private typealias AddCloseFrom = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, CInt) -> CInt
     private static let addCloseFrom: AddCloseFrom? = {
         guard let symbol = dlsym(nil, "posix_spawn_file_actions_addclosefrom_np") else { return nil }
