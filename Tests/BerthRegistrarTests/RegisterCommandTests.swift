@@ -47,6 +47,9 @@ final class RegisterCommandTests: XCTestCase {
     override func tearDown() {
         for process in processes { process.stop(grace: 5) }
         processes = []
+        if let docker = Self.docker, let ids = try? docker.docker(["ps", "-aq"]).output.split(separator: "\n").map(String.init), !ids.isEmpty {
+            _ = try? docker.docker(["rm", "-f"] + ids)
+        }
     }
 
     private func fixtures() throws -> (DockerFixture, EtcdFixture, EtcdReader) {
@@ -105,7 +108,7 @@ final class RegisterCommandTests: XCTestCase {
     }
 
     func testBadFlagsExitWithUsageError() throws {
-        for arguments in [["--ttl", "1s"], ["--ttl", "2500ms"], ["--static", "nope"], ["--etcd", "no-port"], ["--compat", "other"],
+        for arguments in [["--ttl", "1s"], ["--ttl", "2500ms"], ["--static", "nope"], ["--etcd", "ftp://127.0.0.1:1"], ["--compat", "other"],
                           ["--docker-host", "tcp://1.2.3.4:2375"], ["--prefix", "relative"], ["--resync", "0"]] {
             let result = try SpawnedProcess.run(BerthExecutable.path, ["register"] + arguments, timeout: 10)
             XCTAssertEqual(result.code, 64, "\(arguments): \(result.error)")
