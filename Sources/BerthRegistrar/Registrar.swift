@@ -1,3 +1,4 @@
+import BerthEtcd
 import Logging
 import NIOCore
 import Synchronization
@@ -173,7 +174,7 @@ public final class Registrar: Sendable {
     // MARK: - Docker events
 
     private func followEvents(_ docker: DockerClient) async {
-        var backoff = Backoff(initial: configuration.reconnectInitial, maximum: configuration.reconnectMaximum)
+        var backoff = Backoff(Backoff.Settings(initial: configuration.reconnectInitial, maximum: configuration.reconnectMaximum))
         var lastError: String?
         while !Task.isCancelled {
             var splitter = LineSplitter()
@@ -197,7 +198,7 @@ public final class Registrar: Sendable {
                 if $0.dockerConnected { $0.dockerReconnects += 1 }
                 $0.dockerConnected = false
             }
-            try? await Task.sleep(for: backoff.next())
+            try? await backoff.wait()
         }
     }
 

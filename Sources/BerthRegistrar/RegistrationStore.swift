@@ -36,26 +36,3 @@ func withDeadline<Result: Sendable>(_ timeout: Duration, what: String, _ operati
         return result
     }
 }
-
-/// Capped exponential backoff with jitter: each delay is drawn from [d/2, d], d doubling from
-/// `initial` to `maximum`; `reset()` after a success.
-struct Backoff: Sendable {
-    let initial: Duration
-    let maximum: Duration
-    private var current: Duration
-
-    init(initial: Duration, maximum: Duration) {
-        self.initial = initial
-        self.maximum = maximum
-        self.current = initial
-    }
-
-    mutating func next() -> Duration {
-        let delay = current
-        current = min(current * 2, maximum)
-        let milliseconds = max(1, Int(delay.components.seconds * 1000 + delay.components.attoseconds / 1_000_000_000_000_000))
-        return .milliseconds(Int.random(in: (milliseconds + 1) / 2...milliseconds))
-    }
-
-    mutating func reset() { current = initial }
-}

@@ -119,6 +119,23 @@ final class DockerRegistrationTests: XCTestCase {
         print("registrar: two keys in \(String(format: "%.3f", tookToAppear)) s; stop → gone in \(String(format: "%.3f", stopped ?? -1)) s; kill → gone in \(String(format: "%.3f", killed ?? -1)) s")
     }
 
+    func testPausedContainerIsDrainingUntilUnpaused() async throws {
+        try startRegistrar()
+        try await waitForDocker(registrar)
+        let id = try docker.run()
+        let key = "\(prefix)/whoami/\(id.prefix(12))"
+        await assertEventually(timeout: 3) { try await keys()[key] != nil }
+        XCTAssertEqual(try docker.docker(["pause", id]).code, 0)
+        let drained = await assertEventually(timeout: 3, "pause did not drain") { decode(try await keys()[key])["draining"] as? Bool == true }
+        XCTAssertEqual(try docker.docker(["unpause", id]).code, 0)
+        let restored = await assertEventually(timeout: 3, "unpause did not restore") {
+            let value = try await keys()[key]
+            return value != nil && decode(value)["draining"] == nil
+        }
+        XCTAssertLessThan(drained ?? 99, 1.0)
+        XCTAssertLessThan(restored ?? 99, 1.0)
+    }
+
     func testFiftyContainersAtOnceAndTheSpecialCases() async throws {
         try startRegistrar()
         try await waitForDocker(registrar)

@@ -138,6 +138,26 @@ final class EventStreamTests: XCTestCase {
         await docker.stop()
     }
 
+    func testKillWithATerminatingSignalMarksDrainingUntilDeath() async throws {
+        let start = #"{"Type":"container","Action":"start","Actor":{"ID":"\#(id)"}}"#
+        let hangup = #"{"Type":"container","Action":"kill","Actor":{"ID":"\#(id)","Attributes":{"signal":"1"}}}"#
+        let terminate = #"{"Type":"container","Action":"kill","Actor":{"ID":"\#(id)","Attributes":{"signal":"15"}}}"#
+        let docker = try await FakeDocker(scripts: [.init(lines: [start, hangup, terminate], running: [id], close: false)])
+        let store = InMemoryStore()
+        let configuration = RegistrarConfiguration(ttlSeconds: 3, docker: try DockerClient(host: "unix://\(docker.path)"))
+        let registrar = Registrar(configuration: configuration, store: store)
+        let task = Task { try await registrar.run() }
+        let key = "/backends/whoami/\(id.prefix(12))"
+        await assertEventually(timeout: 3, "kill 15 did not mark the instance draining") {
+            store.values[key]?.contains(#""draining":true"#) == true
+        }
+        // Every value written for the key: the SIGHUP never drained it, SIGTERM did.
+        XCTAssertEqual(registrar.status.eventsSeen, 3)
+        registrar.shutdown()
+        try await task.value
+        await docker.stop()
+    }
+
     func testUnreachableDockerIsRetriedAndStaticsStillRegister() async throws {
         let store = InMemoryStore()
         let path = "\(NSTemporaryDirectory())berth-no-docker-\(getpid()).sock"
