@@ -75,10 +75,10 @@ struct RegistrationOptions: ParsableArguments {
     @Option(help: EnvironmentFlags.help("Address registered for ports published on every address (0.0.0.0); a port bound to a specific address registers that address.", "HOST_IP"))
     var hostIP: String?
 
-    @Option(help: EnvironmentFlags.help("Lease TTL: this host's keys expire this long after it dies (whole seconds, at least 2s).", "BERTH_TTL"), transform: DurationArgument.parse)
+    @Option(help: EnvironmentFlags.help("Lease TTL: this host's keys expire this long after it dies (whole seconds, at least 2s; default 15s).", "BERTH_TTL"), transform: DurationArgument.parse)
     var ttl = DurationArgument(milliseconds: 15_000)
 
-    @Option(help: EnvironmentFlags.help("How often the container table is rebuilt from Docker and checked against etcd.", "BERTH_RESYNC"), transform: DurationArgument.parse)
+    @Option(help: EnvironmentFlags.help("How often the container table is rebuilt from Docker and checked against etcd (default 30s).", "BERTH_RESYNC"), transform: DurationArgument.parse)
     var resync = DurationArgument(milliseconds: 30_000)
 
     @Option(help: EnvironmentFlags.help("none, or seed: write the seed's HOST:PORT values and <service>/port keys for an old docker-discover.", "BERTH_COMPAT"))
@@ -108,7 +108,7 @@ struct RegistrationOptions: ParsableArguments {
             throw invalid("--host-ip", hostIP, "an IP address")
         }
         if ttl.milliseconds < 2_000 || ttl.milliseconds % 1000 != 0 || ttl.milliseconds > 86_400_000 {
-            throw invalid("--ttl", "\(ttl)", "whole seconds from 2s to 1d")
+            throw invalid("--ttl", "\(ttl)", "whole seconds from 2s to 1d (a bare number is milliseconds: write 15s)")
         }
         if resync.milliseconds < 100 { throw invalid("--resync", "\(resync)", "a duration of at least 100ms") }
         _ = try staticRegistrations()
@@ -137,7 +137,8 @@ struct RegistrationOptions: ParsableArguments {
         return true
     }
 
-    func makeRegistrar() throws -> Registrar {
+    /// `store`: the etcd client shared with discovery under `berth run`; else a client of its own.
+    func makeRegistrar(store: (any RegistrationStore)? = nil) throws -> Registrar {
         var configuration = RegistrarConfiguration(
             layout: RecordLayout(prefix: prefix, compat: compat), hostIP: hostIP,
             ttlSeconds: ttl.milliseconds / 1000, resyncInterval: .milliseconds(resync.milliseconds),
@@ -145,8 +146,7 @@ struct RegistrationOptions: ParsableArguments {
         if usesDocker {
             configuration.docker = try DockerClient(host: dockerHost ?? Self.defaultDockerSocket)
         }
-        let store = try EtcdRegistrationStore(endpoints: endpoints)
-        return Registrar(configuration: configuration, store: store)
+        return Registrar(configuration: configuration, store: try store ?? EtcdRegistrationStore(endpoints: endpoints))
     }
 }
 
