@@ -230,6 +230,41 @@ public struct Catalog: Sendable {
         return port
     }
 
+    // MARK: Keys as etcd returns them (bytes)
+
+    /// `reset` with keys as bytes; a key that is not UTF-8 is counted as malformed.
+    @discardableResult
+    public mutating func reset(byteEntries entries: [(key: [UInt8], value: [UInt8])], revision: Int64) -> CatalogDiff {
+        var texts: [(key: String, value: [UInt8])] = []
+        var invalid: [[UInt8]] = []
+        for entry in entries {
+            if let key = String(validating: entry.key, as: UTF8.self) { texts.append((key, entry.value)) } else { invalid.append(entry.key) }
+        }
+        let diff = reset(entries: texts, revision: revision)
+        for key in invalid { _ = recordInvalidKey(key, revision: revision) }
+        return diff
+    }
+
+    @discardableResult
+    public mutating func apply(put key: [UInt8], value: [UInt8], revision: Int64) -> EventOutcome {
+        if let text = String(validating: key, as: UTF8.self) { return apply(put: text, value: value, revision: revision) }
+        guard admit(key: String(decoding: key, as: UTF8.self), revision: revision) else { return .stale }
+        return recordInvalidKey(key, revision: revision)
+    }
+
+    @discardableResult
+    public mutating func apply(delete key: [UInt8], revision: Int64) -> EventOutcome {
+        if let text = String(validating: key, as: UTF8.self) { return apply(delete: text, revision: revision) }
+        guard admit(key: String(decoding: key, as: UTF8.self), revision: revision) else { return .stale }
+        return .unchanged
+    }
+
+    private mutating func recordInvalidKey(_ key: [UInt8], revision: Int64) -> EventOutcome {
+        guard case .malformed(let error) = options.layout.classify(key) else { return .ignored(.outsidePrefix) }
+        return record(MalformedEntry(key: error.key, reason: .key(error.reason), detail: error.reason.rawValue, revision: revision),
+                      removed: false)
+    }
+
     // MARK: Queries
 
     /// Instances in all services.

@@ -126,6 +126,22 @@ final class CatalogTests: XCTestCase {
         XCTAssertEqual(catalog.malformed.total, 0)
     }
 
+    func testKeysAsBytes() {
+        var catalog = Catalog(options: Catalog.Options(defaultListen: 80))
+        catalog.reset(byteEntries: [(bytes("/backends/s/a"), bytes("10.0.0.1:1")), (bytes("/backends/s/") + [0xFF], bytes("10.0.0.2:1")),
+                                    ([0xFF], bytes("x"))], revision: 1)
+        XCTAssertEqual(catalog.instanceCount, 1)
+        XCTAssertEqual(catalog.malformed.byReason, [.key(.keyNotUTF8): 1], "a bad key outside the prefix is not ours")
+        XCTAssertEqual(catalog.apply(put: bytes("/backends/s/b"), value: bytes("10.0.0.2:1"), revision: 2), .changed)
+        guard case .malformed = catalog.apply(put: bytes("/backends/") + [0xC3, 0x28] + bytes("/i"), value: bytes("10.0.0.3:1"), revision: 3) else {
+            return XCTFail("should be malformed")
+        }
+        XCTAssertEqual(catalog.apply(delete: bytes("/backends/s/a"), revision: 4), .changed)
+        XCTAssertEqual(catalog.apply(delete: bytes("/backends/s/a"), revision: 3), .stale)
+        XCTAssertEqual(catalog.services["s"]?.instances.keys.sorted(), ["b"])
+        XCTAssertEqual(catalog.malformed.total, 2)
+    }
+
     func testResetReportsWhatDisappeared() {
         var catalog = Catalog()
         catalog.reset(entries: [

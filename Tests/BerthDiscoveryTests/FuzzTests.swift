@@ -62,7 +62,7 @@ final class FuzzTests: XCTestCase {
                          #"{"host":"h","port":80,"draining":\#(notBool[random.below(notBool.count)])}"#]
             return (Array(texts[random.below(texts.count)].utf8), true)
         case .deepNesting:
-            let depth = 1 + random.below(3_000)
+            let depth = 1 + random.below(2 * JSONValue.maximumDepth)
             let open = random.below(2) == 0 ? "[" : "{\"a\":"
             let close = open == "[" ? "]" : "}"
             let nested = String(repeating: open, count: depth) + "1" + String(repeating: close, count: depth)
