@@ -36,6 +36,12 @@ public struct Catalog: Sendable {
         public var seedPort: UInt16?
         public var config: ServiceConfig?
 
+        public init(instances: [String: InstanceRecord] = [:], seedPort: UInt16? = nil, config: ServiceConfig? = nil) {
+            self.instances = instances
+            self.seedPort = seedPort
+            self.config = config
+        }
+
         var isEmpty: Bool { instances.isEmpty && seedPort == nil && config == nil }
     }
 
@@ -166,12 +172,12 @@ public struct Catalog: Sendable {
                 changed = services[service, default: Service()].instances.updateValue(parsed, forKey: instance) != parsed
             case .port(let service):
                 let port = try Self.parsePort(value)
-                changed = services[service, default: Service()].seedPort != port
-                services[service]?.seedPort = port
+                changed = services[service]?.seedPort != port
+                services[service, default: Service()].seedPort = port
             case .config(let service):
                 let config = try ServiceConfig.parse(value)
-                changed = services[service, default: Service()].config != config
-                services[service]?.config = config
+                changed = services[service]?.config != config
+                services[service, default: Service()].config = config
             case .ignored, .malformed:
                 return .unchanged
             }

@@ -50,6 +50,29 @@ final class CatalogTests: XCTestCase {
         XCTAssertEqual(backends(result, "whoami")?.map(\.address), [address("10.170.71.227:49154"), address("10.170.71.226:49153")])
     }
 
+    func testOrderOfKeysDoesNotMatter() {
+        let entries: [(key: String, value: [UInt8])] = [
+            ("/backends/_config/s", bytes(#"{"retries":7}"#)),
+            ("/backends/s/port", bytes("8000")),
+            ("/backends/s/a", bytes("10.0.0.1:1")),
+        ]
+        var forward = Catalog()
+        forward.reset(entries: entries, revision: 1)
+        var backward = Catalog()
+        backward.reset(entries: entries.reversed(), revision: 1)
+        var oneByOne = Catalog()
+        for (offset, entry) in entries.enumerated() {
+            XCTAssertEqual(oneByOne.apply(put: entry.key, value: entry.value, revision: Int64(offset + 1)), .changed)
+        }
+        for var catalog in [forward, backward, oneByOne] {
+            XCTAssertEqual(catalog.services["s"], Catalog.Service(instances: ["a": InstanceRecord(host: "10.0.0.1", port: 1)],
+                                                                  seedPort: 8000, config: ServiceConfig(retries: 7)))
+            let table = build(&catalog).table
+            XCTAssertEqual(table.frontends.map(\.listen.port), [8000])
+            XCTAssertEqual(table.frontends.map(\.settings.retries), [7])
+        }
+    }
+
     func testRegistratorLayoutTakesListenFromConfigOrDefault() {
         var catalog = Catalog(options: Catalog.Options(defaultListen: 9000))
         catalog.reset(entries: [
