@@ -145,7 +145,7 @@ public enum KeySegment {
     /// Decodes a segment; fails on an empty segment or one not in canonical form.
     public static func decode(_ segment: Substring) -> Result<String, KeyError.Reason> {
         guard !segment.isEmpty else { return .failure(.emptySegment) }
-        guard segment.contains("%") else { return .success(String(segment)) }
+        guard segment.utf8.contains(UInt8(ascii: "%")) else { return .success(String(segment)) }
         var bytes: [UInt8] = []
         bytes.reserveCapacity(segment.utf8.count)
         var iterator = segment.utf8.makeIterator()
