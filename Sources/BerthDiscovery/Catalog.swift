@@ -273,6 +273,13 @@ public struct Catalog: Sendable {
 
     // MARK: Queries
 
+    /// Figures for the stats page and the log.
+    public var statistics: CatalogStatistics {
+        CatalogStatistics(revision: revision, services: services.count, instances: instanceCount,
+                          malformedTotal: malformed.total, malformedByReason: malformed.byReason,
+                          malformedNow: malformedKeys.count, recentMalformed: malformed.recent)
+    }
+
     /// Instances in all services.
     public var instanceCount: Int { services.values.reduce(0) { $0 + $1.instances.count } }
 
@@ -286,6 +293,21 @@ public struct Catalog: Sendable {
         }
         return names
     }
+}
+
+/// A snapshot of the catalog's figures (`Catalog.statistics`).
+public struct CatalogStatistics: Sendable, Equatable {
+    /// The applied etcd revision.
+    public var revision: Int64
+    public var services: Int
+    public var instances: Int
+    /// Malformed keys and values seen since start (puts and listings), and per reason.
+    public var malformedTotal: UInt64
+    public var malformedByReason: [MalformedReason: UInt64]
+    /// Keys whose current value is malformed.
+    public var malformedNow: Int
+    /// The last few, oldest first (bounded by `Options.malformedHistory`).
+    public var recentMalformed: [MalformedEntry]
 }
 
 /// What one event did.

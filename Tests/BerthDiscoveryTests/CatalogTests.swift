@@ -272,6 +272,27 @@ final class CatalogTests: XCTestCase {
         XCTAssertEqual(build(&catalog, now: 40_000).table.frontends, [], "a dropped service does not come back")
     }
 
+    func testAServiceGoneInAReListLingersToo() {
+        var catalog = Catalog(options: Catalog.Options(linger: 1_000))
+        catalog.reset(entries: [("/backends/s/a", bytes(#"{"host":"10.0.0.1","port":1,"listen":8000}"#))], revision: 1)
+        XCTAssertEqual(build(&catalog, now: 0).table.frontends.count, 1)
+        let diff = catalog.reset(entries: [("/backends/other/x", bytes("garbage"))], revision: 50)
+        XCTAssertEqual(diff.removed, [InstanceID(service: "s", instance: "a")])
+        var result = build(&catalog, now: 100)
+        XCTAssertEqual(result.table.frontends.map(\.name), ["s"])
+        XCTAssertEqual(result.table.frontends.first?.backends, [])
+        XCTAssertEqual(result.table.revision, 50)
+        XCTAssertEqual(result.nextEvaluation, 1_100)
+        result = build(&catalog, now: 1_100)
+        XCTAssertEqual(result.table.frontends, [])
+        let statistics = catalog.statistics
+        XCTAssertEqual(statistics.revision, 50)
+        XCTAssertEqual(statistics.services, 0)
+        XCTAssertEqual(statistics.malformedTotal, 1)
+        XCTAssertEqual(statistics.malformedNow, 1)
+        XCTAssertEqual(statistics.recentMalformed.map(\.key), ["/backends/other/x"])
+    }
+
     func testChecksAndSettingsFromConfig() {
         var catalog = Catalog()
         catalog.reset(entries: [
