@@ -150,7 +150,7 @@ let package = Package(
         ),
         .testTarget(
             name: "BerthCLITests",
-            dependencies: ["BerthEngine", "CBerthShims"]
+            dependencies: ["BerthTestSupport", "BerthEngine", "CBerthShims"]
         ),
     ],
     swiftLanguageModes: [.v6]

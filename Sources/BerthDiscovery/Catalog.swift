@@ -36,6 +36,12 @@ public struct Catalog: Sendable {
         public var seedPort: UInt16?
         public var config: ServiceConfig?
 
+        public init(instances: [String: InstanceRecord] = [:], seedPort: UInt16? = nil, config: ServiceConfig? = nil) {
+            self.instances = instances
+            self.seedPort = seedPort
+            self.config = config
+        }
+
         var isEmpty: Bool { instances.isEmpty && seedPort == nil && config == nil }
     }
 
@@ -166,12 +172,12 @@ public struct Catalog: Sendable {
                 changed = services[service, default: Service()].instances.updateValue(parsed, forKey: instance) != parsed
             case .port(let service):
                 let port = try Self.parsePort(value)
-                changed = services[service, default: Service()].seedPort != port
-                services[service]?.seedPort = port
+                changed = services[service]?.seedPort != port
+                services[service, default: Service()].seedPort = port
             case .config(let service):
                 let config = try ServiceConfig.parse(value)
-                changed = services[service, default: Service()].config != config
-                services[service]?.config = config
+                changed = services[service]?.config != config
+                services[service, default: Service()].config = config
             case .ignored, .malformed:
                 return .unchanged
             }
@@ -230,7 +236,49 @@ public struct Catalog: Sendable {
         return port
     }
 
+    // MARK: Keys as etcd returns them (bytes)
+
+    /// `reset` with keys as bytes; a key that is not UTF-8 is counted as malformed.
+    @discardableResult
+    public mutating func reset(byteEntries entries: [(key: [UInt8], value: [UInt8])], revision: Int64) -> CatalogDiff {
+        var texts: [(key: String, value: [UInt8])] = []
+        var invalid: [[UInt8]] = []
+        for entry in entries {
+            if let key = String(validating: entry.key, as: UTF8.self) { texts.append((key, entry.value)) } else { invalid.append(entry.key) }
+        }
+        let diff = reset(entries: texts, revision: revision)
+        for key in invalid { _ = recordInvalidKey(key, revision: revision) }
+        return diff
+    }
+
+    @discardableResult
+    public mutating func apply(put key: [UInt8], value: [UInt8], revision: Int64) -> EventOutcome {
+        if let text = String(validating: key, as: UTF8.self) { return apply(put: text, value: value, revision: revision) }
+        guard admit(key: String(decoding: key, as: UTF8.self), revision: revision) else { return .stale }
+        return recordInvalidKey(key, revision: revision)
+    }
+
+    @discardableResult
+    public mutating func apply(delete key: [UInt8], revision: Int64) -> EventOutcome {
+        if let text = String(validating: key, as: UTF8.self) { return apply(delete: text, revision: revision) }
+        guard admit(key: String(decoding: key, as: UTF8.self), revision: revision) else { return .stale }
+        return .unchanged
+    }
+
+    private mutating func recordInvalidKey(_ key: [UInt8], revision: Int64) -> EventOutcome {
+        guard case .malformed(let error) = options.layout.classify(key) else { return .ignored(.outsidePrefix) }
+        return record(MalformedEntry(key: error.key, reason: .key(error.reason), detail: error.reason.rawValue, revision: revision),
+                      removed: false)
+    }
+
     // MARK: Queries
+
+    /// Figures for the stats page and the log.
+    public var statistics: CatalogStatistics {
+        CatalogStatistics(revision: revision, services: services.count, instances: instanceCount,
+                          malformedTotal: malformed.total, malformedByReason: malformed.byReason,
+                          malformedNow: malformedKeys.count, recentMalformed: malformed.recent)
+    }
 
     /// Instances in all services.
     public var instanceCount: Int { services.values.reduce(0) { $0 + $1.instances.count } }
@@ -245,6 +293,21 @@ public struct Catalog: Sendable {
         }
         return names
     }
+}
+
+/// A snapshot of the catalog's figures (`Catalog.statistics`).
+public struct CatalogStatistics: Sendable, Equatable {
+    /// The applied etcd revision.
+    public var revision: Int64
+    public var services: Int
+    public var instances: Int
+    /// Malformed keys and values seen since start (puts and listings), and per reason.
+    public var malformedTotal: UInt64
+    public var malformedByReason: [MalformedReason: UInt64]
+    /// Keys whose current value is malformed.
+    public var malformedNow: Int
+    /// The last few, oldest first (bounded by `Options.malformedHistory`).
+    public var recentMalformed: [MalformedEntry]
 }
 
 /// What one event did.

@@ -75,7 +75,8 @@ public final class HostResolver: @unchecked Sendable {
         return .pending
     }
 
-    /// Stops the thread (a lookup in progress finishes first) and waits for it.
+    /// Stops the thread (a lookup in progress finishes first) and waits for it. Not from an
+    /// `onChange` callback (it runs on that thread).
     public func stop() {
         condition.lock()
         stopped = true

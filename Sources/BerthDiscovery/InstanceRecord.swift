@@ -74,7 +74,7 @@ public struct InstanceRecord: Sendable, Equatable {
             }
             host = trimmed[..<colon]
             portText = trimmed[trimmed.index(after: colon)...]
-            if host.contains(":") {
+            if host.utf8.contains(UInt8(ascii: ":")) {
                 throw ValueError(.badHost, "write IPv6 addresses in brackets, as [::1]:8080")
             }
             guard HostKind.classify(String(host)) != nil else {
@@ -146,7 +146,7 @@ public enum HostKind: Sendable, Equatable {
     /// IPv4 address, or characters a DNS name cannot have.
     public static func classify(_ host: String) -> HostKind? {
         guard !host.isEmpty, host.utf8.count <= 253, host != "*" else { return nil }
-        if host.contains(":") {
+        if host.utf8.contains(UInt8(ascii: ":")) {
             guard let address = try? SocketAddress(host: host, port: 0), address.description.hasPrefix("[") else {
                 return nil
             }

@@ -43,6 +43,15 @@ public struct RegistryLayout: Sendable, Equatable {
         "\(watchPrefix)\(Self.configSegment)/\(KeySegment.encode(service))"
     }
 
+    /// Classifies a key as etcd returns it (bytes); a key that is not UTF-8 is malformed.
+    public func classify(_ key: [UInt8]) -> KeyClass {
+        guard let text = String(validating: key, as: UTF8.self) else {
+            let shown = String(decoding: key, as: UTF8.self)
+            return shown.hasPrefix(watchPrefix) ? .malformed(KeyError(reason: .keyNotUTF8, key: shown)) : .ignored(.outsidePrefix)
+        }
+        return classify(text)
+    }
+
     /// Classifies a key read from etcd. Never throws: a key that is not ours is `.ignored`,
     /// one that is under the prefix but does not fit the layout is `.malformed`.
     public func classify(_ key: String) -> KeyClass {
@@ -102,6 +111,7 @@ public struct KeyError: Error, Sendable, Equatable, CustomStringConvertible {
         case notUTF8 = "escape decodes to invalid UTF-8"
         case nonCanonical = "escape not in canonical form"
         case reservedName = "reserved name"
+        case keyNotUTF8 = "key is not UTF-8"
     }
 
     public let reason: Reason
@@ -135,7 +145,7 @@ public enum KeySegment {
     /// Decodes a segment; fails on an empty segment or one not in canonical form.
     public static func decode(_ segment: Substring) -> Result<String, KeyError.Reason> {
         guard !segment.isEmpty else { return .failure(.emptySegment) }
-        guard segment.contains("%") else { return .success(String(segment)) }
+        guard segment.utf8.contains(UInt8(ascii: "%")) else { return .success(String(segment)) }
         var bytes: [UInt8] = []
         bytes.reserveCapacity(segment.utf8.count)
         var iterator = segment.utf8.makeIterator()

@@ -106,6 +106,27 @@ public final class EtcdClient: Sendable {
         try await put(key: key, value: Array(value.utf8), lease: lease)
     }
 
+    /// Puts up to 128 keys (etcd's default --max-txn-ops) in one transaction, all at one
+    /// revision, which it returns.
+    @discardableResult
+    public func putAll(_ pairs: [(key: String, value: [UInt8])], lease: Int64 = 0) async throws -> Int64 {
+        var request = Etcdserverpb_TxnRequest()
+        request.success = pairs.map { pair in
+            var put = Etcdserverpb_PutRequest()
+            put.key = Data(pair.key.utf8)
+            put.value = Data(pair.value)
+            put.lease = lease
+            var operation = Etcdserverpb_RequestOp()
+            operation.requestPut = put
+            return operation
+        }
+        let message = request
+        let response = try await call("Txn") { connection, metadata, options in
+            try await Etcdserverpb_KV.Client(wrapping: connection.client).txn(message, metadata: metadata, options: options)
+        }
+        return response.header.revision
+    }
+
     /// Deletes one key; returns how many were deleted (0 or 1).
     @discardableResult
     public func delete(key: String) async throws -> Int64 {
@@ -278,24 +299,32 @@ public final class EtcdClient: Sendable {
 
     /// Leaves `connection`'s endpoint for the next one (unless another caller already did).
     func failover(from connection: EtcdConnection, reason: String) {
-        let dropped = state.withLock { state -> EtcdConnection? in
+        let (dropped, wasConnected) = state.withLock { state -> (EtcdConnection?, Bool) in
+            let wasConnected = state.connected
             state.lastError = reason
             state.connected = false
-            guard state.connection === connection else { return nil }
+            guard state.connection === connection else { return (nil, wasConnected) }
             state.connection = nil
             state.index = (state.index + 1) % configuration.endpoints.count
             state.failovers += 1
-            return connection
+            return (connection, wasConnected)
         }
         if let dropped {
-            logger.warning("etcd endpoint failed, trying the next", metadata: ["reason": "\(reason)", "next": "\(status.endpoint)"])
+            // One warning per outage; the retries that follow are debug.
+            logger.log(level: wasConnected ? .warning : .debug, "etcd endpoint failed, trying the next",
+                       metadata: ["reason": "\(reason)", "next": "\(status.endpoint)"])
             dropped.close()
         }
     }
 
     func markHealthy(_ connection: EtcdConnection) {
         state.withLock { state in
-            if state.connection === connection { state.connected = true }
+            if state.connection === connection {
+                if !state.connected && state.failovers > 0 {
+                    logger.info("etcd reachable again", metadata: ["endpoint": "\(connection.endpoint)"])
+                }
+                state.connected = true
+            }
         }
     }
 

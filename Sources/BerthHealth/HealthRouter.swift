@@ -29,6 +29,8 @@ public final class HealthRouter: Sendable {
 
     private struct State {
         var desired = RoutingTable()
+        /// Backends with an active check: the others take traffic whatever the checker says.
+        var checked: Set<BackendKey> = []
         var lastApplied: RoutingTable?
         var allDownEvents: [String: UInt64] = [:]
         var allDownNow: Set<String> = []
@@ -42,12 +44,13 @@ public final class HealthRouter: Sendable {
         checker?.onChange { [weak self] in self?.republish() }
     }
 
-    /// Creates a checker (when the policy has checks) and an engine whose passive observation
-    /// reports to it, and the router over both.
-    public static func make(configuration: EngineConfiguration, policy: HealthPolicy) throws(SystemError) -> HealthRouter {
+    /// Creates a checker (when the policy has checks, or `alwaysCheck`: discovery, whose services
+    /// may bring their own check settings) and an engine whose passive observation reports to
+    /// it, and the router over both.
+    public static func make(configuration: EngineConfiguration, policy: HealthPolicy, alwaysCheck: Bool = false) throws(SystemError) -> HealthRouter {
         var configuration = configuration
         var checker: HealthChecker?
-        if policy.checks != nil {
+        if policy.checks != nil || alwaysCheck {
             let created = try HealthChecker()
             checker = created
             configuration.backendFailed = { frontend, backend in
@@ -60,14 +63,17 @@ public final class HealthRouter: Sendable {
         return HealthRouter(engine: engine, checker: checker, policy: policy)
     }
 
-    /// Sets the desired table: every backend in it is checked, and those that take traffic are
-    /// applied to the engine.
+    /// Sets the desired table: every backend in it is checked (with its frontend's settings in
+    /// `checks`, else the policy's), and those that take traffic are applied to the engine.
     @discardableResult
-    public func apply(_ table: RoutingTable) throws(EngineError) -> Engine.ApplyResult {
-        if let checks = policy.checks, let checker {
+    public func apply(_ table: RoutingTable, checks overrides: [String: CheckSettings] = [:]) throws(EngineError) -> Engine.ApplyResult {
+        var checked: Set<BackendKey> = []
+        if let checker {
             var targets: [CheckTarget] = []
             for frontend in table.frontends {
+                guard let checks = overrides[frontend.name] ?? policy.checks else { continue }
                 for backend in frontend.backends {
+                    checked.insert(BackendKey(frontend: frontend.name, backend: backend.name))
                     targets.append(CheckTarget(
                         key: BackendKey(frontend: frontend.name, backend: backend.name),
                         address: backend.address, settings: checks, initialState: policy.newBackendState))
@@ -77,6 +83,7 @@ public final class HealthRouter: Sendable {
         }
         return try state.withLock { state throws(EngineError) -> Engine.ApplyResult in
             state.desired = table
+            state.checked = checked
             return try publish(&state)
         }
     }
@@ -112,8 +119,10 @@ public final class HealthRouter: Sendable {
             // connections run on (a removed backend would be drained).
             for backendIndex in frontend.backends.indices {
                 let backend = frontend.backends[backendIndex]
+                let key = BackendKey(frontend: frontend.name, backend: backend.name)
+                guard state.checked.contains(key) else { continue }
                 effective.frontends[index].backends[backendIndex].enabled = backend.enabled
-                    && (health[BackendKey(frontend: frontend.name, backend: backend.name)]?.takesTraffic ?? (policy.newBackendState == .up))
+                    && (health[key]?.takesTraffic ?? (policy.newBackendState == .up))
             }
             let up = effective.frontends[index].backends.filter(\.enabled)
             if up.isEmpty {

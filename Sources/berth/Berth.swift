@@ -1,5 +1,6 @@
 import ArgumentParser
 import BerthEngine
+import Logging
 import Glibc
 
 /// The one executable: argument parsing and wiring only.
@@ -9,7 +10,7 @@ struct Berth: ParsableCommand {
         abstract: "Service discovery and TCP load balancing for Docker hosts, in one process.",
         discussion: "Every flag can also be set through the environment variable named in its help.",
         version: berthVersion,
-        subcommands: [ProxyCommand.self, WhoamiCommand.self, RegisterCommand.self])
+        subcommands: [ProxyCommand.self, DiscoverCommand.self, RegisterCommand.self, WhoamiCommand.self])
 }
 
 let berthVersion = "0.1.0"
@@ -23,10 +24,16 @@ func log(_ message: String) {
 @main
 enum Main {
     static func main() {
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = .info
+            return handler
+        }
         var arguments = Array(CommandLine.arguments.dropFirst())
         let environment = currentEnvironment()
         switch arguments.first {
         case "proxy": arguments = ProxyCommand.environment.apply(to: arguments, environment: environment)
+        case "discover": arguments = DiscoverCommand.environment.apply(to: arguments, environment: environment)
         case "whoami": arguments = WhoamiCommand.environment.apply(to: arguments, environment: environment)
         case "register": arguments = RegisterCommand.environment.apply(to: arguments, environment: environment)
         default: break

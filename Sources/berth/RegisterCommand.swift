@@ -32,11 +32,6 @@ struct RegisterCommand: ParsableCommand {
 
     func run() throws {
         ProcessSignals.block([SIGTERM, SIGINT])
-        LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = .info
-            return handler
-        }
         let registrar = try registration.makeRegistrar()
         let finished = Completion()
         let task = Task {

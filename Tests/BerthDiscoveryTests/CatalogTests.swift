@@ -50,6 +50,29 @@ final class CatalogTests: XCTestCase {
         XCTAssertEqual(backends(result, "whoami")?.map(\.address), [address("10.170.71.227:49154"), address("10.170.71.226:49153")])
     }
 
+    func testOrderOfKeysDoesNotMatter() {
+        let entries: [(key: String, value: [UInt8])] = [
+            ("/backends/_config/s", bytes(#"{"retries":7}"#)),
+            ("/backends/s/port", bytes("8000")),
+            ("/backends/s/a", bytes("10.0.0.1:1")),
+        ]
+        var forward = Catalog()
+        forward.reset(entries: entries, revision: 1)
+        var backward = Catalog()
+        backward.reset(entries: entries.reversed(), revision: 1)
+        var oneByOne = Catalog()
+        for (offset, entry) in entries.enumerated() {
+            XCTAssertEqual(oneByOne.apply(put: entry.key, value: entry.value, revision: Int64(offset + 1)), .changed)
+        }
+        for var catalog in [forward, backward, oneByOne] {
+            XCTAssertEqual(catalog.services["s"], Catalog.Service(instances: ["a": InstanceRecord(host: "10.0.0.1", port: 1)],
+                                                                  seedPort: 8000, config: ServiceConfig(retries: 7)))
+            let table = build(&catalog).table
+            XCTAssertEqual(table.frontends.map(\.listen.port), [8000])
+            XCTAssertEqual(table.frontends.map(\.settings.retries), [7])
+        }
+    }
+
     func testRegistratorLayoutTakesListenFromConfigOrDefault() {
         var catalog = Catalog(options: Catalog.Options(defaultListen: 9000))
         catalog.reset(entries: [
@@ -124,6 +147,22 @@ final class CatalogTests: XCTestCase {
         XCTAssertEqual(catalog.apply(put: "/backends/s/a", value: bytes("10.0.0.9:1"), revision: 15), .unchanged)
         XCTAssertEqual(catalog.apply(put: "/other/x/y", value: bytes("garbage"), revision: 16), .ignored(.outsidePrefix))
         XCTAssertEqual(catalog.malformed.total, 0)
+    }
+
+    func testKeysAsBytes() {
+        var catalog = Catalog(options: Catalog.Options(defaultListen: 80))
+        catalog.reset(byteEntries: [(bytes("/backends/s/a"), bytes("10.0.0.1:1")), (bytes("/backends/s/") + [0xFF], bytes("10.0.0.2:1")),
+                                    ([0xFF], bytes("x"))], revision: 1)
+        XCTAssertEqual(catalog.instanceCount, 1)
+        XCTAssertEqual(catalog.malformed.byReason, [.key(.keyNotUTF8): 1], "a bad key outside the prefix is not ours")
+        XCTAssertEqual(catalog.apply(put: bytes("/backends/s/b"), value: bytes("10.0.0.2:1"), revision: 2), .changed)
+        guard case .malformed = catalog.apply(put: bytes("/backends/") + [0xC3, 0x28] + bytes("/i"), value: bytes("10.0.0.3:1"), revision: 3) else {
+            return XCTFail("should be malformed")
+        }
+        XCTAssertEqual(catalog.apply(delete: bytes("/backends/s/a"), revision: 4), .changed)
+        XCTAssertEqual(catalog.apply(delete: bytes("/backends/s/a"), revision: 3), .stale)
+        XCTAssertEqual(catalog.services["s"]?.instances.keys.sorted(), ["b"])
+        XCTAssertEqual(catalog.malformed.total, 2)
     }
 
     func testResetReportsWhatDisappeared() {
@@ -231,6 +270,27 @@ final class CatalogTests: XCTestCase {
         XCTAssertEqual(result.table.frontends, [])
         XCTAssertNil(result.nextEvaluation)
         XCTAssertEqual(build(&catalog, now: 40_000).table.frontends, [], "a dropped service does not come back")
+    }
+
+    func testAServiceGoneInAReListLingersToo() {
+        var catalog = Catalog(options: Catalog.Options(linger: 1_000))
+        catalog.reset(entries: [("/backends/s/a", bytes(#"{"host":"10.0.0.1","port":1,"listen":8000}"#))], revision: 1)
+        XCTAssertEqual(build(&catalog, now: 0).table.frontends.count, 1)
+        let diff = catalog.reset(entries: [("/backends/other/x", bytes("garbage"))], revision: 50)
+        XCTAssertEqual(diff.removed, [InstanceID(service: "s", instance: "a")])
+        var result = build(&catalog, now: 100)
+        XCTAssertEqual(result.table.frontends.map(\.name), ["s"])
+        XCTAssertEqual(result.table.frontends.first?.backends, [])
+        XCTAssertEqual(result.table.revision, 50)
+        XCTAssertEqual(result.nextEvaluation, 1_100)
+        result = build(&catalog, now: 1_100)
+        XCTAssertEqual(result.table.frontends, [])
+        let statistics = catalog.statistics
+        XCTAssertEqual(statistics.revision, 50)
+        XCTAssertEqual(statistics.services, 0)
+        XCTAssertEqual(statistics.malformedTotal, 1)
+        XCTAssertEqual(statistics.malformedNow, 1)
+        XCTAssertEqual(statistics.recentMalformed.map(\.key), ["/backends/other/x"])
     }
 
     func testChecksAndSettingsFromConfig() {

@@ -62,7 +62,7 @@ final class FuzzTests: XCTestCase {
                          #"{"host":"h","port":80,"draining":\#(notBool[random.below(notBool.count)])}"#]
             return (Array(texts[random.below(texts.count)].utf8), true)
         case .deepNesting:
-            let depth = 1 + random.below(3_000)
+            let depth = 1 + random.below(2 * JSONValue.maximumDepth)
             let open = random.below(2) == 0 ? "[" : "{\"a\":"
             let close = open == "[" ? "]" : "}"
             let nested = String(repeating: open, count: depth) + "1" + String(repeating: close, count: depth)
@@ -102,11 +102,14 @@ final class FuzzTests: XCTestCase {
                 expectedByReason[entry.reason, default: 0] += 1
                 model[service]?.removeValue(forKey: instance)
                 // The catalog's verdict is the parser's, and the reason is the parser's.
-                XCTAssertThrowsError(try InstanceRecord.parse(bytes)) { error in
-                    XCTAssertEqual(entry.reason, .value((error as! ValueError).reason))
+                do throws(ValueError) {
+                    _ = try InstanceRecord.parse(bytes)
+                    XCTFail("the catalog counted a value that parses")
+                } catch {
+                    if entry.reason != .value(error.reason) { XCTFail("\(entry.reason) != \(error.reason)") }
                 }
             case .changed, .unchanged:
-                XCTAssertFalse(mustFail, "\(kind): \(String(decoding: bytes.prefix(200), as: UTF8.self)) was accepted")
+                if mustFail { XCTFail("\(kind): \(String(decoding: bytes.prefix(200), as: UTF8.self)) was accepted") }
                 model[service, default: [:]][instance] = try? InstanceRecord.parse(bytes)
             case .stale, .ignored:
                 XCTFail("\(outcome) for a new revision under the prefix")

@@ -201,6 +201,29 @@ final class SchemaTests: XCTestCase {
         }
     }
 
+    func testJSONParserIsStrictAndBounded() throws {
+        func parse(_ text: String) throws -> JSONValue { try JSONValue.parse(Array(text.utf8)) }
+        XCTAssertEqual(try parse(#" {"a" : [1, -2, 3.5, 1e3, true, false, null, "x\"\\\/\b\f\n\r\t\u00e9\ud83d\ude00"], "a2": {}} "#),
+                       .object(["a": .array([.integer(1), .integer(-2), .number(3.5), .number(1000), .bool(true), .bool(false), .null,
+                                             .string("x\"\\/\u{8}\u{c}\n\r\té😀")]), "a2": .object([:])]))
+        XCTAssertEqual(try parse("9223372036854775807"), .integer(Int64.max))
+        XCTAssertEqual(try parse("9223372036854775808"), .number(9223372036854775808))
+        XCTAssertEqual(try parse("-0"), .integer(0))
+        XCTAssertEqual(try parse(#"{"a":1,"a":2}"#), .object(["a": .integer(2)]), "the last duplicate wins")
+        XCTAssertEqual(try parse(String(repeating: "[", count: 32) + String(repeating: "]", count: 32)).typeName, "an array")
+        let bad = ["", "{", "[1,]", "{\"a\":1,}", "01", "1.", ".5", "+1", "1e", "NaN", "Infinity", "tru", "nul", "[1] x",
+                   "\"\\x\"", "\"\\u12\"", "\"\\ud800\"", "\"\\udc00\"", "\"a\u{1}\"", "{'a':1}", "{a:1}", "\"abc",
+                   String(repeating: "[", count: 33) + String(repeating: "]", count: 33), "[" + String(repeating: "{\"a\":", count: 40)]
+        for text in bad {
+            XCTAssertThrowsError(try parse(text), text) { error in
+                XCTAssertEqual((error as? ValueError)?.reason, .notJSON, text)
+            }
+        }
+        XCTAssertThrowsError(try JSONValue.parse([0x22, 0xC3, 0x28, 0x22])) { error in
+            XCTAssertEqual((error as? ValueError)?.reason, .notJSON, "invalid UTF-8 in a string")
+        }
+    }
+
     func testHostKinds() {
         XCTAssertEqual(HostKind.classify("10.0.0.1"), .ipv4)
         XCTAssertEqual(HostKind.classify("::ffff:10.0.0.1"), .ipv6)

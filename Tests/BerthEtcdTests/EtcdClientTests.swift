@@ -186,12 +186,3 @@ final class EtcdClientTests: XCTestCase {
         XCTAssertGreaterThan(endpoints.withLock { $0.count }, 1, "the watch never moved to another member")
     }
 }
-
-/// Polls `condition` every 10 ms until it holds or `timeout` seconds pass (then fails the test).
-func waitUntil(_ what: String, timeout: Double = 10, _ condition: () -> Bool) async throws {
-    let deadline = ContinuousClock.now + .milliseconds(Int64(timeout * 1000))
-    while !condition() {
-        if ContinuousClock.now > deadline { throw FixtureFailure("timed out waiting for \(what)") }
-        try await Task.sleep(for: .milliseconds(10))
-    }
-}

@@ -1,0 +1,245 @@
+import BerthEngine
+import BerthEtcd
+import BerthHealth
+import Logging
+import Synchronization
+
+/// How discovery turns the registry into routing tables.
+public struct DiscoverySettings: Sendable {
+    public var catalog: Catalog.Options
+    /// Listen host of every service (`--bind`); the port comes from the registry.
+    public var bind: SocketAddress
+    /// Frontend settings that a service's `_config` overrides.
+    public var defaults: FrontendSettings
+    /// Check settings that a service's `_config` `check` overrides (nil: HAProxy's defaults).
+    public var checkDefaults: CheckSettings?
+    /// A service whose listener could not open (port in use) is tried again this often.
+    public var listenRetryInterval: Duration = .seconds(5)
+
+    public init(catalog: Catalog.Options = .init(), bind: SocketAddress, defaults: FrontendSettings = .init(), checkDefaults: CheckSettings? = nil) {
+        self.catalog = catalog
+        self.bind = bind
+        self.defaults = defaults
+        self.checkDefaults = checkDefaults
+    }
+}
+
+/// What discovery knows about etcd and the catalog, for the stats page and logs.
+public struct DiscoveryStatus: Sendable {
+    public var endpoint: String
+    /// Whether a watch stream is established now (and its endpoint has not failed since).
+    public var connected: Bool
+    /// The revision the routing table reflects.
+    public var appliedRevision: Int64
+    /// Seconds since the last watch event (nil: none yet).
+    public var secondsSinceLastEvent: Double?
+    /// Malformed keys and values skipped since start, and the latest of them.
+    public var skippedValues: UInt64
+    public var recentSkipped: [String]
+    public var services: Int
+    public var instances: Int
+    /// Services or instances left out of the table, with the reason.
+    public var problems: [String]
+    /// Services whose listener failed to open (retried), with the reason.
+    public var listenerFailures: [String: String]
+    /// Full listings: the first, and one per compaction past the watch.
+    public var listings: UInt64
+    public var failovers: UInt64
+}
+
+/// Discovery: lists the registry prefix at revision R, watches from R + 1, folds each event
+/// into the `Catalog`, and publishes every change to the `HealthRouter` as a new routing table
+/// stamped with the etcd revision. Compaction past the watch: list again (the catalog's reset
+/// drops what disappeared). etcd unreachable: the last table keeps serving; the loop retries.
+///
+/// Threads: `run()` on any task; the catalog is behind one lock, and a table is built and
+/// applied under it, so tables reach the engine in revision order whoever publishes (the watch,
+/// the linger/retry timer, or the resolver's thread when a host name changes address).
+public final class DiscoveryService: Sendable {
+    public let client: EtcdClient
+    public let router: HealthRouter
+    public let settings: DiscoverySettings
+    public let resolver: HostResolver
+    private let logger: Logger
+    private let state: Mutex<State>
+
+    private struct State {
+        var catalog: Catalog
+        var connected = false
+        var lastEvent: ContinuousClock.Instant?
+        var listings: UInt64 = 0
+        var problems: [String] = []
+        var listenerFailures: [String: String] = [:]
+        var nextEvaluation: Int64?
+        var lastProblems: Set<String> = []
+        var lastSkipped: UInt64 = 0
+        /// Revisions of the events applied, oldest first (bounded), for tests and debugging.
+        var history: [Int64] = []
+    }
+
+    static let historyLimit = 100_000
+
+    public init(client: EtcdClient, router: HealthRouter, settings: DiscoverySettings,
+                resolver: HostResolver = HostResolver(), logger: Logger = Logger(label: "berth.discovery")) {
+        self.client = client
+        self.router = router
+        self.settings = settings
+        self.resolver = resolver
+        self.logger = logger
+        self.state = Mutex(State(catalog: Catalog(options: settings.catalog)))
+        resolver.onChange { [weak self] _, _ in self?.publish() }
+    }
+
+    /// Lists and watches until cancelled. Throws only `CancellationError`, or
+    /// `EtcdError.authenticationFailed` when etcd refuses the credentials.
+    public func run() async throws {
+        let prefix = settings.catalog.layout.watchPrefix
+        var backoff = Backoff(client.configuration.backoff)
+        let timer = Task { [weak self] in await self?.runTimer() }
+        defer {
+            timer.cancel()
+            resolver.stop()
+        }
+        while true {
+            try Task.checkCancellation()
+            do {
+                let listing = try await client.get(prefix: prefix)
+                reset(with: listing)
+                backoff.reset()
+                try await client.watch(
+                    prefix: prefix, fromRevision: listing.revision + 1,
+                    onConnected: { [weak self] endpoint in self?.connected(endpoint) },
+                    onBatch: { [weak self] batch in self?.apply(batch) })
+            } catch let error as EtcdError {
+                setDisconnected()
+                switch error {
+                case .compacted(let revision):
+                    logger.warning("the watch fell behind etcd's compaction: listing again", metadata: ["compacted": "\(revision)"])
+                    continue
+                case .authenticationFailed:
+                    throw error
+                default:
+                    logger.warning("etcd: \(error); serving the last table, retrying")
+                    try await backoff.wait()
+                }
+            } catch is CancellationError {
+                throw CancellationError()
+            }
+        }
+    }
+
+    public var status: DiscoveryStatus {
+        let etcd = client.status
+        return state.withLock { state in
+            DiscoveryStatus(
+                endpoint: etcd.endpoint, connected: state.connected && etcd.connected, appliedRevision: state.catalog.revision,
+                secondsSinceLastEvent: state.lastEvent.map { Double(($0.duration(to: .now)) / .milliseconds(1)) / 1000 },
+                skippedValues: state.catalog.malformed.total,
+                recentSkipped: state.catalog.malformed.recent.map(\.description),
+                services: state.catalog.services.count, instances: state.catalog.instanceCount,
+                problems: state.problems, listenerFailures: state.listenerFailures,
+                listings: state.listings, failovers: etcd.failovers)
+        }
+    }
+
+    /// Revisions of the watch events applied so far (the last 100,000), in order.
+    public func appliedRevisions() -> [Int64] {
+        state.withLock { $0.history }
+    }
+
+    /// A copy of the catalog (tests compare it with etcd).
+    public var catalog: Catalog {
+        state.withLock { $0.catalog }
+    }
+
+    // MARK: - Applying
+
+    private func reset(with listing: RangeResult) {
+        state.withLock { state in
+            let diff = state.catalog.reset(entries: listing.keyValues.map { ($0.key, $0.value) }, revision: listing.revision)
+            state.listings += 1
+            if state.listings > 1 {
+                logger.info("registry listed again", metadata: [
+                    "revision": "\(listing.revision)", "added": "\(diff.added.count)",
+                    "changed": "\(diff.changed.count)", "removed": "\(diff.removed.count)"])
+            }
+            publish(&state)
+        }
+        logger.info("registry listed", metadata: ["revision": "\(listing.revision)", "keys": "\(listing.keyValues.count)"])
+    }
+
+    private func apply(_ batch: WatchBatch) {
+        state.withLock { state in
+            let events: [Catalog.Event] = batch.events.map { event in
+                switch event.kind {
+                case .put: .put(key: event.keyValue.key, value: event.keyValue.value, revision: event.keyValue.modRevision)
+                case .delete: .delete(key: event.keyValue.key, revision: event.keyValue.modRevision)
+                }
+            }
+            let changed = state.catalog.apply(events)
+            state.lastEvent = .now
+            state.connected = true
+            state.history.append(contentsOf: batch.events.map(\.keyValue.modRevision))
+            if state.history.count > Self.historyLimit { state.history.removeFirst(state.history.count - Self.historyLimit) }
+            if changed { publish(&state) }
+        }
+    }
+
+    private func connected(_ endpoint: EtcdEndpoint) {
+        state.withLock { $0.connected = true }
+        logger.info("watching the registry", metadata: ["endpoint": "\(endpoint)"])
+    }
+
+    private func setDisconnected() {
+        state.withLock { $0.connected = false }
+    }
+
+    /// Rebuilds and applies the table (from the timer and the resolver).
+    func publish() {
+        state.withLock { publish(&$0) }
+    }
+
+    private func publish(_ state: inout State) {
+        let resolver = self.resolver
+        let build = state.catalog.routingTable(
+            bind: settings.bind, defaults: settings.defaults, checkDefaults: settings.checkDefaults,
+            now: MonotonicClock.milliseconds(), resolve: { resolver.lookup($0) })
+        resolver.track(state.catalog.hostNames)
+        state.nextEvaluation = build.nextEvaluation
+        state.problems = build.problems.map(\.description)
+        let problems = Set(state.problems)
+        for problem in problems.subtracting(state.lastProblems) { logger.warning("registry: \(problem)") }
+        state.lastProblems = problems
+        if state.catalog.malformed.total > state.lastSkipped {
+            for entry in state.catalog.malformed.recent.suffix(Int(min(8, state.catalog.malformed.total - state.lastSkipped))) {
+                logger.warning("registry: skipped a malformed entry: \(entry)")
+            }
+            state.lastSkipped = state.catalog.malformed.total
+        }
+        do {
+            let result = try router.apply(build.table, checks: build.checks)
+            let failures = result.failures.mapValues { "\($0)" }
+            for (service, reason) in failures where state.listenerFailures[service] != reason {
+                logger.error("service \(service): cannot listen: \(reason) (retrying)")
+            }
+            state.listenerFailures = failures
+        } catch {
+            logger.error("the routing table was refused: \(error)")
+        }
+    }
+
+    /// Republishes when a lingering service is due to close, and retries failed listeners.
+    private func runTimer() async {
+        var lastRetry = ContinuousClock.now
+        while !Task.isCancelled {
+            try? await Task.sleep(for: .milliseconds(200))
+            let (due, failing) = state.withLock { state in
+                ((state.nextEvaluation.map { MonotonicClock.milliseconds() >= $0 } ?? false), !state.listenerFailures.isEmpty)
+            }
+            if due || (failing && ContinuousClock.now - lastRetry >= settings.listenRetryInterval) {
+                lastRetry = .now
+                publish()
+            }
+        }
+    }
+}

@@ -1,0 +1,132 @@
+import ArgumentParser
+import BerthDiscovery
+import BerthEngine
+import BerthEtcd
+import BerthHealth
+import Dispatch
+import Glibc
+import Synchronization
+
+/// `berth discover`: watch the registry in etcd and proxy every service found there.
+struct DiscoverCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "discover",
+        abstract: "Watch the registry in etcd and balance every service it lists.",
+        discussion: """
+            Lists the keys under --prefix, then watches them (no polling). Each service gets a \
+            listener on --bind at its listen port, balancing new connections round-robin over its \
+            instances; changes apply live, without dropping open connections. Key layouts read: \
+            Berth's JSON values, the seed's HOST:PORT values with a <service>/port key, and \
+            registrator's HOST:PORT values (listen port from <prefix>/_config/<service> or \
+            --default-listen); see docs/REGISTRY.md. While etcd is unreachable, the last known \
+            table keeps serving.
+            """)
+
+    static let environment = EnvironmentFlags(command: "discover", flags: [
+        ("--bind", "BERTH_BIND"), ("--default-listen", "BERTH_DEFAULT_LISTEN"), ("--linger", "BERTH_LINGER"),
+    ] + EtcdOptions.environment + ProxyOptions.environment + HealthOptions.environment)
+
+    @OptionGroup(title: "etcd")
+    var etcd: EtcdOptions
+
+    @OptionGroup(title: "Discovery")
+    var discovery: DiscoveryOptions
+
+    @OptionGroup(title: "Proxying")
+    var proxy: ProxyOptions
+
+    @OptionGroup(title: "Health checks")
+    var health: HealthOptions
+
+    func run() throws {
+        ProcessSignals.block([SIGTERM, SIGINT])
+        let running = try DiscoveryRuntime.start(etcd: etcd, discovery: discovery, proxy: proxy, health: health)
+        proxy.waitForSignalThenDrain(running.router) { running.stop() }
+    }
+}
+
+/// The discovery flags shared by `discover`, `run` and `dev`.
+struct DiscoveryOptions: ParsableArguments {
+    @Option(help: EnvironmentFlags.help("Address every service listens on (its port comes from the registry).", "BERTH_BIND"))
+    var bind: String = "0.0.0.0"
+
+    @Option(help: EnvironmentFlags.help("Listen port of services that name none (registrator's layout with no _config).", "BERTH_DEFAULT_LISTEN"))
+    var defaultListen: UInt16?
+
+    @Option(help: EnvironmentFlags.help("How long the listener of a service with no instance left stays open.", "BERTH_LINGER"), transform: DurationArgument.parse)
+    var linger = DurationArgument(milliseconds: 30_000)
+
+    func validate() throws {
+        _ = try bindAddress()
+        if defaultListen == 0 { throw invalid("--default-listen", "0", "a port from 1 to 65535") }
+    }
+
+    func bindAddress() throws -> SocketAddress {
+        do {
+            return try SocketAddress(host: bind.hasPrefix("[") ? String(bind.dropFirst().dropLast()) : bind, port: 0)
+        } catch {
+            throw ValidationError("--bind: \(error)")
+        }
+    }
+}
+
+/// Discovery and the proxy, started; `stop()` ends the watch (the caller drains the router).
+struct DiscoveryRuntime {
+    let client: EtcdClient
+    let router: HealthRouter
+    let service: DiscoveryService
+    let task: Task<Void, Never>
+
+    /// Connects to etcd (an authentication failure is fatal at once; an unreachable etcd is
+    /// not: the watch keeps retrying), opens the proxy, and starts the watch.
+    static func start(etcd: EtcdOptions, discovery: DiscoveryOptions, proxy: ProxyOptions, health: HealthOptions) throws -> DiscoveryRuntime {
+        let client = try EtcdClient(configuration: etcd.configuration())
+        do {
+            _ = try blockingAwait { try await client.get(key: etcd.prefix) }
+        } catch let error as EtcdError {
+            if case .authenticationFailed = error {
+                client.close()
+                throw error
+            }
+            log("warning: \(error); serving nothing until etcd answers")
+        }
+        let configuration = proxy.engineConfiguration(observeErrors: health.observeErrors)
+        let router = try HealthRouter.make(configuration: configuration, policy: health.policy, alwaysCheck: true)
+        var settings = DiscoverySettings(
+            catalog: Catalog.Options(layout: RegistryLayout(prefix: etcd.prefix), defaultListen: discovery.defaultListen,
+                                     linger: discovery.linger.milliseconds),
+            bind: try discovery.bindAddress(), defaults: proxy.frontendSettings, checkDefaults: health.policy.checks)
+        settings.listenRetryInterval = .seconds(5)
+        let service = DiscoveryService(client: client, router: router, settings: settings)
+        let task = Task {
+            do {
+                try await service.run()
+            } catch is CancellationError {
+            } catch {
+                log("discovery stopped: \(error)")
+                kill(getpid(), SIGTERM)
+            }
+        }
+        log("watching \(etcd.prefix)/ on \(etcd.etcd); services listen on \(discovery.bind); \(proxy.summary(configuration)), checks \(health.summary)")
+        return DiscoveryRuntime(client: client, router: router, service: service, task: task)
+    }
+
+    func stop() {
+        task.cancel()
+        client.close()
+    }
+}
+
+/// Runs async work from synchronous command code (the main thread, never a worker) and waits.
+func blockingAwait<Value: Sendable>(_ body: @escaping @Sendable () async throws -> Value) throws -> Value {
+    let outcome = Mutex<Result<Value, any Error>?>(nil)
+    let done = DispatchSemaphore(value: 0)
+    Task {
+        let result: Result<Value, any Error>
+        do { result = .success(try await body()) } catch { result = .failure(error) }
+        outcome.withLock { $0 = result }
+        done.signal()
+    }
+    done.wait()
+    return try outcome.withLock { $0! }.get()
+}

@@ -1,0 +1,102 @@
+import ArgumentParser
+import BerthEngine
+import BerthHealth
+import Glibc
+
+/// The data-plane flags shared by every command that proxies (`proxy`, `discover`, `run`, `dev`).
+struct ProxyOptions: ParsableArguments {
+    static let environment: [(flag: String, variable: String)] = [
+        ("--workers", "BERTH_WORKERS"), ("--retries", "BERTH_RETRIES"),
+        ("--connect-timeout", "BERTH_CONNECT_TIMEOUT"), ("--client-timeout", "BERTH_CLIENT_TIMEOUT"),
+        ("--server-timeout", "BERTH_SERVER_TIMEOUT"), ("--drain-timeout", "BERTH_DRAIN_TIMEOUT"),
+        ("--maxconn", "BERTH_MAXCONN"), ("--relay", "BERTH_RELAY"), ("--pipe-size", "BERTH_PIPE_SIZE"),
+        ("--cpus", "BERTH_CPUS"), ("--retry-on", "BERTH_RETRY_ON"),
+    ]
+
+    @Option(help: EnvironmentFlags.help("Worker threads, each with its own event loop (default: the number of CPUs).", "BERTH_WORKERS"))
+    var workers: Int?
+
+    @Option(help: EnvironmentFlags.help("Further backends to try when a connect fails.", "BERTH_RETRIES"))
+    var retries: Int = 3
+
+    @Option(help: EnvironmentFlags.help("Give up a backend connect after this long (then retry elsewhere).", "BERTH_CONNECT_TIMEOUT"), transform: DurationArgument.parse)
+    var connectTimeout = DurationArgument(milliseconds: 5_000)
+
+    @Option(help: EnvironmentFlags.help("Close a connection whose client side moved no byte for this long.", "BERTH_CLIENT_TIMEOUT"), transform: DurationArgument.parse)
+    var clientTimeout = DurationArgument(milliseconds: 60_000)
+
+    @Option(help: EnvironmentFlags.help("Close a connection whose backend side moved no byte for this long.", "BERTH_SERVER_TIMEOUT"), transform: DurationArgument.parse)
+    var serverTimeout = DurationArgument(milliseconds: 60_000)
+
+    @Option(help: EnvironmentFlags.help("On SIGTERM/SIGINT, how long open connections may still run.", "BERTH_DRAIN_TIMEOUT"), transform: DurationArgument.parse)
+    var drainTimeout = DurationArgument(milliseconds: 30_000)
+
+    @Option(help: EnvironmentFlags.help("Most client connections open at once; past it, accepting pauses (default: half the open-file limit).", "BERTH_MAXCONN"))
+    var maxconn: Int?
+
+    @Option(help: EnvironmentFlags.help("How bytes are moved: splice (zero-copy through pipes), copy (read/write), auto (copy, then splice once a read is large).", "BERTH_RELAY"))
+    var relay: RelayMode = .auto
+
+    @Option(help: EnvironmentFlags.help("Pipe capacity in bytes for the splice relay (0: the kernel's default, 64 KiB).", "BERTH_PIPE_SIZE"))
+    var pipeSize: Int = 0
+
+    @Option(help: EnvironmentFlags.help("Pin worker threads to these CPUs, comma separated (worker i on the i-th).", "BERTH_CPUS"))
+    var cpus: String?
+
+    @Option(help: EnvironmentFlags.help("Also retry when a backend closes or resets before its first byte: empty-response (replays the client's first 16 KiB; only for protocols whose first request is safe to repeat), or none.", "BERTH_RETRY_ON"))
+    var retryOn: RetryOn = .none
+
+    func validate() throws {
+        if let workers, workers < 1 || workers > 256 { throw invalid("--workers", "\(workers)", "a number from 1 to 256") }
+        if retries < 0 || retries > 100 { throw invalid("--retries", "\(retries)", "a number from 0 to 100") }
+        if let maxconn, maxconn < 1 { throw invalid("--maxconn", "\(maxconn)", "a positive number") }
+        if pipeSize < 0 { throw invalid("--pipe-size", "\(pipeSize)", "a size in bytes, 0 for the default") }
+        if let cpus, parsedCPUs(cpus) == nil { throw invalid("--cpus", cpus, "CPU numbers separated by commas") }
+        if connectTimeout.milliseconds < 1 { throw invalid("--connect-timeout", "\(connectTimeout)", "a positive duration") }
+    }
+
+    private func parsedCPUs(_ text: String) -> [Int]? {
+        let values = text.split(separator: ",").map { Int($0.trimmingCharacters(in: " ")) }
+        guard !values.isEmpty, values.allSatisfy({ $0 != nil && $0! >= 0 }) else { return nil }
+        return values.map { $0! }
+    }
+
+    func engineConfiguration(observeErrors: Int) -> EngineConfiguration {
+        var configuration = EngineConfiguration()
+        configuration.workers = workers ?? availableCPUCount()
+        configuration.relay = relay
+        configuration.drainTimeout = drainTimeout.milliseconds
+        configuration.pipeSize = pipeSize
+        if let maxconn { configuration.maxConnections = maxconn }
+        if let cpus { configuration.cpus = parsedCPUs(cpus) ?? [] }
+        configuration.observeErrors = observeErrors
+        return configuration
+    }
+
+    var frontendSettings: FrontendSettings {
+        FrontendSettings(
+            retries: retries, connectTimeout: connectTimeout.milliseconds,
+            clientTimeout: clientTimeout.milliseconds, serverTimeout: serverTimeout.milliseconds,
+            retryOnEmptyResponse: retryOn == .emptyResponse)
+    }
+
+    func summary(_ configuration: EngineConfiguration) -> String {
+        "\(configuration.workers) worker(s), relay \(relay.rawValue), maxconn \(configuration.maxConnections)"
+    }
+
+    /// Blocks until SIGTERM or SIGINT, then stops accepting and drains for up to
+    /// --drain-timeout; a second signal ends the drain at once. The caller blocked both
+    /// signals first (`ProcessSignals.block`), so no other thread takes them.
+    func waitForSignalThenDrain(_ router: HealthRouter, beforeDrain: () -> Void = {}) {
+        let signal = ProcessSignals.wait(for: [SIGTERM, SIGINT])
+        log("signal \(signal): stopping; draining \(router.engine.openConnections) connection(s) for up to \(drainTimeout)")
+        _ = OSThread(name: "berth-signals") {
+            _ = ProcessSignals.wait(for: [SIGTERM, SIGINT])
+            log("second signal: exiting without waiting")
+            _exit(1)
+        }
+        beforeDrain()
+        router.shutdown(drainTimeout: drainTimeout.milliseconds)
+        log("stopped")
+    }
+}
