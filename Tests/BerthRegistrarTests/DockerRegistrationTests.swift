@@ -136,6 +136,21 @@ final class DockerRegistrationTests: XCTestCase {
         XCTAssertLessThan(restored ?? 99, 1.0)
     }
 
+    func testUnhealthyContainerIsDrainingUntilHealthyAgain() async throws {
+        try startRegistrar()
+        try await waitForDocker(registrar)
+        let id = try docker.run(options: ["--health-cmd", "test ! -f /tmp/sick", "--health-interval", "500ms", "--health-retries", "1"])
+        let key = "\(prefix)/whoami/\(id.prefix(12))"
+        await assertEventually(timeout: 3) { try await keys()[key] != nil }
+        XCTAssertEqual(try docker.docker(["exec", id, "touch", "/tmp/sick"]).code, 0)
+        await assertEventually(timeout: 5, "unhealthy did not drain") { decode(try await keys()[key])["draining"] as? Bool == true }
+        XCTAssertEqual(try docker.docker(["exec", id, "rm", "/tmp/sick"]).code, 0)
+        await assertEventually(timeout: 5, "healthy again did not restore") {
+            let value = try await keys()[key]
+            return value != nil && decode(value)["draining"] == nil
+        }
+    }
+
     func testFiftyContainersAtOnceAndTheSpecialCases() async throws {
         try startRegistrar()
         try await waitForDocker(registrar)

@@ -112,7 +112,7 @@ public final class DockerFixture: @unchecked Sendable {
         let root = "\(directory)/rootfs"
         for folder in ["", "/bin", "/www", "/tmp", "/etc"] { mkdir(root + folder, 0o755) }
         _ = try SpawnedProcess.run("cp", ["/bin/busybox", "\(root)/bin/busybox"], timeout: 10)
-        for tool in ["sh", "httpd", "hostname", "sleep", "echo", "cat"] { symlink("busybox", "\(root)/bin/\(tool)") }
+        for tool in ["sh", "httpd", "hostname", "sleep", "echo", "cat", "test", "touch", "rm"] { symlink("busybox", "\(root)/bin/\(tool)") }
         // PID 1 is this script: it answers SIGTERM at once (a shell as PID 1 would ignore it).
         let script = """
             echo "I'm $(hostname)" > /www/index.html
