@@ -63,9 +63,9 @@ extension String {
 
 /// Every flag that can also come from the environment: flag → variable. A variable fills its
 /// flag only when the flag is absent from the command line.
-/// A flag may be listed under several variables: the first one set wins (`--etcd` from
-/// `ETCD_ENDPOINTS`, else the seed's `ETCD_HOST`). `switches` are flags without a value, set by
-/// a variable that is `1`, `true` or `yes`.
+/// A flag may be listed under several variables: each one set is appended, so the last one
+/// listed wins. `switches` are flags without a value, set by a variable that is `1`, `true` or
+/// `yes`.
 struct EnvironmentFlags {
     let command: String
     let flags: [(flag: String, variable: String)]
@@ -76,7 +76,7 @@ struct EnvironmentFlags {
         var result = arguments
         for (flag, variable) in flags {
             guard let value = environment[variable], !value.isEmpty else { continue }
-            let given = result.contains { $0 == flag || $0.hasPrefix(flag + "=") }
+            let given = arguments.contains { $0 == flag || $0.hasPrefix(flag + "=") }
             if !given { result += [flag, value] }
         }
         for (flag, variable) in switches {

@@ -22,17 +22,19 @@ struct RegisterCommand: ParsableCommand {
             lease (every key goes at once) and exits 0.
             """)
 
-    static let environment = EnvironmentFlags(command: "register", flags: [
-        ("--etcd", "ETCD_ENDPOINTS"), ("--etcd", "ETCD_HOST"), ("--prefix", "BERTH_PREFIX"),
-        ("--host-ip", "HOST_IP"), ("--ttl", "BERTH_TTL"), ("--resync", "BERTH_RESYNC"),
-        ("--compat", "BERTH_COMPAT"), ("--static", "BERTH_STATIC"), ("--docker-host", "DOCKER_HOST"),
-    ], switches: [("--no-docker", "BERTH_NO_DOCKER")])
+    static let environment = EnvironmentFlags(
+        command: "register", flags: EtcdOptions.environment + RegistrationOptions.environment,
+        switches: RegistrationOptions.switches)
 
-    @OptionGroup var registration: RegistrationOptions
+    @OptionGroup(title: "etcd")
+    var etcd: EtcdOptions
+
+    @OptionGroup(title: "Registration")
+    var registration: RegistrationOptions
 
     func run() throws {
         ProcessSignals.block([SIGTERM, SIGINT])
-        let registrar = try registration.makeRegistrar()
+        let registrar = try registration.makeRegistrar(prefix: etcd.prefix, store: EtcdRegistrationStore(client: EtcdClient(configuration: etcd.configuration())))
         let finished = Completion()
         let task = Task {
             do {
@@ -42,7 +44,7 @@ struct RegisterCommand: ParsableCommand {
             }
             finished.done.store(true, ordering: .releasing)
         }
-        log("registering into \(registration.endpoints.joined(separator: ",")) under \(registration.prefix), TTL \(registration.ttl)")
+        log("registering into \(etcd.etcd) under \(etcd.prefix), TTL \(registration.ttl)")
         let signal = ProcessSignals.wait(for: [SIGTERM, SIGINT])
         log("signal \(signal): revoking the lease")
         registrar.shutdown()
@@ -59,13 +61,14 @@ private final class Completion: Sendable {
     let done = Atomic<Bool>(false)
 }
 
-/// The flags of the registration side, shared by `berth register` and (later) `berth run`.
+/// The flags of the registration side, shared by `berth register` and `berth run` (beside
+/// `EtcdOptions`, which holds the endpoints and the prefix).
 struct RegistrationOptions: ParsableArguments {
-    @Option(help: EnvironmentFlags.help("etcd endpoints, HOST:PORT or http://HOST:PORT, comma separated (ETCD_HOST also works).", "ETCD_ENDPOINTS"))
-    var etcd: String = "127.0.0.1:2379"
-
-    @Option(help: EnvironmentFlags.help("Key prefix of the registry.", "BERTH_PREFIX"))
-    var prefix: String = "/backends"
+    static let environment: [(flag: String, variable: String)] = [
+        ("--host-ip", "HOST_IP"), ("--ttl", "BERTH_TTL"), ("--resync", "BERTH_RESYNC"),
+        ("--compat", "BERTH_COMPAT"), ("--static", "BERTH_STATIC"), ("--docker-host", "DOCKER_HOST"),
+    ]
+    static let switches: [(flag: String, variable: String)] = [("--no-docker", "BERTH_NO_DOCKER")]
 
     @Option(help: EnvironmentFlags.help("Address registered for ports published on every address (0.0.0.0); a port bound to a specific address registers that address.", "HOST_IP"))
     var hostIP: String?
@@ -88,17 +91,9 @@ struct RegistrationOptions: ParsableArguments {
     @Flag(help: EnvironmentFlags.help("Register static services only; do not talk to Docker (automatic with --static when there is no Docker socket).", "BERTH_NO_DOCKER"))
     var noDocker = false
 
-    var endpoints: [String] { etcd.split(separator: ",").map { String($0).trimmed }.filter { !$0.isEmpty } }
-
     static let defaultDockerSocket = "unix:///var/run/docker.sock"
 
     func validate() throws {
-        do {
-            _ = try EtcdEndpoint.parseList(etcd)
-        } catch {
-            throw invalid("--etcd", etcd, "HOST:PORT or http://HOST:PORT endpoints separated by commas (\(error))")
-        }
-        if prefix.isEmpty || !prefix.hasPrefix("/") { throw invalid("--prefix", prefix, "a key prefix starting with /") }
         if let hostIP, hostIP.isEmpty || hostIP.contains(where: { $0 == " " || $0 == "/" }) {
             throw invalid("--host-ip", hostIP, "an IP address")
         }
@@ -132,8 +127,9 @@ struct RegistrationOptions: ParsableArguments {
         return true
     }
 
-    /// `store`: the etcd client shared with discovery under `berth run`; else a client of its own.
-    func makeRegistrar(store: (any RegistrationStore)? = nil) throws -> Registrar {
+    /// A registrar writing under `prefix` through `store` (under `berth run`, on the etcd client
+    /// it shares with discovery).
+    func makeRegistrar(prefix: String, store: any RegistrationStore) throws -> Registrar {
         var configuration = RegistrarConfiguration(
             layout: RecordLayout(prefix: prefix, compat: compat), hostIP: hostIP,
             ttlSeconds: ttl.milliseconds / 1000, resyncInterval: .milliseconds(resync.milliseconds),
@@ -141,7 +137,7 @@ struct RegistrationOptions: ParsableArguments {
         if usesDocker {
             configuration.docker = try DockerClient(host: dockerHost ?? Self.defaultDockerSocket)
         }
-        return Registrar(configuration: configuration, store: try store ?? EtcdRegistrationStore(endpoints: endpoints))
+        return Registrar(configuration: configuration, store: store)
     }
 }
 
