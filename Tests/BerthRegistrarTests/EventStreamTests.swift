@@ -125,7 +125,7 @@ final class EventStreamTests: XCTestCase {
         let registered = await eventually(timeout: 3) { store.values[key] != nil }
         XCTAssertNotNil(registered, "the container of the first stream was not registered")
         XCTAssertEqual(store.values[key], #"{"host":"127.0.0.1","port":40000,"listen":8000,"weight":1,"meta":{"container":"fake","image":"berth-test/whoami:latest"}}"#)
-        let reconnected = await eventually(timeout: 5) { docker.eventConnections >= 2 && store.values[key] == nil }
+        let reconnected = await eventually(timeout: 10) { docker.eventConnections >= 2 && store.values[key] == nil }
         XCTAssertNotNil(reconnected, "the dropped stream was not reconnected, or the die event not applied")
         let status = registrar.status
         XCTAssertEqual(status.eventsSkipped, garbage.count + 1)

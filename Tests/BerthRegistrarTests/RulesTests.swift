@@ -178,5 +178,9 @@ final class EventParsingTests: XCTestCase {
         XCTAssertEqual(splitter.append(Array("c\r\n\nde".utf8)), [.line(Array("abc".utf8))])
         XCTAssertEqual(splitter.append(Array("fghijklmnop".utf8)), [.overlong])
         XCTAssertEqual(splitter.append(Array("qrs\nxy\n".utf8)), [.line(Array("xy".utf8))])
+        // Exactly the bound, split across chunks, is a line; one byte more is overlong.
+        XCTAssertEqual(splitter.append(Array("1234".utf8)), [])
+        XCTAssertEqual(splitter.append(Array("5678\n1234".utf8)), [.line(Array("12345678".utf8))])
+        XCTAssertEqual(splitter.append(Array("56789\nok\n".utf8)), [.overlong, .line(Array("ok".utf8))])
     }
 }
