@@ -91,8 +91,22 @@ public struct DockerClient: Sendable {
         }
     }
 
-    /// A GET with a deadline; the body of a 2xx answer. 404 → `.notFound`.
+    /// A GET with a deadline; the body of a 2xx answer. 404 → `.notFound`. A connection that
+    /// breaks before any answer (seen here: NIO's "I/O on closed channel" right after connecting)
+    /// is tried once more: the request is idempotent.
     func get(_ path: String) async throws -> Data {
+        do {
+            return try await getOnce(path)
+        } catch let error as DockerError {
+            throw error
+        } catch let error as TimedOut {
+            throw error
+        } catch {
+            return try await getOnce(path)
+        }
+    }
+
+    private func getOnce(_ path: String) async throws -> Data {
         try await withDeadline(requestTimeout, what: "GET \(path)") {
             let channel = try await connect()
             return try await channel.executeThenClose { inbound, outbound in

@@ -157,7 +157,11 @@ public final class Registrar: Sendable {
             case .leaseLost(let lease):
                 await loop.leaseLost(lease)
             case .tick:
-                if loop.dirty { await loop.sync() }
+                if loop.resyncPending {
+                    await loop.resync(docker: configuration.docker)
+                } else if loop.dirty {
+                    await loop.sync()
+                }
             case .shutdown:
                 break
             }

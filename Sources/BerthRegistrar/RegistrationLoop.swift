@@ -27,6 +27,8 @@ final class RegistrationLoop {
     private var lease: Int64?
     private var written: [String: String] = [:]
     private(set) var dirty = true
+    /// The last resync could not list containers: the next tick tries again.
+    private(set) var resyncPending = false
     private var lastFailure: String?
 
     /// Deadline of one etcd call, so an unreachable etcd cannot stall event handling.
@@ -76,8 +78,10 @@ final class RegistrationLoop {
                 let stale = ContinuousClock.now - configuration.resyncInterval
                 for (id, since) in drainingSince where since < stale || containers[id] == nil { drainingSince[id] = nil }
                 shared.update { $0.resyncs += 1 }
+                resyncPending = false
             } catch {
-                logger.warning("resync: cannot list containers: \(error)")
+                if !resyncPending { logger.warning("resync: cannot list containers: \(error); retrying every tick") }
+                resyncPending = true
             }
         }
         await verifyStore()
