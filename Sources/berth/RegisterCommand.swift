@@ -22,50 +22,37 @@ struct RegisterCommand: ParsableCommand {
             lease (every key goes at once) and exits 0.
             """)
 
-    static let environment = EnvironmentFlags(command: "register", flags: [
-        ("--etcd", "ETCD_ENDPOINTS"), ("--etcd", "ETCD_HOST"), ("--prefix", "BERTH_PREFIX"),
-        ("--host-ip", "HOST_IP"), ("--ttl", "BERTH_TTL"), ("--resync", "BERTH_RESYNC"),
-        ("--compat", "BERTH_COMPAT"), ("--static", "BERTH_STATIC"), ("--docker-host", "DOCKER_HOST"),
-    ], switches: [("--no-docker", "BERTH_NO_DOCKER")])
+    static let environment = EnvironmentFlags(command: "register", flags: EtcdOptions.environment + RegistrationOptions.environment,
+                                              switches: RegistrationOptions.switches)
 
-    @OptionGroup var registration: RegistrationOptions
+    @OptionGroup(title: "etcd")
+    var etcd: EtcdOptions
+
+    @OptionGroup(title: "Registration")
+    var registration: RegistrationOptions
 
     func run() throws {
         ProcessSignals.block([SIGTERM, SIGINT])
-        let registrar = try registration.makeRegistrar()
-        let finished = Completion()
-        let task = Task {
-            do {
-                try await registrar.run()
-            } catch {
-                log("registrar: \(error)")
-            }
-            finished.done.store(true, ordering: .releasing)
-        }
-        log("registering into \(registration.endpoints.joined(separator: ",")) under \(registration.prefix), TTL \(registration.ttl)")
+        let client = try EtcdClient(configuration: etcd.configuration())
+        let registrar = try registration.makeRegistrar(client: client, prefix: etcd.prefix)
+        let registering = RegistrarTask(registrar)
+        log("registering into \(etcd.etcd) under \(etcd.prefix), TTL \(registration.ttl)")
         let signal = ProcessSignals.wait(for: [SIGTERM, SIGINT])
         log("signal \(signal): revoking the lease")
-        registrar.shutdown()
         // Revoking takes one etcd round trip (bounded at 2 s inside); give it a little more.
-        let deadline = MonotonicClock.nanoseconds() + 4_000_000_000
-        while !finished.done.load(ordering: .acquiring) && MonotonicClock.nanoseconds() < deadline { usleep(5_000) }
-        if !finished.done.load(ordering: .acquiring) { task.cancel() }
+        registering.stop(within: 4)
+        client.close()
         log("stopped")
     }
 }
 
-/// Set once the registrar's task has returned.
-private final class Completion: Sendable {
-    let done = Atomic<Bool>(false)
-}
-
-/// The flags of the registration side, shared by `berth register` and (later) `berth run`.
+/// The flags of the registration side, shared by `berth register` and `berth run`.
 struct RegistrationOptions: ParsableArguments {
-    @Option(help: EnvironmentFlags.help("etcd endpoints, HOST:PORT or http://HOST:PORT, comma separated (ETCD_HOST also works).", "ETCD_ENDPOINTS"))
-    var etcd: String = "127.0.0.1:2379"
-
-    @Option(help: EnvironmentFlags.help("Key prefix of the registry.", "BERTH_PREFIX"))
-    var prefix: String = "/backends"
+    static let environment: [(flag: String, variable: String)] = [
+        ("--host-ip", "HOST_IP"), ("--ttl", "BERTH_TTL"), ("--resync", "BERTH_RESYNC"),
+        ("--compat", "BERTH_COMPAT"), ("--static", "BERTH_STATIC"), ("--docker-host", "DOCKER_HOST"),
+    ]
+    static let switches: [(flag: String, variable: String)] = [("--no-docker", "BERTH_NO_DOCKER")]
 
     @Option(help: EnvironmentFlags.help("Address registered for ports published on every address (0.0.0.0); a port bound to a specific address registers that address.", "HOST_IP"))
     var hostIP: String?
@@ -88,17 +75,9 @@ struct RegistrationOptions: ParsableArguments {
     @Flag(help: EnvironmentFlags.help("Register static services only; do not talk to Docker (automatic with --static when there is no Docker socket).", "BERTH_NO_DOCKER"))
     var noDocker = false
 
-    var endpoints: [String] { etcd.split(separator: ",").map { String($0).trimmed }.filter { !$0.isEmpty } }
-
     static let defaultDockerSocket = "unix:///var/run/docker.sock"
 
     func validate() throws {
-        do {
-            _ = try EtcdEndpoint.parseList(etcd)
-        } catch {
-            throw invalid("--etcd", etcd, "HOST:PORT or http://HOST:PORT endpoints separated by commas (\(error))")
-        }
-        if prefix.isEmpty || !prefix.hasPrefix("/") { throw invalid("--prefix", prefix, "a key prefix starting with /") }
         if let hostIP, hostIP.isEmpty || hostIP.contains(where: { $0 == " " || $0 == "/" }) {
             throw invalid("--host-ip", hostIP, "an IP address")
         }
@@ -132,7 +111,8 @@ struct RegistrationOptions: ParsableArguments {
         return true
     }
 
-    func makeRegistrar() throws -> Registrar {
+    /// The registrar these flags describe, writing through `client` under `prefix`.
+    func makeRegistrar(client: EtcdClient, prefix: String) throws -> Registrar {
         var configuration = RegistrarConfiguration(
             layout: RecordLayout(prefix: prefix, compat: compat), hostIP: hostIP,
             ttlSeconds: ttl.milliseconds / 1000, resyncInterval: .milliseconds(resync.milliseconds),
@@ -140,8 +120,7 @@ struct RegistrationOptions: ParsableArguments {
         if usesDocker {
             configuration.docker = try DockerClient(host: dockerHost ?? Self.defaultDockerSocket)
         }
-        let store = try EtcdRegistrationStore(endpoints: endpoints)
-        return Registrar(configuration: configuration, store: store)
+        return Registrar(configuration: configuration, store: EtcdRegistrationStore(client: client))
     }
 }
 
