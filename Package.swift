@@ -149,6 +149,11 @@ let package = Package(
             dependencies: ["BerthTestSupport", "BerthStats", "BerthEngine", "BerthHealth", "BerthWhoami"]
         ),
         .testTarget(
+            // The seed's walkthrough on one machine: real etcd, two real dockerds, berth processes.
+            name: "EndToEndTests",
+            dependencies: ["BerthTestSupport"]
+        ),
+        .testTarget(
             name: "BerthCLITests",
             dependencies: ["BerthTestSupport", "BerthEngine", "CBerthShims"]
         ),

@@ -10,7 +10,7 @@ struct Berth: ParsableCommand {
         abstract: "Service discovery and TCP load balancing for Docker hosts, in one process.",
         discussion: "Every flag can also be set through the environment variable named in its help.",
         version: berthVersion,
-        subcommands: [ProxyCommand.self, DiscoverCommand.self, RegisterCommand.self, WhoamiCommand.self])
+        subcommands: [RunCommand.self, ProxyCommand.self, DiscoverCommand.self, RegisterCommand.self, DevCommand.self, WhoamiCommand.self])
 }
 
 let berthVersion = "0.1.0"
@@ -35,6 +35,7 @@ enum Main {
         case "proxy": arguments = ProxyCommand.environment.apply(to: arguments, environment: environment)
         case "discover": arguments = DiscoverCommand.environment.apply(to: arguments, environment: environment)
         case "whoami": arguments = WhoamiCommand.environment.apply(to: arguments, environment: environment)
+        case "run": arguments = RunCommand.environment.apply(to: arguments, environment: environment)
         case "register": arguments = RegisterCommand.environment.apply(to: arguments, environment: environment)
         default: break
         }

@@ -22,9 +22,9 @@ struct DiscoverCommand: ParsableCommand {
             table keeps serving.
             """)
 
-    static let environment = EnvironmentFlags(command: "discover", flags: [
-        ("--bind", "BERTH_BIND"), ("--default-listen", "BERTH_DEFAULT_LISTEN"), ("--linger", "BERTH_LINGER"),
-    ] + EtcdOptions.environment + ProxyOptions.environment + HealthOptions.environment)
+    static let environment = EnvironmentFlags(
+        command: "discover",
+        flags: EtcdOptions.environment + DiscoveryOptions.environment + ProxyOptions.environment + HealthOptions.environment)
 
     @OptionGroup(title: "etcd")
     var etcd: EtcdOptions
@@ -47,6 +47,10 @@ struct DiscoverCommand: ParsableCommand {
 
 /// The discovery flags shared by `discover`, `run` and `dev`.
 struct DiscoveryOptions: ParsableArguments {
+    static let environment: [(flag: String, variable: String)] = [
+        ("--bind", "BERTH_BIND"), ("--default-listen", "BERTH_DEFAULT_LISTEN"), ("--linger", "BERTH_LINGER"),
+    ]
+
     @Option(help: EnvironmentFlags.help("Address every service listens on (its port comes from the registry).", "BERTH_BIND"))
     var bind: String = "0.0.0.0"
 

@@ -22,9 +22,8 @@ struct RegisterCommand: ParsableCommand {
             lease (every key goes at once) and exits 0.
             """)
 
-    static let environment = EnvironmentFlags(
-        command: "register", flags: EtcdOptions.environment + RegistrationOptions.environment,
-        switches: RegistrationOptions.switches)
+    static let environment = EnvironmentFlags(command: "register", flags: EtcdOptions.environment + RegistrationOptions.environment,
+                                              switches: RegistrationOptions.switches)
 
     @OptionGroup(title: "etcd")
     var etcd: EtcdOptions
@@ -34,35 +33,20 @@ struct RegisterCommand: ParsableCommand {
 
     func run() throws {
         ProcessSignals.block([SIGTERM, SIGINT])
-        let registrar = try registration.makeRegistrar(prefix: etcd.prefix, store: EtcdRegistrationStore(client: EtcdClient(configuration: etcd.configuration())))
-        let finished = Completion()
-        let task = Task {
-            do {
-                try await registrar.run()
-            } catch {
-                log("registrar: \(error)")
-            }
-            finished.done.store(true, ordering: .releasing)
-        }
+        let client = try EtcdClient(configuration: etcd.configuration())
+        let registrar = try registration.makeRegistrar(client: client, prefix: etcd.prefix)
+        let registering = RegistrarTask(registrar)
         log("registering into \(etcd.etcd) under \(etcd.prefix), TTL \(registration.ttl)")
         let signal = ProcessSignals.wait(for: [SIGTERM, SIGINT])
         log("signal \(signal): revoking the lease")
-        registrar.shutdown()
         // Revoking takes one etcd round trip (bounded at 2 s inside); give it a little more.
-        let deadline = MonotonicClock.nanoseconds() + 4_000_000_000
-        while !finished.done.load(ordering: .acquiring) && MonotonicClock.nanoseconds() < deadline { usleep(5_000) }
-        if !finished.done.load(ordering: .acquiring) { task.cancel() }
+        registering.stop(within: 4)
+        client.close()
         log("stopped")
     }
 }
 
-/// Set once the registrar's task has returned.
-private final class Completion: Sendable {
-    let done = Atomic<Bool>(false)
-}
-
-/// The flags of the registration side, shared by `berth register` and `berth run` (beside
-/// `EtcdOptions`, which holds the endpoints and the prefix).
+/// The flags of the registration side, shared by `berth register` and `berth run`.
 struct RegistrationOptions: ParsableArguments {
     static let environment: [(flag: String, variable: String)] = [
         ("--host-ip", "HOST_IP"), ("--ttl", "BERTH_TTL"), ("--resync", "BERTH_RESYNC"),
@@ -127,9 +111,8 @@ struct RegistrationOptions: ParsableArguments {
         return true
     }
 
-    /// A registrar writing under `prefix` through `store` (under `berth run`, on the etcd client
-    /// it shares with discovery).
-    func makeRegistrar(prefix: String, store: any RegistrationStore) throws -> Registrar {
+    /// The registrar these flags describe, writing through `client` under `prefix`.
+    func makeRegistrar(client: EtcdClient, prefix: String) throws -> Registrar {
         var configuration = RegistrarConfiguration(
             layout: RecordLayout(prefix: prefix, compat: compat), hostIP: hostIP,
             ttlSeconds: ttl.milliseconds / 1000, resyncInterval: .milliseconds(resync.milliseconds),
@@ -137,7 +120,7 @@ struct RegistrationOptions: ParsableArguments {
         if usesDocker {
             configuration.docker = try DockerClient(host: dockerHost ?? Self.defaultDockerSocket)
         }
-        return Registrar(configuration: configuration, store: store)
+        return Registrar(configuration: configuration, store: EtcdRegistrationStore(client: client))
     }
 }
 
