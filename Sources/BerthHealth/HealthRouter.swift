@@ -32,6 +32,9 @@ public final class HealthRouter: Sendable {
         var lastApplied: RoutingTable?
         var allDownEvents: [String: UInt64] = [:]
         var allDownNow: Set<String> = []
+        /// Operator overrides (drain, maint); `ready` is stored as no entry. Pruned to the
+        /// backends of the desired table on every `apply`.
+        var adminStates: [BackendKey: AdminState] = [:]
     }
 
     /// `checker` must be the one the engine's `backendFailed` reports to (see `makeEngine`).
@@ -64,21 +67,62 @@ public final class HealthRouter: Sendable {
     /// applied to the engine.
     @discardableResult
     public func apply(_ table: RoutingTable) throws(EngineError) -> Engine.ApplyResult {
-        if let checks = policy.checks, let checker {
-            var targets: [CheckTarget] = []
-            for frontend in table.frontends {
-                for backend in frontend.backends {
-                    targets.append(CheckTarget(
-                        key: BackendKey(frontend: frontend.name, backend: backend.name),
-                        address: backend.address, settings: checks, initialState: policy.newBackendState))
-                }
-            }
-            checker.update(targets)
-        }
-        return try state.withLock { state throws(EngineError) -> Engine.ApplyResult in
+        try state.withLock { state throws(EngineError) -> Engine.ApplyResult in
             state.desired = table
+            let present = Set(table.frontends.flatMap { frontend in
+                frontend.backends.map { BackendKey(frontend: frontend.name, backend: $0.name) }
+            })
+            state.adminStates = state.adminStates.filter { present.contains($0.key) }
+            updateChecks(state)
             return try publish(&state)
         }
+    }
+
+    /// Gives the checker every backend of the desired table but those in maintenance. Called
+    /// under the state lock, so the checker's targets follow the tables' order (the checker's
+    /// own thread takes this lock only after releasing its records, so the order is safe).
+    private func updateChecks(_ state: State) {
+        guard let checks = policy.checks, let checker else { return }
+        var targets: [CheckTarget] = []
+        for frontend in state.desired.frontends {
+            for backend in frontend.backends {
+                let key = BackendKey(frontend: frontend.name, backend: backend.name)
+                if state.adminStates[key] == .maint { continue }
+                targets.append(CheckTarget(
+                    key: key, address: backend.address, settings: checks, initialState: policy.newBackendState))
+            }
+        }
+        checker.update(targets)
+    }
+
+    /// Sets an operator override (HAProxy's `set server state`): `drain` and `maint` take the
+    /// backend out of new connections at once while its open connections continue; `ready`
+    /// gives it back to health. Throws for a backend not in the desired table.
+    public func setAdminState(_ admin: AdminState, for key: BackendKey) throws(AdminError) {
+        try state.withLock { state throws(AdminError) in
+            let known = state.desired.frontends.contains { frontend in
+                frontend.name == key.frontend && frontend.backends.contains { $0.name == key.backend }
+            }
+            guard known else { throw AdminError.unknownBackend(key) }
+            let previous = state.adminStates[key] ?? .ready
+            state.adminStates[key] = admin == .ready ? nil : admin
+            if (previous == .maint) != (admin == .maint) { updateChecks(state) }
+            do throws(EngineError) {
+                _ = try publish(&state)
+            } catch {
+                throw AdminError.engine(error.description)
+            }
+        }
+    }
+
+    /// Operator overrides now in force (backends without one are `ready`).
+    public func adminStates() -> [BackendKey: AdminState] {
+        state.withLock { $0.adminStates }
+    }
+
+    /// The table last given to `apply`, before health and overrides.
+    public func desiredTable() -> RoutingTable {
+        state.withLock { $0.desired }
     }
 
     /// Health of every backend (empty without checks).
@@ -107,13 +151,17 @@ public final class HealthRouter: Sendable {
         var effective = state.desired
         for index in effective.frontends.indices {
             let frontend = effective.frontends[index]
-            guard checker != nil, !frontend.backends.isEmpty else { continue }
-            // Down backends stay in the table, disabled: no new connections, and their open
-            // connections run on (a removed backend would be drained).
+            guard checker != nil || !state.adminStates.isEmpty, !frontend.backends.isEmpty else { continue }
+            // Down, drained and maintained backends stay in the table, disabled: no new
+            // connections, and their open connections run on (a removed backend would be drained).
+            var overridden = Set<Int>()
             for backendIndex in frontend.backends.indices {
                 let backend = frontend.backends[backendIndex]
-                effective.frontends[index].backends[backendIndex].enabled = backend.enabled
-                    && (health[BackendKey(frontend: frontend.name, backend: backend.name)]?.takesTraffic ?? (policy.newBackendState == .up))
+                let key = BackendKey(frontend: frontend.name, backend: backend.name)
+                if state.adminStates[key] != nil { overridden.insert(backendIndex) }
+                let healthy = checker == nil || (health[key]?.takesTraffic ?? (policy.newBackendState == .up))
+                effective.frontends[index].backends[backendIndex].enabled = backend.enabled && healthy
+                    && !overridden.contains(backendIndex)
             }
             let up = effective.frontends[index].backends.filter(\.enabled)
             if up.isEmpty {
@@ -121,10 +169,13 @@ public final class HealthRouter: Sendable {
                     state.allDownNow.insert(frontend.name)
                     state.allDownEvents[frontend.name, default: 0] += 1
                 }
+                // Panic routing overrides health, never an operator: drained and maintained
+                // backends stay out.
                 if policy.allDown == .tryAll {
                     effective.frontends[index].settings.panic = true
                     for backendIndex in frontend.backends.indices {
                         effective.frontends[index].backends[backendIndex].enabled = frontend.backends[backendIndex].enabled
+                            && !overridden.contains(backendIndex)
                     }
                 }
             } else {

@@ -9,7 +9,7 @@ struct Berth: ParsableCommand {
         abstract: "Service discovery and TCP load balancing for Docker hosts, in one process.",
         discussion: "Every flag can also be set through the environment variable named in its help.",
         version: berthVersion,
-        subcommands: [ProxyCommand.self, WhoamiCommand.self])
+        subcommands: [ProxyCommand.self, WhoamiCommand.self, CtlCommand.self])
 }
 
 let berthVersion = "0.1.0"
@@ -28,6 +28,7 @@ enum Main {
         switch arguments.first {
         case "proxy": arguments = ProxyCommand.environment.apply(to: arguments, environment: environment)
         case "whoami": arguments = WhoamiCommand.environment.apply(to: arguments, environment: environment)
+        case "ctl": arguments = CtlCommand.environment.apply(to: arguments, environment: environment)
         default: break
         }
         do {

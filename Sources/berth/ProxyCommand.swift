@@ -1,6 +1,7 @@
 import ArgumentParser
 import BerthEngine
 import BerthHealth
+import BerthStats
 import Glibc
 
 /// `berth proxy`: a complete static TCP load balancer: one frontend, round-robin over the
@@ -25,7 +26,7 @@ struct ProxyCommand: ParsableCommand {
         ("--server-timeout", "BERTH_SERVER_TIMEOUT"), ("--drain-timeout", "BERTH_DRAIN_TIMEOUT"),
         ("--maxconn", "BERTH_MAXCONN"), ("--relay", "BERTH_RELAY"), ("--pipe-size", "BERTH_PIPE_SIZE"),
         ("--cpus", "BERTH_CPUS"), ("--retry-on", "BERTH_RETRY_ON"),
-    ] + HealthOptions.environment)
+    ] + HealthOptions.environment + StatsOptions.environment)
 
     @Option(help: EnvironmentFlags.help("Address to listen on, HOST:PORT ([::1]:8000 for IPv6, *:8000 for all).", "BERTH_LISTEN"), transform: AddressArgument.parse)
     var listen: AddressArgument?
@@ -72,6 +73,9 @@ struct ProxyCommand: ParsableCommand {
     @OptionGroup(title: "Health checks")
     var health: HealthOptions
 
+    @OptionGroup(title: "Stats and admin")
+    var stats: StatsOptions
+
     func validate() throws {
         if listen == nil { throw ValidationError("--listen HOST:PORT is required") }
         if backend.isEmpty { throw ValidationError("at least one --backend HOST:PORT is required") }
@@ -115,6 +119,13 @@ struct ProxyCommand: ParsableCommand {
             throw ListenFailure(address: listen.address, error: failure)
         }
         let bound = result.listening[name]!
+        let statsServer: StatsServer?
+        do {
+            statsServer = try stats.start(provider: .router(router))
+        } catch {
+            router.shutdown(drainTimeout: 0)
+            throw error
+        }
         log("listening on \(bound) (\(name)): \(backends.count) backend(s), \(configuration.workers) worker(s), relay \(relay.rawValue), maxconn \(configuration.maxConnections), checks \(health.summary)")
         let signal = ProcessSignals.wait(for: [SIGTERM, SIGINT])
         log("signal \(signal): stopping; draining \(engine.openConnections) connection(s) for up to \(drainTimeout)")
@@ -124,7 +135,9 @@ struct ProxyCommand: ParsableCommand {
             log("second signal: exiting without waiting")
             _exit(1)
         }
+        // The stats page stays up while connections drain, so the drain can be watched.
         router.shutdown(drainTimeout: drainTimeout.milliseconds)
+        statsServer?.stop()
         log("stopped")
     }
 }

@@ -29,4 +29,5 @@ ensure_swift() {
 }
 
 # The packages Berth's scripts use: build tools and the programs tests and benchmarks talk to.
-BERTH_PACKAGES=(build-essential pkg-config libssl-dev curl util-linux procps iproute2 haproxy)
+# chromium (headless: the stats page test) and prometheus (promtool: the /metrics test).
+BERTH_PACKAGES=(build-essential pkg-config libssl-dev curl util-linux procps iproute2 haproxy chromium prometheus)

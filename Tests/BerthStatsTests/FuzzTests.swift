@@ -1,0 +1,235 @@
+import BerthEngine
+import BerthStats
+import Foundation
+import Glibc
+import Synchronization
+import XCTest
+
+/// Bad input to the stats port: random bytes, mutated and pipelined requests, 1 MB headers,
+/// huge bodies and slowloris clients, 100,000 requests in all. The server must keep answering
+/// (a probe asks /healthz throughout), end every bad connection, and come back to zero
+/// connections; the data plane's throughput meanwhile is measured and printed.
+final class FuzzTests: XCTestCase {
+    /// SplitMix64: a seeded generator, so a failure can be replayed from the printed seed.
+    struct Generator: RandomNumberGenerator {
+        var state: UInt64
+        mutating func next() -> UInt64 {
+            state &+= 0x9E37_79B9_7F4A_7C15
+            var z = state
+            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+            return z ^ (z >> 31)
+        }
+    }
+
+    /// Outcomes, counted over all fuzz threads.
+    final class Tally: Sendable {
+        let requests = Atomic<Int>(0)
+        let connections = Atomic<Int>(0)
+        let status2xx = Atomic<Int>(0)
+        let status400 = Atomic<Int>(0)
+        let status413 = Atomic<Int>(0)
+        let status431 = Atomic<Int>(0)
+        let other = Atomic<Int>(0)
+        let noAnswer = Atomic<Int>(0)
+
+        func count(_ response: [UInt8]) {
+            let text = String(decoding: response.prefix(12), as: UTF8.self)
+            let counter: Atomic<Int> = switch text.dropFirst(9).prefix(3) {
+            case "200", "204": status2xx
+            case "400": status400
+            case "413": status413
+            case "431": status431
+            case "": noAnswer
+            default: other
+            }
+            counter.add(1, ordering: .relaxed)
+        }
+    }
+
+    static let totalRequests = 100_000
+    static let deadlineSeconds = 50.0
+
+    func testFuzzedAndOversizedRequestsNeitherCrashNorBlock() throws {
+        let stack = try StatsStack(services: [.init(name: "web", backends: ["a", "b"])]) { configuration in
+            configuration.requestTimeout = 1_000
+            configuration.writeTimeout = 2_000
+        }
+        defer { stack.stop() }
+        let stats = stack.statsAddress
+        let seed = UInt64.random(in: 0...UInt64.max)
+        print("fuzz seed \(seed)")
+        let tally = Tally()
+        let stop = Atomic<Bool>(false)
+        let started = monotonicSeconds()
+
+        // The data plane: one keep-alive client through the proxy, counting answers per window.
+        let answered = Atomic<Int>(0)
+        let load = Thread {
+            guard let fd = try? HTTP.connect(stack.frontends["web"]!) else { return }
+            defer { close(fd) }
+            let request = Array("GET / HTTP/1.1\r\nHost: t\r\n\r\n".utf8)
+            var buffer = [UInt8](repeating: 0, count: 4096)
+            while !stop.load(ordering: .relaxed) {
+                guard HTTP.send(fd, request) else { return }
+                // whoami answers fit one read on loopback; count a read as an answer.
+                let count = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+                if count <= 0 { return }
+                answered.add(1, ordering: .relaxed)
+            }
+        }
+        load.start()
+        usleep(300_000)
+        let baseline = measure(answered, seconds: 2)
+
+        // The probe: /healthz every 100 ms must answer throughout.
+        let probeFailures = Atomic<Int>(0)
+        let probes = Atomic<Int>(0)
+        let slowestProbe = Mutex<Double>(0)
+        let probe = Thread {
+            while !stop.load(ordering: .relaxed) {
+                let begin = monotonicSeconds()
+                let status = (try? HTTP.request(stats, "GET", "/healthz").status) ?? 0
+                let took = monotonicSeconds() - begin
+                slowestProbe.withLock { $0 = max($0, took) }
+                probes.add(1, ordering: .relaxed)
+                if status != 200 { probeFailures.add(1, ordering: .relaxed) }
+                usleep(100_000)
+            }
+        }
+        probe.start()
+
+        // Slowloris: 100 connections that send a byte every 200 ms and never finish a request.
+        let slowClosed = Atomic<Int>(0)
+        let slowloris = Thread {
+            var fds: [CInt] = (0..<100).compactMap { _ in try? HTTP.connect(stats, timeout: 0.05) }
+            let begin = monotonicSeconds()
+            var index = 0
+            while !fds.isEmpty && monotonicSeconds() - begin < 10 {
+                index += 1
+                let byte: [UInt8] = index == 1 ? Array("GET / HTTP/1.1\r\n".utf8) : [UInt8(ascii: "X")]
+                fds = fds.filter { fd in
+                    var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+                    let closed = poll(&poller, 1, 0) > 0 || !HTTP.send(fd, byte)
+                    if closed {
+                        close(fd)
+                        slowClosed.add(1, ordering: .relaxed)
+                    }
+                    return !closed
+                }
+                usleep(200_000)
+            }
+            for fd in fds { close(fd) }
+        }
+        slowloris.start()
+        tally.requests.add(100, ordering: .relaxed)
+
+        let threads = (0..<4).map { thread in
+            Thread { [self] in
+                var random = Generator(state: seed &+ UInt64(thread))
+                while tally.requests.load(ordering: .relaxed) < Self.totalRequests,
+                      monotonicSeconds() - started < Self.deadlineSeconds {
+                    fuzzOne(stats, &random, tally)
+                }
+            }
+        }
+        let fuzzStart = monotonicSeconds()
+        for thread in threads { thread.start() }
+        var during = 0.0
+        var windows = 0
+        while threads.contains(where: { !$0.isFinished }) || !slowloris.isFinished {
+            during += measure(answered, seconds: 1)
+            windows += 1
+            if monotonicSeconds() - started > Self.deadlineSeconds + 15 { break }
+        }
+        let fuzzSeconds = monotonicSeconds() - fuzzStart
+        stop.store(true, ordering: .relaxed)
+        for thread in [load, probe] + threads + [slowloris] {
+            XCTAssertTrue(eventually(timeout: 10) { thread.isFinished })
+        }
+
+        let requests = tally.requests.load(ordering: .relaxed)
+        let duringRate = windows > 0 ? during / Double(windows) : 0
+        print("""
+            fuzz: \(requests) requests on \(tally.connections.load(ordering: .relaxed)) connections in \
+            \(String(format: "%.1f", fuzzSeconds)) s: 2xx \(tally.status2xx.load(ordering: .relaxed)), \
+            400 \(tally.status400.load(ordering: .relaxed)), 413 \(tally.status413.load(ordering: .relaxed)), \
+            431 \(tally.status431.load(ordering: .relaxed)), other \(tally.other.load(ordering: .relaxed)), \
+            closed without answer \(tally.noAnswer.load(ordering: .relaxed)); slowloris closed by the server \
+            \(slowClosed.load(ordering: .relaxed))/100; /healthz probes \(probes.load(ordering: .relaxed)), \
+            slowest \(String(format: "%.3f", slowestProbe.withLock { $0 })) s
+            data plane (1 keep-alive client): \(Int(baseline)) req/s before, \(Int(duringRate)) req/s during the fuzzing \
+            (\(String(format: "%+.1f", (duringRate / max(baseline, 1) - 1) * 100))%)
+            """)
+        XCTAssertGreaterThanOrEqual(requests, Self.totalRequests, "all requests sent within \(Self.deadlineSeconds) s")
+        XCTAssertEqual(probeFailures.load(ordering: .relaxed), 0, "/healthz answered throughout")
+        XCTAssertGreaterThan(probes.load(ordering: .relaxed), 5)
+        XCTAssertEqual(slowClosed.load(ordering: .relaxed), 100, "every slowloris connection closed by the server")
+        XCTAssertGreaterThan(tally.status2xx.load(ordering: .relaxed), 10_000, "valid requests amid the garbage were answered")
+        XCTAssertGreaterThan(tally.status400.load(ordering: .relaxed), 1_000)
+        XCTAssertGreaterThan(tally.status431.load(ordering: .relaxed) + tally.noAnswer.load(ordering: .relaxed), 0)
+        XCTAssertTrue(eventually(timeout: 5) { stack.server.connectionCounts.open == 0 }, "every connection ended: \(stack.server.connectionCounts)")
+        XCTAssertEqual(try HTTP.request(stats, "GET", "/").status, 200, "still serving pages")
+        XCTAssertEqual(try HTTP.request(stats, "GET", "/metrics").status, 200)
+        XCTAssertGreaterThan(baseline, 0)
+    }
+
+    /// Answers the load thread gave per second over a window.
+    private func measure(_ answered: Atomic<Int>, seconds: Double) -> Double {
+        let before = answered.load(ordering: .relaxed)
+        usleep(useconds_t(seconds * 1e6))
+        return Double(answered.load(ordering: .relaxed) - before) / seconds
+    }
+
+    /// One connection with one fuzz case; counts the requests it carried.
+    private func fuzzOne(_ stats: SocketAddress, _ random: inout Generator, _ tally: Tally) {
+        guard let fd = try? HTTP.connect(stats, timeout: 5) else { return }
+        defer { close(fd) }
+        tally.connections.add(1, ordering: .relaxed)
+        let valid = Array("GET /stats.json HTTP/1.1\r\nHost: x\r\n\r\n".utf8)
+        var payload: [UInt8]
+        var requests = 1
+        switch Int.random(in: 0..<100, using: &random) {
+        case 0..<45:
+            // Random bytes, 1 to 512 of them.
+            payload = (0..<Int.random(in: 1...512, using: &random)).map { _ in UInt8.random(in: 0...255, using: &random) }
+        case 45..<70:
+            // A valid request with a few bytes changed, inserted or cut.
+            payload = valid
+            for _ in 0..<Int.random(in: 1...4, using: &random) {
+                let position = Int.random(in: 0..<payload.count, using: &random)
+                switch Int.random(in: 0..<3, using: &random) {
+                case 0: payload[position] = UInt8.random(in: 0...255, using: &random)
+                case 1: payload.insert(UInt8.random(in: 0...255, using: &random), at: position)
+                default: payload.remove(at: position)
+                }
+            }
+        case 70..<97:
+            // 30 pipelined requests, the last asking to close.
+            requests = 30
+            payload = Array(String(repeating: "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", count: 29).utf8)
+                + Array("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8)
+        case 97..<99:
+            // An announced 10 MB body.
+            payload = Array("POST /admin/backends/web/a/drain HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n".utf8)
+                + [UInt8](repeating: 0x41, count: 16 * 1024)
+        default:
+            // 1 MB of headers.
+            payload = Array("GET / HTTP/1.1\r\nX-Big: ".utf8) + [UInt8](repeating: 0x61, count: 1 << 20)
+        }
+        tally.requests.add(requests, ordering: .relaxed)
+        _ = HTTP.send(fd, payload)
+        // End of input: a partial request is not waited for (the server closes on EOF).
+        shutdown(fd, CInt(SHUT_WR))
+        let response = HTTP.receiveAll(fd, limit: 1 << 20)
+        if requests > 1 {
+            // Each pipelined answer counted.
+            let text = String(decoding: response, as: UTF8.self)
+            let answers = text.components(separatedBy: "HTTP/1.1 200").count - 1
+            tally.status2xx.add(answers, ordering: .relaxed)
+            if answers != requests { tally.other.add(1, ordering: .relaxed) }
+        } else {
+            tally.count(response)
+        }
+    }
+}
