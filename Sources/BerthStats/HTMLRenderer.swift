@@ -75,7 +75,7 @@ enum HTMLRenderer {
             rows.append(("registered containers", "none (no registrar)"))
         }
         var html = "<h1>Berth statistics</h1>\n<table class=\"info\">\n"
-        // Two key/value pairs per line keeps the header short.
+        // Four key/value pairs per line keep the header short.
         var index = 0
         while index < rows.count {
             html += "<tr>"

@@ -104,7 +104,7 @@ private final class ResponseCollector: ChannelInboundHandler, RemovableChannelHa
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        switch unwrapInboundIn(data) {
+        switch Self.unwrapInboundIn(data) {
         case .head(let head):
             status = Int(head.status.code)
         case .body(var part):

@@ -65,6 +65,10 @@ final class StatsHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var deadline: Scheduled<Void>?
     /// A response that ends the connection was sent: ignore whatever follows.
     private var closing = false
+    /// Responses whose write has not completed (pipelined requests may overlap them).
+    private var responding = 0
+    /// The client closed its sending side: answer what came, then close.
+    private var inputClosed = false
 
     init(responder: StatsResponder, limits: StatsServerConfiguration) {
         self.responder = responder
@@ -88,7 +92,7 @@ final class StatsHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !closing else { return }
-        switch unwrapInboundIn(data) {
+        switch Self.unwrapInboundIn(data) {
         case .head(let request):
             head = request
             bodyBytes = 0
@@ -120,8 +124,12 @@ final class StatsHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        // The client closed its side: nothing more will come; close once idle.
-        if case ChannelEvent.inputClosed = event, head == nil { closeNow(context) }
+        // The client closed its side (NIO's pipelining handler delivers this after the requests
+        // that came before it): nothing more will come; close once the last answer is written.
+        if case ChannelEvent.inputClosed = event {
+            inputClosed = true
+            if responding == 0 { closeNow(context) }
+        }
         context.fireUserInboundEventTriggered(event)
     }
 
@@ -137,16 +145,18 @@ final class StatsHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         let head = HTTPResponseHead(version: .http1_1, status: HTTPResponseStatus(statusCode: response.status), headers: headers)
         // The client now has `writeTimeout` to take the response.
         arm(context, milliseconds: limits.writeTimeout)
-        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        context.write(Self.wrapOutboundOut(.head(head)), promise: nil)
         if method != .HEAD && !response.body.isEmpty {
-            context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: response.body)))), promise: nil)
+            context.write(Self.wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: response.body)))), promise: nil)
         }
-        let written = context.writeAndFlush(wrapOutboundOut(.end(nil)))
+        responding += 1
+        let written = context.writeAndFlush(Self.wrapOutboundOut(.end(nil)))
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         written.whenComplete { result in
             let (handler, context) = loopBound.value
+            handler.responding -= 1
             if case .failure = result { return handler.closeNow(context) }
-            if keepAlive {
+            if keepAlive && !(handler.inputClosed && handler.responding == 0) {
                 handler.arm(context, milliseconds: handler.limits.requestTimeout)
             } else {
                 handler.closeNow(context)

@@ -42,8 +42,7 @@ public final class StatsServer: Sendable {
     private let group: MultiThreadedEventLoopGroup
     private let collector: NIOLoopBound<StatsCollector>
     private let state = Mutex<(channel: Channel?, sampler: RepeatedTask?)>((nil, nil))
-    private let openConnections = Atomic<Int>(0)
-    private let refused = Atomic<UInt64>(0)
+    private let connections = ConnectionCounts()
     private let logger: Logger
 
     public init(configuration: StatsServerConfiguration, provider: StatsProvider,
@@ -52,10 +51,12 @@ public final class StatsServer: Sendable {
         self.logger = logger
         group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let loop = group.next()
-        collector = NIOLoopBound(
-            StatsCollector(provider: provider, version: configuration.version,
-                           adminEnabled: configuration.credentials != nil && provider.setAdminState != nil),
-            eventLoop: loop)
+        let adminEnabled = configuration.credentials != nil && provider.setAdminState != nil
+        let version = configuration.version
+        // The collector lives on the loop: it is made there and only touched there.
+        collector = try! loop.submit {
+            NIOLoopBound(StatsCollector(provider: provider, version: version, adminEnabled: adminEnabled), eventLoop: loop)
+        }.wait()
     }
 
     /// Binds and starts serving; returns the address bound (port 0 resolved).
@@ -64,26 +65,30 @@ public final class StatsServer: Sendable {
         let loop = group.next()
         let limits = configuration
         let collector = collector
-        let connections = openConnections
-        let refused = refused
-        var decoderLimits = NIOHTTPDecoderLimitConfiguration()
-        decoderLimits.maxHeaderListSize = limits.maxHeaderBytes
-        decoderLimits.maxHeaderFieldSize = limits.maxHeaderBytes
-        decoderLimits.maxHeaderFieldCount = 100
+        let connections = connections
+        let decoderLimits = {
+            var decoderLimits = NIOHTTPDecoderLimitConfiguration()
+            decoderLimits.maxHeaderListSize = limits.maxHeaderBytes
+            decoderLimits.maxHeaderFieldSize = limits.maxHeaderBytes
+            decoderLimits.maxHeaderFieldCount = 100
+            return decoderLimits
+        }()
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .serverChannelOption(.maxMessagesPerRead, value: 16)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.maxMessagesPerRead, value: 1)
+            // A client that half-closes after its requests still gets its answers.
+            .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelInitializer { channel in
                 // The cap counts connections from accept to close.
-                if connections.add(1, ordering: .relaxed).newValue > limits.maxConnections {
-                    connections.subtract(1, ordering: .relaxed)
-                    refused.add(1, ordering: .relaxed)
+                if connections.open.add(1, ordering: .relaxed).newValue > limits.maxConnections {
+                    connections.open.subtract(1, ordering: .relaxed)
+                    connections.refused.add(1, ordering: .relaxed)
                     return channel.close()
                 }
-                channel.closeFuture.whenComplete { _ in connections.subtract(1, ordering: .relaxed) }
+                channel.closeFuture.whenComplete { _ in connections.open.subtract(1, ordering: .relaxed) }
                 do {
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(
                         withPipeliningAssistance: true, withErrorHandling: false,
@@ -107,7 +112,7 @@ public final class StatsServer: Sendable {
 
     /// Connections open now, and those refused by the cap since start.
     public var connectionCounts: (open: Int, refused: UInt64) {
-        (openConnections.load(ordering: .relaxed), refused.load(ordering: .relaxed))
+        (connections.open.load(ordering: .relaxed), connections.refused.load(ordering: .relaxed))
     }
 
     /// Stops listening, closes every connection, ends the loop thread. Safe to call twice.
@@ -125,4 +130,10 @@ public final class StatsServer: Sendable {
             logger.debug("stats event loop shutdown: \(error)")
         }
     }
+}
+
+/// Connections open now and refused by the cap (shared by the accept path and readers).
+private final class ConnectionCounts: Sendable {
+    let open = Atomic<Int>(0)
+    let refused = Atomic<UInt64>(0)
 }

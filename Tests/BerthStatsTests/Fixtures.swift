@@ -169,7 +169,24 @@ enum HTTP {
             guard let colon = line.firstIndex(of: ":") else { continue }
             headers[line[..<colon].lowercased()] = line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
         }
-        return Response(status: status, headers: headers, body: String(text[split.upperBound...]))
+        var body = String(text[split.upperBound...])
+        if headers["transfer-encoding"]?.lowercased() == "chunked" { body = dechunk(body) }
+        return Response(status: status, headers: headers, body: body)
+    }
+
+    /// A chunked body (HAProxy's stats page sends one) as its plain bytes.
+    static func dechunk(_ body: String) -> String {
+        var rest = Substring(body)
+        var result = ""
+        while let lineEnd = rest.range(of: "\r\n"), let size = Int(rest[..<lineEnd.lowerBound], radix: 16), size > 0 {
+            let start = lineEnd.upperBound
+            let utf8 = rest[start...].utf8
+            guard utf8.count >= size else { break }
+            let end = utf8.index(utf8.startIndex, offsetBy: size)
+            result += String(rest[start..<end])
+            rest = rest[end...].dropFirst(2)
+        }
+        return result
     }
 
     /// GET through the proxy to a whoami: the backend's identity ("I'm ID").
@@ -191,8 +208,8 @@ struct Tool {
         process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = arguments
         let base = NSTemporaryDirectory() + "berth-stats-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        FileManager.default.createFile(atPath: base + ".out", contents: nil)
-        FileManager.default.createFile(atPath: base + ".err", contents: nil)
+        _ = FileManager.default.createFile(atPath: base + ".out", contents: nil)
+        _ = FileManager.default.createFile(atPath: base + ".err", contents: nil)
         defer {
             try? FileManager.default.removeItem(atPath: base + ".out")
             try? FileManager.default.removeItem(atPath: base + ".err")

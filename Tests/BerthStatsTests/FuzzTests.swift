@@ -32,18 +32,24 @@ final class FuzzTests: XCTestCase {
         let status431 = Atomic<Int>(0)
         let other = Atomic<Int>(0)
         let noAnswer = Atomic<Int>(0)
+        // The other threads of the test.
+        let stop = Atomic<Bool>(false)
+        let answered = Atomic<Int>(0)
+        let probeFailures = Atomic<Int>(0)
+        let probes = Atomic<Int>(0)
+        let slowestProbe = Mutex<Double>(0)
+        let slowClosed = Atomic<Int>(0)
 
         func count(_ response: [UInt8]) {
             let text = String(decoding: response.prefix(12), as: UTF8.self)
-            let counter: Atomic<Int> = switch text.dropFirst(9).prefix(3) {
-            case "200", "204": status2xx
-            case "400": status400
-            case "413": status413
-            case "431": status431
-            case "": noAnswer
-            default: other
+            switch text.dropFirst(9).prefix(3) {
+            case "200", "204": status2xx.add(1, ordering: .relaxed)
+            case "400": status400.add(1, ordering: .relaxed)
+            case "413": status413.add(1, ordering: .relaxed)
+            case "431": status431.add(1, ordering: .relaxed)
+            case "": noAnswer.add(1, ordering: .relaxed)
+            default: other.add(1, ordering: .relaxed)
             }
-            counter.add(1, ordering: .relaxed)
         }
     }
 
@@ -60,47 +66,41 @@ final class FuzzTests: XCTestCase {
         let seed = UInt64.random(in: 0...UInt64.max)
         print("fuzz seed \(seed)")
         let tally = Tally()
-        let stop = Atomic<Bool>(false)
         let started = monotonicSeconds()
 
         // The data plane: one keep-alive client through the proxy, counting answers per window.
-        let answered = Atomic<Int>(0)
         let load = Thread {
             guard let fd = try? HTTP.connect(stack.frontends["web"]!) else { return }
             defer { close(fd) }
             let request = Array("GET / HTTP/1.1\r\nHost: t\r\n\r\n".utf8)
             var buffer = [UInt8](repeating: 0, count: 4096)
-            while !stop.load(ordering: .relaxed) {
+            while !tally.stop.load(ordering: .relaxed) {
                 guard HTTP.send(fd, request) else { return }
                 // whoami answers fit one read on loopback; count a read as an answer.
                 let count = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
                 if count <= 0 { return }
-                answered.add(1, ordering: .relaxed)
+                tally.answered.add(1, ordering: .relaxed)
             }
         }
         load.start()
         usleep(300_000)
-        let baseline = measure(answered, seconds: 2)
+        let baseline = measure(tally, seconds: 3)
 
         // The probe: /healthz every 100 ms must answer throughout.
-        let probeFailures = Atomic<Int>(0)
-        let probes = Atomic<Int>(0)
-        let slowestProbe = Mutex<Double>(0)
         let probe = Thread {
-            while !stop.load(ordering: .relaxed) {
+            while !tally.stop.load(ordering: .relaxed) {
                 let begin = monotonicSeconds()
                 let status = (try? HTTP.request(stats, "GET", "/healthz").status) ?? 0
                 let took = monotonicSeconds() - begin
-                slowestProbe.withLock { $0 = max($0, took) }
-                probes.add(1, ordering: .relaxed)
-                if status != 200 { probeFailures.add(1, ordering: .relaxed) }
+                tally.slowestProbe.withLock { $0 = max($0, took) }
+                tally.probes.add(1, ordering: .relaxed)
+                if status != 200 { tally.probeFailures.add(1, ordering: .relaxed) }
                 usleep(100_000)
             }
         }
         probe.start()
 
         // Slowloris: 100 connections that send a byte every 200 ms and never finish a request.
-        let slowClosed = Atomic<Int>(0)
         let slowloris = Thread {
             var fds: [CInt] = (0..<100).compactMap { _ in try? HTTP.connect(stats, timeout: 0.05) }
             let begin = monotonicSeconds()
@@ -113,7 +113,7 @@ final class FuzzTests: XCTestCase {
                     let closed = poll(&poller, 1, 0) > 0 || !HTTP.send(fd, byte)
                     if closed {
                         close(fd)
-                        slowClosed.add(1, ordering: .relaxed)
+                        tally.slowClosed.add(1, ordering: .relaxed)
                     }
                     return !closed
                 }
@@ -125,64 +125,87 @@ final class FuzzTests: XCTestCase {
         tally.requests.add(100, ordering: .relaxed)
 
         let threads = (0..<4).map { thread in
-            Thread { [self] in
+            Thread {
                 var random = Generator(state: seed &+ UInt64(thread))
                 while tally.requests.load(ordering: .relaxed) < Self.totalRequests,
                       monotonicSeconds() - started < Self.deadlineSeconds {
-                    fuzzOne(stats, &random, tally)
+                    Self.fuzzOne(stats, &random, tally)
                 }
             }
         }
         let fuzzStart = monotonicSeconds()
         for thread in threads { thread.start() }
-        var during = 0.0
+        var during = (rate: 0.0, workerMicroseconds: 0.0)
         var windows = 0
         while threads.contains(where: { !$0.isFinished }) || !slowloris.isFinished {
-            during += measure(answered, seconds: 1)
+            let window = measure(tally, seconds: 1)
+            during.rate += window.rate
+            during.workerMicroseconds += window.workerMicroseconds
             windows += 1
             if monotonicSeconds() - started > Self.deadlineSeconds + 15 { break }
         }
         let fuzzSeconds = monotonicSeconds() - fuzzStart
-        stop.store(true, ordering: .relaxed)
+        tally.stop.store(true, ordering: .relaxed)
         for thread in [load, probe] + threads + [slowloris] {
             XCTAssertTrue(eventually(timeout: 10) { thread.isFinished })
         }
 
         let requests = tally.requests.load(ordering: .relaxed)
-        let duringRate = windows > 0 ? during / Double(windows) : 0
+        let duringRate = windows > 0 ? during.rate / Double(windows) : 0
+        let duringCost = windows > 0 ? during.workerMicroseconds / Double(windows) : 0
         print("""
             fuzz: \(requests) requests on \(tally.connections.load(ordering: .relaxed)) connections in \
             \(String(format: "%.1f", fuzzSeconds)) s: 2xx \(tally.status2xx.load(ordering: .relaxed)), \
             400 \(tally.status400.load(ordering: .relaxed)), 413 \(tally.status413.load(ordering: .relaxed)), \
             431 \(tally.status431.load(ordering: .relaxed)), other \(tally.other.load(ordering: .relaxed)), \
             closed without answer \(tally.noAnswer.load(ordering: .relaxed)); slowloris closed by the server \
-            \(slowClosed.load(ordering: .relaxed))/100; /healthz probes \(probes.load(ordering: .relaxed)), \
-            slowest \(String(format: "%.3f", slowestProbe.withLock { $0 })) s
-            data plane (1 keep-alive client): \(Int(baseline)) req/s before, \(Int(duringRate)) req/s during the fuzzing \
-            (\(String(format: "%+.1f", (duringRate / max(baseline, 1) - 1) * 100))%)
+            \(tally.slowClosed.load(ordering: .relaxed))/100; /healthz probes \(tally.probes.load(ordering: .relaxed)), \
+            slowest \(String(format: "%.3f", tally.slowestProbe.withLock { $0 })) s
+            data plane (1 keep-alive client): \(Int(baseline.rate)) req/s before, \(Int(duringRate)) req/s during the fuzzing \
+            (\(String(format: "%+.1f", (duringRate / max(baseline.rate, 1) - 1) * 100))%); worker CPU per request \
+            \(String(format: "%.1f", baseline.workerMicroseconds)) µs before, \(String(format: "%.1f", duringCost)) µs during
             """)
         XCTAssertGreaterThanOrEqual(requests, Self.totalRequests, "all requests sent within \(Self.deadlineSeconds) s")
-        XCTAssertEqual(probeFailures.load(ordering: .relaxed), 0, "/healthz answered throughout")
-        XCTAssertGreaterThan(probes.load(ordering: .relaxed), 5)
-        XCTAssertEqual(slowClosed.load(ordering: .relaxed), 100, "every slowloris connection closed by the server")
+        XCTAssertEqual(tally.probeFailures.load(ordering: .relaxed), 0, "/healthz answered throughout")
+        XCTAssertGreaterThan(tally.probes.load(ordering: .relaxed), 5)
+        XCTAssertEqual(tally.slowClosed.load(ordering: .relaxed), 100, "every slowloris connection closed by the server")
         XCTAssertGreaterThan(tally.status2xx.load(ordering: .relaxed), 10_000, "valid requests amid the garbage were answered")
         XCTAssertGreaterThan(tally.status400.load(ordering: .relaxed), 1_000)
         XCTAssertGreaterThan(tally.status431.load(ordering: .relaxed) + tally.noAnswer.load(ordering: .relaxed), 0)
         XCTAssertTrue(eventually(timeout: 5) { stack.server.connectionCounts.open == 0 }, "every connection ended: \(stack.server.connectionCounts)")
         XCTAssertEqual(try HTTP.request(stats, "GET", "/").status, 200, "still serving pages")
         XCTAssertEqual(try HTTP.request(stats, "GET", "/metrics").status, 200)
-        XCTAssertGreaterThan(baseline, 0)
+        XCTAssertGreaterThan(baseline.rate, 0)
     }
 
-    /// Answers the load thread gave per second over a window.
-    private func measure(_ answered: Atomic<Int>, seconds: Double) -> Double {
-        let before = answered.load(ordering: .relaxed)
+    /// Answers the load thread gave per second over a window, and the data-plane worker's CPU
+    /// per answer (µs): its own cost, apart from what the fuzzing threads take from the machine.
+    private func measure(_ tally: Tally, seconds: Double) -> (rate: Double, workerMicroseconds: Double) {
+        let before = tally.answered.load(ordering: .relaxed)
+        let ticksBefore = Self.workerTicks()
         usleep(useconds_t(seconds * 1e6))
-        return Double(answered.load(ordering: .relaxed) - before) / seconds
+        let count = tally.answered.load(ordering: .relaxed) - before
+        let ticks = Self.workerTicks() - ticksBefore
+        return (Double(count) / seconds, count > 0 ? Double(ticks) * 1e6 / Double(sysconf(CInt(_SC_CLK_TCK))) / Double(count) : 0)
+    }
+
+    /// utime + stime of this process's `berth-worker-*` threads, in clock ticks.
+    static func workerTicks() -> Int {
+        var total = 0
+        for task in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? [] {
+            let comm = (try? String(contentsOfFile: "/proc/self/task/\(task)/comm", encoding: .utf8)) ?? ""
+            guard comm.hasPrefix("berth-worker"),
+                  let stat = try? String(contentsOfFile: "/proc/self/task/\(task)/stat", encoding: .utf8),
+                  let close = stat.lastIndex(of: ")") else { continue }
+            // Fields after the command: state is the 3rd field, utime the 14th, stime the 15th.
+            let fields = stat[stat.index(after: close)...].split(separator: " ")
+            total += (Int(fields[11]) ?? 0) + (Int(fields[12]) ?? 0)
+        }
+        return total
     }
 
     /// One connection with one fuzz case; counts the requests it carried.
-    private func fuzzOne(_ stats: SocketAddress, _ random: inout Generator, _ tally: Tally) {
+    private static func fuzzOne(_ stats: SocketAddress, _ random: inout Generator, _ tally: Tally) {
         guard let fd = try? HTTP.connect(stats, timeout: 5) else { return }
         defer { close(fd) }
         tally.connections.add(1, ordering: .relaxed)
