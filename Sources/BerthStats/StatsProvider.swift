@@ -10,6 +10,8 @@ public struct StatsProvider: Sendable {
     public var engine: @Sendable () -> EngineStatistics
     /// The desired table: services, their backends in order, their addresses.
     public var table: @Sendable () -> RoutingTable
+    /// Where each service listens now (port 0 resolved); missing ones show the table's address.
+    public var listening: @Sendable () -> [String: SocketAddress] = { [:] }
     /// Health of every checked backend (empty without checks).
     public var health: @Sendable () -> [BackendKey: BackendHealth]
     /// Operator overrides in force.
@@ -58,7 +60,7 @@ public struct StatsProvider: Sendable {
                               discovery: (@Sendable () -> DiscoveryView)? = nil,
                               registrar: (@Sendable () -> RegistrarView)? = nil) -> StatsProvider {
         let engine = router.engine
-        return StatsProvider(
+        var provider = StatsProvider(
             engine: { engine.statistics() },
             table: { router.desiredTable() },
             health: { router.health() },
@@ -69,6 +71,8 @@ public struct StatsProvider: Sendable {
             openConnections: { engine.openConnections },
             setAdminState: { (state, key) throws(AdminError) in try router.setAdminState(state, for: key) },
             discovery: discovery, registrar: registrar)
+        provider.listening = { engine.listeningAddresses() }
+        return provider
     }
 }
 
@@ -99,6 +103,7 @@ final class StatsCollector {
         let admin = provider.adminStates()
         let allDown = provider.allDownEvents()
         var services: [ServiceStats] = []
+        let listening = provider.listening()
         for frontend in provider.table().frontends {
             let counters = statistics.frontends[frontend.name]
             var backends: [BackendStats] = []
@@ -116,7 +121,7 @@ final class StatsCollector {
             var totals = TrafficStats()
             for backend in backends { totals.add(backend.traffic) }
             services.append(ServiceStats(
-                name: frontend.name, listen: frontend.listen.description,
+                name: frontend.name, listen: (listening[frontend.name] ?? frontend.listen).description,
                 frontend: traffic(counters?.traffic, rate: rates.rate(BackendKey(frontend: frontend.name, backend: "")), now: now),
                 backends: backends, totals: totals,
                 status: backends.contains { $0.status.takesTraffic } ? "UP" : "DOWN",
