@@ -39,7 +39,7 @@ final class StatsCommandTests: BerthTestCase {
         XCTAssertEqual(drained, .exited(0))
         XCTAssertTrue(said.contains("draining"), said)
         for _ in 0..<6 {
-            XCTAssertEqual(HTTPExchange.get(proxy.port)?.text, "I'm web1", "new connections avoid the drained backend")
+            XCTAssertEqual(HTTPExchange.get(proxy.port)?.text, "I'm web1\n", "new connections avoid the drained backend")
         }
         let (_, afterDrain, _) = try runBerth(["ctl", "list", "--auth", "admin:pw"] + target)
         XCTAssertTrue(afterDrain.split(separator: "\n").contains { $0.contains(web0.address) && $0.contains("DRAIN") }, afterDrain)
@@ -54,7 +54,7 @@ final class StatsCommandTests: BerthTestCase {
         XCTAssertEqual(enabled, .exited(0))
         var seen = Set<String>()
         for _ in 0..<4 { seen.insert(HTTPExchange.get(proxy.port)?.text ?? "") }
-        XCTAssertEqual(seen, ["I'm web0", "I'm web1"])
+        XCTAssertEqual(seen, ["I'm web0\n", "I'm web1\n"])
     }
 
     func testStatsFromTheEnvironmentAndOff() throws {
