@@ -40,9 +40,10 @@ final class StatsStack: @unchecked Sendable {
     private(set) var frontends: [String: SocketAddress] = [:]
 
     init(services: [Service], checks: CheckSettings? = nil, credentials: String? = nil, workers: Int = 1,
-         configure: (inout StatsServerConfiguration) -> Void = { _ in }) throws {
+         cpus: [Int] = [], configure: (inout StatsServerConfiguration) -> Void = { _ in }) throws {
         var configuration = EngineConfiguration()
         configuration.workers = workers
+        configuration.cpus = cpus
         router = try HealthRouter.make(configuration: configuration, policy: HealthPolicy(checks: checks))
         var table = RoutingTable()
         var backendsByID: [String: Backend] = [:]

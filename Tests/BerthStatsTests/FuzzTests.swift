@@ -70,12 +70,20 @@ final class FuzzTests: XCTestCase {
     static let deadlineSeconds = 55.0
 
     func testFuzzedAndOversizedRequestsNeitherCrashNorBlock() throws {
-        let stack = try StatsStack(services: [.init(name: "web", backends: ["a", "b"])]) { configuration in
+        // With two CPUs or more, the data plane (worker, whoami backends, load client) runs on
+        // CPU 0 and the stats side (NIO thread, fuzzing clients) on CPU 1: what is measured is
+        // the stats server's effect on the data plane, not the fuzzing clients' CPU.
+        let pinned = sysconf(CInt(_SC_NPROCESSORS_ONLN)) >= 2
+        let stack = try StatsStack(services: [.init(name: "web", backends: ["a", "b"])], cpus: pinned ? [0] : []) { configuration in
             configuration.requestTimeout = 1_000
             configuration.writeTimeout = 2_000
         }
         defer { stack.stop() }
         let stats = stack.statsAddress
+        if pinned {
+            Self.pinThreads(named: "whoami", to: 0)
+            Self.pinThreads(named: "NIO-ELT", to: 1)
+        }
         let seed = UInt64.random(in: 0...UInt64.max)
         print("fuzz seed \(seed)")
         let tally = Tally()
@@ -83,6 +91,7 @@ final class FuzzTests: XCTestCase {
 
         // The data plane: one keep-alive client through the proxy, counting answers per window.
         let load = Thread {
+            if pinned { pinCurrentThread(toCPU: 0) }
             guard let fd = try? HTTP.connect(stack.frontends["web"]!) else { return }
             defer { close(fd) }
             let request = Array("GET / HTTP/1.1\r\nHost: t\r\n\r\n".utf8)
@@ -101,6 +110,7 @@ final class FuzzTests: XCTestCase {
 
         // The probe: /healthz every 100 ms must answer throughout.
         let probe = Thread {
+            if pinned { pinCurrentThread(toCPU: 1) }
             while !tally.stop.load(ordering: .relaxed) {
                 let begin = monotonicSeconds()
                 let status = (try? HTTP.request(stats, "GET", "/healthz").status) ?? 0
@@ -115,6 +125,7 @@ final class FuzzTests: XCTestCase {
 
         // Slowloris: 100 connections that send a byte every 200 ms and never finish a request.
         let slowloris = Thread {
+            if pinned { pinCurrentThread(toCPU: 1) }
             var fds: [CInt] = (0..<100).compactMap { _ in try? HTTP.connect(stats, timeout: 0.05) }
             let begin = monotonicSeconds()
             var index = 0
@@ -139,6 +150,7 @@ final class FuzzTests: XCTestCase {
 
         let threads = (0..<4).map { thread in
             Thread {
+                if pinned { pinCurrentThread(toCPU: 1) }
                 var random = Generator(state: seed &+ UInt64(thread))
                 let pipelines = (0..<20).map { _ in
                     (0..<100).flatMap { index in Self.randomRequest(&random, last: index == 99) }
@@ -185,7 +197,7 @@ final class FuzzTests: XCTestCase {
             \(tally.slowClosed.load(ordering: .relaxed))/100; /healthz probes \(tally.probes.load(ordering: .relaxed)), \
             slowest \(String(format: "%.3f", tally.slowestProbe.withLock { $0 })) s; time per kind (random, mutated, \
             pipelined, body, headers): \(tally.spentText)
-            data plane (1 keep-alive client): \(Int(baseline.rate)) req/s before, \(Int(duringRate)) req/s during the fuzzing \
+            data plane (1 keep-alive client\(pinned ? "; data plane on CPU 0, stats and fuzzing on CPU 1" : "")): \(Int(baseline.rate)) req/s before, \(Int(duringRate)) req/s during the fuzzing \
             (\(String(format: "%+.1f", (duringRate / max(baseline.rate, 1) - 1) * 100))%); worker CPU per request \
             \(String(format: "%.1f", baseline.workerMicroseconds)) µs before, \(String(format: "%.1f", duringCost)) µs during
             """)
@@ -241,6 +253,24 @@ final class FuzzTests: XCTestCase {
         let count = tally.answered.load(ordering: .relaxed) - before
         let ticks = Self.workerTicks() - ticksBefore
         return (Double(count) / seconds, count > 0 ? Double(ticks) * 1e6 / Double(sysconf(CInt(_SC_CLK_TCK))) / Double(count) : 0)
+    }
+
+    private typealias SetAffinity = @convention(c) (pid_t, Int, UnsafeRawPointer) -> CInt
+    /// glibc's `sched_setaffinity` (not exported by the Glibc module).
+    private static let setAffinity: SetAffinity? = {
+        guard let symbol = dlsym(nil, "sched_setaffinity") else { return nil }
+        return unsafeBitCast(symbol, to: SetAffinity.self)
+    }()
+
+    /// Pins this process's threads whose name starts with `prefix` to `cpu` (by thread id).
+    static func pinThreads(named prefix: String, to cpu: Int) {
+        for task in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? [] {
+            let comm = (try? String(contentsOfFile: "/proc/self/task/\(task)/comm", encoding: .utf8)) ?? ""
+            guard comm.hasPrefix(prefix), let tid = pid_t(task) else { continue }
+            var set = cpu_set_t()
+            withUnsafeMutableBytes(of: &set) { $0.storeBytes(of: UInt64(1) << UInt64(cpu), as: UInt64.self) }
+            _ = withUnsafeBytes(of: &set) { setAffinity?(tid, MemoryLayout<cpu_set_t>.size, $0.baseAddress!) }
+        }
     }
 
     /// utime + stime of this process's `berth-worker-*` threads, in clock ticks.
