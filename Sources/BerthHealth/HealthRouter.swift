@@ -29,11 +29,16 @@ public final class HealthRouter: Sendable {
 
     private struct State {
         var desired = RoutingTable()
-        /// Backends with an active check: the others take traffic whatever the checker says.
+        /// Per-frontend check settings that replace the policy's (discovery's `_config`).
+        var checkOverrides: [String: CheckSettings] = [:]
+        /// Backends with an active check now: the others take traffic whatever the checker says.
         var checked: Set<BackendKey> = []
         var lastApplied: RoutingTable?
         var allDownEvents: [String: UInt64] = [:]
         var allDownNow: Set<String> = []
+        /// Operator overrides (drain, maint); `ready` is stored as no entry. Pruned to the
+        /// backends of the desired table on every `apply`.
+        var adminStates: [BackendKey: AdminState] = [:]
     }
 
     /// `checker` must be the one the engine's `backendFailed` reports to (see `makeEngine`).
@@ -63,29 +68,71 @@ public final class HealthRouter: Sendable {
         return HealthRouter(engine: engine, checker: checker, policy: policy)
     }
 
-    /// Sets the desired table: every backend in it is checked (with its frontend's settings in
-    /// `checks`, else the policy's), and those that take traffic are applied to the engine.
+    /// Sets the desired table: every backend in it is checked, and those that take traffic are
+    /// applied to the engine.
     @discardableResult
     public func apply(_ table: RoutingTable, checks overrides: [String: CheckSettings] = [:]) throws(EngineError) -> Engine.ApplyResult {
-        var checked: Set<BackendKey> = []
-        if let checker {
-            var targets: [CheckTarget] = []
-            for frontend in table.frontends {
-                guard let checks = overrides[frontend.name] ?? policy.checks else { continue }
-                for backend in frontend.backends {
-                    checked.insert(BackendKey(frontend: frontend.name, backend: backend.name))
-                    targets.append(CheckTarget(
-                        key: BackendKey(frontend: frontend.name, backend: backend.name),
-                        address: backend.address, settings: checks, initialState: policy.newBackendState))
-                }
-            }
-            checker.update(targets)
-        }
-        return try state.withLock { state throws(EngineError) -> Engine.ApplyResult in
+        try state.withLock { state throws(EngineError) -> Engine.ApplyResult in
             state.desired = table
-            state.checked = checked
+            state.checkOverrides = overrides
+            let present = Set(table.frontends.flatMap { frontend in
+                frontend.backends.map { BackendKey(frontend: frontend.name, backend: $0.name) }
+            })
+            state.adminStates = state.adminStates.filter { present.contains($0.key) }
+            updateChecks(&state)
             return try publish(&state)
         }
+    }
+
+    /// Gives the checker every backend of the desired table but those in maintenance. Called
+    /// under the state lock, so the checker's targets follow the tables' order (the checker's
+    /// own thread takes this lock only after releasing its records, so the order is safe).
+    private func updateChecks(_ state: inout State) {
+        guard let checker else { return }
+        var targets: [CheckTarget] = []
+        var checked: Set<BackendKey> = []
+        for frontend in state.desired.frontends {
+            guard let checks = state.checkOverrides[frontend.name] ?? policy.checks else { continue }
+            for backend in frontend.backends {
+                let key = BackendKey(frontend: frontend.name, backend: backend.name)
+                if state.adminStates[key] == .maint { continue }
+                checked.insert(key)
+                targets.append(CheckTarget(
+                    key: key, address: backend.address, settings: checks, initialState: policy.newBackendState))
+            }
+        }
+        state.checked = checked
+        checker.update(targets)
+    }
+
+    /// Sets an operator override (HAProxy's `set server state`): `drain` and `maint` take the
+    /// backend out of new connections at once while its open connections continue; `ready`
+    /// gives it back to health. Throws for a backend not in the desired table.
+    public func setAdminState(_ admin: AdminState, for key: BackendKey) throws(AdminError) {
+        try state.withLock { state throws(AdminError) in
+            let known = state.desired.frontends.contains { frontend in
+                frontend.name == key.frontend && frontend.backends.contains { $0.name == key.backend }
+            }
+            guard known else { throw AdminError.unknownBackend(key) }
+            let previous = state.adminStates[key] ?? .ready
+            state.adminStates[key] = admin == .ready ? nil : admin
+            if (previous == .maint) != (admin == .maint) { updateChecks(&state) }
+            do throws(EngineError) {
+                _ = try publish(&state)
+            } catch {
+                throw AdminError.engine(error.description)
+            }
+        }
+    }
+
+    /// Operator overrides now in force (backends without one are `ready`).
+    public func adminStates() -> [BackendKey: AdminState] {
+        state.withLock { $0.adminStates }
+    }
+
+    /// The table last given to `apply`, before health and overrides.
+    public func desiredTable() -> RoutingTable {
+        state.withLock { $0.desired }
     }
 
     /// Health of every backend (empty without checks).
@@ -114,15 +161,17 @@ public final class HealthRouter: Sendable {
         var effective = state.desired
         for index in effective.frontends.indices {
             let frontend = effective.frontends[index]
-            guard checker != nil, !frontend.backends.isEmpty else { continue }
-            // Down backends stay in the table, disabled: no new connections, and their open
-            // connections run on (a removed backend would be drained).
+            guard checker != nil || !state.adminStates.isEmpty, !frontend.backends.isEmpty else { continue }
+            // Down, drained and maintained backends stay in the table, disabled: no new
+            // connections, and their open connections run on (a removed backend would be drained).
+            var overridden = Set<Int>()
             for backendIndex in frontend.backends.indices {
                 let backend = frontend.backends[backendIndex]
                 let key = BackendKey(frontend: frontend.name, backend: backend.name)
-                guard state.checked.contains(key) else { continue }
-                effective.frontends[index].backends[backendIndex].enabled = backend.enabled
-                    && (health[key]?.takesTraffic ?? (policy.newBackendState == .up))
+                if state.adminStates[key] != nil { overridden.insert(backendIndex) }
+                let healthy = !state.checked.contains(key) || (health[key]?.takesTraffic ?? (policy.newBackendState == .up))
+                effective.frontends[index].backends[backendIndex].enabled = backend.enabled && healthy
+                    && !overridden.contains(backendIndex)
             }
             let up = effective.frontends[index].backends.filter(\.enabled)
             if up.isEmpty {
@@ -130,10 +179,13 @@ public final class HealthRouter: Sendable {
                     state.allDownNow.insert(frontend.name)
                     state.allDownEvents[frontend.name, default: 0] += 1
                 }
+                // Panic routing overrides health, never an operator: drained and maintained
+                // backends stay out.
                 if policy.allDown == .tryAll {
                     effective.frontends[index].settings.panic = true
                     for backendIndex in frontend.backends.indices {
                         effective.frontends[index].backends[backendIndex].enabled = frontend.backends[backendIndex].enabled
+                            && !overridden.contains(backendIndex)
                     }
                 }
             } else {

@@ -10,7 +10,7 @@ struct Berth: ParsableCommand {
         abstract: "Service discovery and TCP load balancing for Docker hosts, in one process.",
         discussion: "Every flag can also be set through the environment variable named in its help.",
         version: berthVersion,
-        subcommands: [RunCommand.self, ProxyCommand.self, DiscoverCommand.self, RegisterCommand.self, DevCommand.self, WhoamiCommand.self])
+        subcommands: [RunCommand.self, ProxyCommand.self, DiscoverCommand.self, RegisterCommand.self, DevCommand.self, CtlCommand.self, WhoamiCommand.self])
 }
 
 let berthVersion = "0.1.0"
@@ -37,6 +37,7 @@ enum Main {
         case "whoami": arguments = WhoamiCommand.environment.apply(to: arguments, environment: environment)
         case "run": arguments = RunCommand.environment.apply(to: arguments, environment: environment)
         case "register": arguments = RegisterCommand.environment.apply(to: arguments, environment: environment)
+        case "ctl": arguments = CtlCommand.environment.apply(to: arguments, environment: environment)
         default: break
         }
         do {

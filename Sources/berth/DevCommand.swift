@@ -2,6 +2,7 @@ import ArgumentParser
 import BerthEngine
 import BerthEtcd
 import BerthRegistrar
+import BerthStats
 import BerthWhoami
 import Glibc
 
@@ -27,6 +28,9 @@ struct DevCommand: ParsableCommand {
     @Option(help: "The etcd executable to start.")
     var etcdBinary: String = "/usr/bin/etcd"
 
+    @Option(help: "Address of the stats page, or off.")
+    var stats: String = "127.0.0.1:1936"
+
     func validate() throws {
         if port == 0 { throw invalid("--port", "0", "a port from 1 to 65535") }
         if !(1...9).contains(backends) { throw invalid("--backends", "\(backends)", "a number from 1 to 9") }
@@ -38,10 +42,12 @@ struct DevCommand: ParsableCommand {
         var servers: [WhoamiServer] = []
         var running: DiscoveryRuntime?
         var registering: RegistrarTask?
+        var server: StatsServer?
         defer {
             registering?.stop(within: 3)
             running?.stop()
             running?.router.shutdown(drainTimeout: 1_000)
+            server?.stop()
             for server in servers { server.stop() }
             etcd.stop()
             log("dev: stopped everything; removed \(etcd.directory)")
@@ -56,7 +62,9 @@ struct DevCommand: ParsableCommand {
             proxy: try ProxyOptions.parse(["--workers", "2", "--drain-timeout", "1s"]),
             health: try HealthOptions.parse(["--check", "http:/", "--check-interval", "1s", "--rise", "2", "--fall", "2"]))
         let registration = try RegistrationOptions.parse(statics.flatMap { ["--static", $0] } + ["--no-docker", "--ttl", "5s"])
-        registering = RegistrarTask(try registration.makeRegistrar(client: running!.client, prefix: etcdOptions.prefix))
+        let registrar = try registration.makeRegistrar(client: running!.client, prefix: etcdOptions.prefix)
+        server = try running!.startStats(try StatsOptions.parse(["--stats", stats]), registrar: registrar)
+        registering = RegistrarTask(registrar)
         guard waitForListener(port: port, seconds: 10) else {
             throw ValidationErrorText("the whoami service did not open 127.0.0.1:\(port) within 10 s (port in use?)")
         }
@@ -65,6 +73,7 @@ struct DevCommand: ParsableCommand {
               etcd        \(etcd.clientURL) (data in \(etcd.directory))
               backends    \(servers.map { "\($0.identity) on \($0.address)" }.joined(separator: ", "))
               service     whoami on 127.0.0.1:\(port), round-robin, HTTP checks every 1s
+              stats       \(stats == "off" ? "off" : "http://\(stats)/  (also /;csv, /stats.json, /metrics)")
             try:
               curl http://127.0.0.1:\(port)/          (again and again: the answers rotate)
               etcdctl --endpoints \(etcd.clientURL) get --prefix /backends

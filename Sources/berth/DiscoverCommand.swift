@@ -3,6 +3,8 @@ import BerthDiscovery
 import BerthEngine
 import BerthEtcd
 import BerthHealth
+import BerthRegistrar
+import BerthStats
 import Dispatch
 import Glibc
 import Synchronization
@@ -24,7 +26,8 @@ struct DiscoverCommand: ParsableCommand {
 
     static let environment = EnvironmentFlags(
         command: "discover",
-        flags: EtcdOptions.environment + DiscoveryOptions.environment + ProxyOptions.environment + HealthOptions.environment)
+        flags: EtcdOptions.environment + DiscoveryOptions.environment + ProxyOptions.environment + HealthOptions.environment
+            + StatsOptions.environment)
 
     @OptionGroup(title: "etcd")
     var etcd: EtcdOptions
@@ -38,10 +41,14 @@ struct DiscoverCommand: ParsableCommand {
     @OptionGroup(title: "Health checks")
     var health: HealthOptions
 
+    @OptionGroup(title: "Stats and admin")
+    var stats: StatsOptions
+
     func run() throws {
         ProcessSignals.block([SIGTERM, SIGINT])
         let running = try DiscoveryRuntime.start(etcd: etcd, discovery: discovery, proxy: proxy, health: health)
-        proxy.waitForSignalThenDrain(running.router) { running.stop() }
+        let server = try running.startStats(stats)
+        proxy.waitForSignalThenDrain(running.router, beforeDrain: { running.stop() }, afterDrain: { server?.stop() })
     }
 }
 
@@ -118,6 +125,33 @@ struct DiscoveryRuntime {
     func stop() {
         task.cancel()
         client.close()
+    }
+
+    /// Starts the stats server (unless `--stats off`) over the router, discovery and, when
+    /// given, the registrar. A failure to start stops what `start` started.
+    func startStats(_ options: StatsOptions, registrar: Registrar? = nil) throws -> StatsServer? {
+        let service = self.service
+        let discoveryView: @Sendable () -> DiscoveryView = {
+            let status = service.status
+            return DiscoveryView(endpoint: status.endpoint, connected: status.connected, appliedRevision: status.appliedRevision,
+                                 secondsSinceLastEvent: status.secondsSinceLastEvent, skippedValues: status.skippedValues)
+        }
+        var registrarView: (@Sendable () -> RegistrarView)?
+        if let registrar {
+            let ttl = Int(registrar.configuration.ttlSeconds)
+            registrarView = {
+                let status = registrar.status
+                return RegistrarView(registeredContainers: status.registered, leaseID: status.leaseID,
+                                     leaseTTLSeconds: ttl, dockerConnected: status.dockerConnected)
+            }
+        }
+        do {
+            return try options.start(provider: .router(router, discovery: discoveryView, registrar: registrarView))
+        } catch {
+            stop()
+            router.shutdown(drainTimeout: 0)
+            throw error
+        }
     }
 }
 

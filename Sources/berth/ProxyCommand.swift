@@ -1,6 +1,7 @@
 import ArgumentParser
 import BerthEngine
 import BerthHealth
+import BerthStats
 import Glibc
 
 /// `berth proxy`: a complete static TCP load balancer: one frontend, round-robin over the
@@ -20,7 +21,7 @@ struct ProxyCommand: ParsableCommand {
 
     static let environment = EnvironmentFlags(command: "proxy", flags: [
         ("--listen", "BERTH_LISTEN"), ("--backend", "BERTH_BACKENDS"), ("--name", "BERTH_NAME"),
-    ] + ProxyOptions.environment + HealthOptions.environment)
+    ] + ProxyOptions.environment + HealthOptions.environment + StatsOptions.environment)
 
     @Option(help: EnvironmentFlags.help("Address to listen on, HOST:PORT ([::1]:8000 for IPv6, *:8000 for all).", "BERTH_LISTEN"), transform: AddressArgument.parse)
     var listen: AddressArgument?
@@ -36,6 +37,9 @@ struct ProxyCommand: ParsableCommand {
 
     @OptionGroup(title: "Health checks")
     var health: HealthOptions
+
+    @OptionGroup(title: "Stats and admin")
+    var stats: StatsOptions
 
     func validate() throws {
         if listen == nil { throw ValidationError("--listen HOST:PORT is required") }
@@ -57,8 +61,16 @@ struct ProxyCommand: ParsableCommand {
             throw ListenFailure(address: listen.address, error: failure)
         }
         let bound = result.listening[name]!
+        let statsServer: StatsServer?
+        do {
+            statsServer = try stats.start(provider: .router(router))
+        } catch {
+            router.shutdown(drainTimeout: 0)
+            throw error
+        }
         log("listening on \(bound) (\(name)): \(backends.count) backend(s), \(proxy.summary(configuration)), checks \(health.summary)")
-        proxy.waitForSignalThenDrain(router)
+        // The stats page stays up while connections drain, so the drain can be watched.
+        proxy.waitForSignalThenDrain(router, afterDrain: { statsServer?.stop() })
     }
 }
 

@@ -87,7 +87,7 @@ struct ProxyOptions: ParsableArguments {
     /// Blocks until SIGTERM or SIGINT, then stops accepting and drains for up to
     /// --drain-timeout; a second signal ends the drain at once. The caller blocked both
     /// signals first (`ProcessSignals.block`), so no other thread takes them.
-    func waitForSignalThenDrain(_ router: HealthRouter, beforeDrain: () -> Void = {}) {
+    func waitForSignalThenDrain(_ router: HealthRouter, beforeDrain: () -> Void = {}, afterDrain: () -> Void = {}) {
         let signal = ProcessSignals.wait(for: [SIGTERM, SIGINT])
         log("signal \(signal): stopping; draining \(router.engine.openConnections) connection(s) for up to \(drainTimeout)")
         _ = OSThread(name: "berth-signals") {
@@ -97,6 +97,7 @@ struct ProxyOptions: ParsableArguments {
         }
         beforeDrain()
         router.shutdown(drainTimeout: drainTimeout.milliseconds)
+        afterDrain()
         log("stopped")
     }
 }

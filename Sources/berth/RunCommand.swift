@@ -1,6 +1,7 @@
 import ArgumentParser
 import BerthEngine
 import BerthRegistrar
+import BerthStats
 import Glibc
 import Synchronization
 
@@ -21,7 +22,7 @@ struct RunCommand: ParsableCommand {
     static let environment = EnvironmentFlags(
         command: "run",
         flags: EtcdOptions.environment + RegistrationOptions.environment + DiscoveryOptions.environment
-            + ProxyOptions.environment + HealthOptions.environment,
+            + ProxyOptions.environment + HealthOptions.environment + StatsOptions.environment,
         switches: RegistrationOptions.switches)
 
     @OptionGroup(title: "etcd")
@@ -39,6 +40,9 @@ struct RunCommand: ParsableCommand {
     @OptionGroup(title: "Health checks")
     var health: HealthOptions
 
+    @OptionGroup(title: "Stats and admin")
+    var stats: StatsOptions
+
     func run() throws {
         ProcessSignals.block([SIGTERM, SIGINT])
         let running = try DiscoveryRuntime.start(etcd: etcd, discovery: discovery, proxy: proxy, health: health)
@@ -50,12 +54,13 @@ struct RunCommand: ParsableCommand {
             running.router.shutdown(drainTimeout: 0)
             throw error
         }
+        let server = try running.startStats(stats, registrar: registrar)
         let registering = RegistrarTask(registrar)
         log("registering this host's \(registration.usesDocker ? "containers" : "static services") under \(etcd.prefix), TTL \(registration.ttl)")
-        proxy.waitForSignalThenDrain(running.router) {
+        proxy.waitForSignalThenDrain(running.router, beforeDrain: {
             registering.stop(within: 4)
             running.stop()
-        }
+        }, afterDrain: { server?.stop() })
     }
 }
 

@@ -29,4 +29,5 @@ ensure_swift() {
 }
 
 # The packages Berth's scripts use: build tools and the programs tests and benchmarks talk to.
-BERTH_PACKAGES=(build-essential pkg-config libssl-dev curl util-linux procps iproute2 haproxy docker.io busybox-static etcd-server etcd-client)
+# chromium (headless: the stats page test) and prometheus (promtool: the /metrics test).
+BERTH_PACKAGES=(build-essential pkg-config libssl-dev curl util-linux procps iproute2 haproxy etcd-server etcd-client docker.io busybox-static chromium prometheus)

@@ -16,6 +16,8 @@ public final class TrafficCounters: Sendable {
     let timeouts = Atomic<UInt64>(0)
     let redispatches = Atomic<UInt64>(0)
     let panicSessions = Atomic<UInt64>(0)
+    /// Monotonic ms (the worker's cached loop time) of the last session started; 0: none yet.
+    let lastSessionStarted = Atomic<Int64>(0)
 
     init() {}
 
@@ -31,10 +33,13 @@ public final class TrafficCounters: Sendable {
             failedSessions: failedSessions.load(ordering: .relaxed),
             timeouts: timeouts.load(ordering: .relaxed),
             redispatches: redispatches.load(ordering: .relaxed),
-            panicSessions: panicSessions.load(ordering: .relaxed))
+            panicSessions: panicSessions.load(ordering: .relaxed),
+            lastSessionStarted: lastSessionStarted.load(ordering: .relaxed))
     }
 
-    @inline(__always) func sessionStarted() {
+    /// `now` is the worker's cached loop time: one more relaxed store, no clock read.
+    @inline(__always) func sessionStarted(at now: Int64) {
+        lastSessionStarted.store(now, ordering: .relaxed)
         let current = currentSessions.load(ordering: .relaxed) + 1
         currentSessions.store(current, ordering: .relaxed)
         if current > maxSessions.load(ordering: .relaxed) { maxSessions.store(current, ordering: .relaxed) }
@@ -74,12 +79,15 @@ public struct TrafficSnapshot: Sendable, Equatable {
     public var redispatches: UInt64 = 0
     /// Sessions routed while every backend was down (`--all-down try-all`).
     public var panicSessions: UInt64 = 0
+    /// `MonotonicClock.milliseconds()` when the last session started (the latest over workers);
+    /// 0 when none has.
+    public var lastSessionStarted: Int64 = 0
 
     public init() {}
 
     init(currentSessions: Int, maxSessions: Int, totalSessions: UInt64, bytesIn: UInt64, bytesOut: UInt64,
          connectErrors: UInt64, retries: UInt64, failedSessions: UInt64, timeouts: UInt64,
-         redispatches: UInt64, panicSessions: UInt64) {
+         redispatches: UInt64, panicSessions: UInt64, lastSessionStarted: Int64) {
         self.currentSessions = currentSessions
         self.maxSessions = maxSessions
         self.totalSessions = totalSessions
@@ -91,6 +99,7 @@ public struct TrafficSnapshot: Sendable, Equatable {
         self.timeouts = timeouts
         self.redispatches = redispatches
         self.panicSessions = panicSessions
+        self.lastSessionStarted = lastSessionStarted
     }
 
     mutating func accumulate(_ other: TrafficSnapshot) {
@@ -105,6 +114,7 @@ public struct TrafficSnapshot: Sendable, Equatable {
         timeouts += other.timeouts
         redispatches += other.redispatches
         panicSessions += other.panicSessions
+        lastSessionStarted = max(lastSessionStarted, other.lastSessionStarted)
     }
 }
 

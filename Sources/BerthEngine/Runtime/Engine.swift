@@ -157,6 +157,11 @@ public final class Engine: Sendable {
         shutdown(drainTimeout: 0)
     }
 
+    /// Where each frontend listens now (port 0 resolved), by frontend name.
+    public func listeningAddresses() -> [String: SocketAddress] {
+        control.withLock { state in state.listening.mapValues(\.bound) }
+    }
+
     /// Client connections open now, over all workers.
     public var openConnections: Int { shared.connections.load(ordering: .relaxed) }
 

@@ -90,7 +90,7 @@ extension Worker {
         session.backendSide.peerClosed = events & (Epoll.readHangup | Epoll.hangup) != 0
         session.backendSide.lastActivity = now
         session.clientSide.lastActivity = now
-        session.server?.counters.sessionStarted()
+        session.server?.counters.sessionStarted(at: now)
         session.server?.consecutiveFailures = 0
         let mode = configuration.relay
         // While the session may still be replayed elsewhere, the client's bytes go through user

@@ -379,7 +379,7 @@ final class Worker {
         activeSessions += 1
         handle.registry.sessions.store(activeSessions, ordering: .relaxed)
         shared.connections.add(1, ordering: .relaxed)
-        frontend.counters.sessionStarted()
+        frontend.counters.sessionStarted(at: now)
         connectNext(session)
     }
 

@@ -1,0 +1,26 @@
+import BerthEngine
+
+/// An operator's override of one backend, as HAProxy's `set server state ready|drain|maint`.
+/// Pure value; `HealthRouter.setAdminState` applies it.
+public enum AdminState: String, Sendable, Codable, CaseIterable {
+    /// No override: health decides (HAProxy's `ready`; the admin API's `enable`).
+    case ready
+    /// No new connections; open ones run on to their end. Checks go on.
+    case drain
+    /// No new connections, open ones run on, and its checks pause (maintenance). On `ready` it
+    /// comes back as a new backend would (`--new-backend-state`), checked again from scratch.
+    case maint
+}
+
+public enum AdminError: Error, Equatable, CustomStringConvertible, Sendable {
+    /// No such service, or no such backend in it, in the desired table.
+    case unknownBackend(BackendKey)
+    case engine(String)
+
+    public var description: String {
+        switch self {
+        case .unknownBackend(let key): "no backend '\(key.backend)' in service '\(key.frontend)'"
+        case .engine(let reason): reason
+        }
+    }
+}
