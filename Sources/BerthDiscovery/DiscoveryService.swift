@@ -124,6 +124,10 @@ public final class DiscoveryService: Sendable {
                 }
             } catch is CancellationError {
                 throw CancellationError()
+            } catch {
+                setDisconnected()
+                logger.warning("etcd: \(error); serving the last table, retrying")
+                try await backoff.wait()
             }
         }
     }

@@ -45,6 +45,11 @@ extension EtcdClient {
                 case .compacted, .authenticationFailed: throw error
                 default: failover(from: connection, reason: "\(connection.endpoint): \(error)")
                 }
+            } catch is CancellationError {
+                throw CancellationError()
+            } catch {
+                // Anything else the transport throws (a closed channel, ...) is a broken stream.
+                failover(from: connection, reason: "\(connection.endpoint): watch: \(error)")
             }
             if Task.isCancelled { throw CancellationError() }
             // A stream that was established and then broke reconnects at once; repeated

@@ -39,9 +39,15 @@ final class WalkthroughTests: XCTestCase {
         }
         let discover = try SpawnedProcess(Self.berth, [
             "discover", "--bind", clientHost, "--workers", "2", "--retry-on", "empty-response", "--linger", "1s",
+            "--check", "tcp", "--check-interval", "500ms",
         ] + statsArguments(port: statsPort), environment: ["ETCD_HOST": etcdHost])
         processes.append(discover)
         XCTAssertNotNil(waitUntil(timeout: 15) { discover.standardError.contains("watching the registry") }, discover.standardError)
+        addTeardownBlock { [weak self] in
+            if (self?.testRun?.failureCount ?? 0) > 0 {
+                for process in processes { print("--- \(process.command):\n\(process.standardError.suffix(4000))") }
+            }
+        }
 
         // 1. One whoami container per backend host: the answers alternate.
         let a1 = try run(on: hostA, ip: "127.0.0.2"), b1 = try run(on: hostB, ip: "127.0.0.3")
