@@ -201,6 +201,10 @@ final class DiscoveryServiceTests: XCTestCase {
         XCTAssertLessThan(delay, 2 + 5, "applied \(delay) s after the member was started (it needs a few seconds to rejoin)")
         print("changes applied \(String(format: "%.2f", delay)) s after the member restarted; \(requests) requests, 0 failed during the outage")
         XCTAssertGreaterThanOrEqual(running.service.status.listings, 2, "the compaction forced a new listing")
+        var expected = Catalog()
+        let listing = try await writer.get(prefix: "/backends/")
+        _ = expected.reset(entries: listing.keyValues.map { ($0.key, $0.value) }, revision: listing.revision)
+        try await waitUntil("the catalog equals etcd's", timeout: 5) { running.service.catalog.services == expected.services }
         var answers = Set<String>()
         for _ in 0..<6 { answers.insert(try HTTPProbe.get(port: listen)) }
         XCTAssertTrue(answers.allSatisfy { !$0.contains("one") }, "the deleted backend still answers")

@@ -135,6 +135,39 @@ final class EtcdClientTests: XCTestCase {
         XCTAssertEqual(read?.valueText, "ok")
     }
 
+    func testTLSWithCAAndClientCertificate() async throws {
+        let etcd = try EtcdFixture(tls: true)
+        defer { etcd.stop() }
+        let files = try XCTUnwrap(etcd.tls)
+        var configuration = EtcdConfiguration(endpoints: try EtcdEndpoint.parseList(etcd.endpoints),
+                                              tls: .init(caFile: files.ca, certificateFile: files.clientCertificate, keyFile: files.clientKey))
+        configuration.requestTimeout = .seconds(3)
+        let client = try EtcdClient(configuration: configuration)
+        defer { client.close() }
+        XCTAssertTrue(etcd.endpoints.hasPrefix("https://"))
+        try await client.put(key: "/tls", value: "ok")
+        let read = try await client.get(key: "/tls")
+        XCTAssertEqual(read?.valueText, "ok")
+
+        // Without a client certificate the server refuses the handshake: a clear error, no hang.
+        var anonymous = configuration
+        anonymous.tls = .init(caFile: files.ca)
+        let refused = try EtcdClient(configuration: anonymous)
+        defer { refused.close() }
+        do {
+            _ = try await refused.get(key: "/tls")
+            XCTFail("etcd accepted a client without a certificate")
+        } catch let error as EtcdError {
+            guard case .unavailable = error else { return XCTFail("\(error)") }
+        }
+        // A missing file is a configuration error at once.
+        var missing = configuration
+        missing.tls = .init(caFile: "/nonexistent/ca.crt")
+        XCTAssertThrowsError(try EtcdClient(configuration: missing)) { error in
+            XCTAssertTrue("\(error)".contains("cannot read"), "\(error)")
+        }
+    }
+
     func testWatchFromACompactedRevisionThrowsCompacted() async throws {
         let etcd = try EtcdFixture()
         defer { etcd.stop() }

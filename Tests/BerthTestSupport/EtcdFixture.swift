@@ -80,19 +80,25 @@ public final class EtcdMember: @unchecked Sendable {
     private var process: Process?
     private let lock = NSLock()
 
-    public var clientURL: String { "http://127.0.0.1:\(clientPort)" }
+    public let secure: Bool
+    public var clientURL: String { "\(secure ? "https" : "http")://127.0.0.1:\(clientPort)" }
     public var pid: Int32? { lock.withLock { process?.isRunning == true ? process?.processIdentifier : nil } }
 
-    init(name: String, clientPort: Int, peerPort: Int, directory: String, cluster: String, token: String) {
+    init(name: String, clientPort: Int, peerPort: Int, directory: String, cluster: String, token: String, tls: EtcdTLSFiles?) {
         self.name = name
+        self.secure = tls != nil
         self.clientPort = clientPort
         self.peerPort = peerPort
         self.dataDirectory = "\(directory)/\(name).etcd"
         self.logPath = "\(directory)/\(name).log"
-        self.arguments = [
+        let scheme = tls == nil ? "http" : "https"
+        let security = tls.map {
+            ["--cert-file", $0.serverCertificate, "--key-file", $0.serverKey, "--trusted-ca-file", $0.ca, "--client-cert-auth"]
+        } ?? []
+        self.arguments = security + [
             "--name", name, "--data-dir", dataDirectory,
-            "--listen-client-urls", "http://127.0.0.1:\(clientPort)",
-            "--advertise-client-urls", "http://127.0.0.1:\(clientPort)",
+            "--listen-client-urls", "\(scheme)://127.0.0.1:\(clientPort)",
+            "--advertise-client-urls", "\(scheme)://127.0.0.1:\(clientPort)",
             "--listen-peer-urls", "http://127.0.0.1:\(peerPort)",
             "--initial-advertise-peer-urls", "http://127.0.0.1:\(peerPort)",
             "--initial-cluster", cluster, "--initial-cluster-token", token,
@@ -147,7 +153,10 @@ public final class EtcdFixture: @unchecked Sendable {
     public var endpoints: String { members.map(\.clientURL).joined(separator: ",") }
 
     /// Starts `size` members and waits until the cluster answers.
-    public init(size: Int = 1) throws {
+    /// Client certificates and CA, when the members serve https (`tls: true`).
+    public private(set) var tls: EtcdTLSFiles?
+
+    public init(size: Int = 1, tls wantsTLS: Bool = false) throws {
         guard FileManager.default.isExecutableFile(atPath: Self.etcdPath) else {
             throw FixtureFailure("\(Self.etcdPath) is missing: apt-get install etcd-server etcd-client")
         }
@@ -158,9 +167,11 @@ public final class EtcdFixture: @unchecked Sendable {
         for _ in 0..<size { ports.append((try freeLoopbackPort(), try freeLoopbackPort())) }
         let cluster = ports.enumerated().map { "m\($0.offset)=http://127.0.0.1:\($0.element.1)" }.joined(separator: ",")
         let token = "berth-test-\(UUID().uuidString.prefix(8))"
+        let tls = wantsTLS ? try EtcdTLSFiles.generate(in: directory) : nil
+        self.tls = tls
         members = ports.enumerated().map {
             EtcdMember(name: "m\($0.offset)", clientPort: $0.element.0, peerPort: $0.element.1,
-                       directory: directory, cluster: cluster, token: token)
+                       directory: directory, cluster: cluster, token: token, tls: tls)
         }
         do {
             for member in members { try member.start() }
@@ -185,7 +196,7 @@ public final class EtcdFixture: @unchecked Sendable {
         var last = ""
         while Date() < deadline {
             let running = members.filter { $0.pid != nil }.map(\.clientURL).joined(separator: ",")
-            if let result = try? runProgram(Self.etcdctlPath, ["--endpoints", running, "--command-timeout=2s", "endpoint", "health"], timeout: 5) {
+            if let result = try? runProgram(Self.etcdctlPath, ["--endpoints", running, "--command-timeout=2s"] + tlsArguments + ["endpoint", "health"], timeout: 5) {
                 if result.status == 0 { return }
                 last = result.output
             }
@@ -194,16 +205,48 @@ public final class EtcdFixture: @unchecked Sendable {
         throw FixtureFailure("etcd did not become healthy in \(timeout) s: \(last)\nlog: \(members.first.map { (try? String(contentsOfFile: $0.logPath, encoding: .utf8))?.suffix(2000) ?? "" } ?? "")")
     }
 
+    var tlsArguments: [String] {
+        tls.map { ["--cacert", $0.ca, "--cert", $0.clientCertificate, "--key", $0.clientKey] } ?? []
+    }
+
     /// Runs etcdctl against the running members (or `endpoints`); throws on a non-zero exit.
     @discardableResult
     public func etcdctl(_ arguments: [String], endpoints: String? = nil, user: String? = nil, input: String? = nil) throws -> String {
         let running = endpoints ?? members.filter { $0.pid != nil }.map(\.clientURL).joined(separator: ",")
-        var full = ["--endpoints", running, "--command-timeout=5s"]
+        var full = ["--endpoints", running, "--command-timeout=5s"] + tlsArguments
         if let user { full += ["--user", user] }
         let result = try runProgram(Self.etcdctlPath, full + arguments, input: input, timeout: 30)
         guard result.status == 0 else {
             throw FixtureFailure("etcdctl \(arguments.joined(separator: " ")) failed: \(result.output)")
         }
         return result.output
+    }
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
+public struct EtcdTLSFiles: Sendable {
+    public let ca: String
+    public let serverCertificate: String
+    public let serverKey: String
+    public let clientCertificate: String
+    public let clientKey: String
+
+    static func generate(in directory: String) throws -> EtcdTLSFiles {
+        let files = EtcdTLSFiles(ca: "\(directory)/ca.crt", serverCertificate: "\(directory)/server.crt", serverKey: "\(directory)/server.key",
+                                 clientCertificate: "\(directory)/client.crt", clientKey: "\(directory)/client.key")
+        let script = """
+            set -e
+            cd '\(directory)'
+            openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=berth-test-ca 2>/dev/null
+            printf 'subjectAltName=IP:127.0.0.1\\nextendedKeyUsage=serverAuth,clientAuth\\n' > server.ext
+            openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1 2>/dev/null
+            openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile server.ext 2>/dev/null
+            printf 'extendedKeyUsage=clientAuth\\n' > client.ext
+            openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=root 2>/dev/null
+            openssl x509 -req -in client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out client.crt -days 2 -extfile client.ext 2>/dev/null
+            """
+        let result = try runProgram("/bin/sh", ["-c", script], timeout: 60)
+        guard result.status == 0 else { throw FixtureFailure("openssl: \(result.output)") }
+        return files
     }
 }
