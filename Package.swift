@@ -114,6 +114,8 @@ let package = Package(
                 "BerthEngine",
                 "BerthWhoami",
                 "CBerthShims",
+                // The discovery scenario writes the registry (the processes under test are berth's).
+                "BerthEtcd",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ],
             path: "Benchmarks/bench"

@@ -220,8 +220,8 @@ final class ChildProcess {
     }
 }
 
-/// A directory made with mkdtemp under /tmp, registered for cleanup; `remove` deletes it and the
-/// files in it (one level: the bench writes no subdirectories).
+/// A directory made with mkdtemp under /tmp, registered for cleanup; `remove` deletes it and
+/// everything in it (etcd's data directory, in the discovery scenario, has subdirectories).
 struct TemporaryDirectory {
     let path: String
 
@@ -255,18 +255,29 @@ struct TemporaryDirectory {
         cleanupRegistry.remove(directory: path)
     }
 
-    /// Unlinks the files of `path`, then the directory. Bounded to 1,000 entries.
-    static func removeTree(_ path: String) {
+    /// Bounds of `removeTree`: how deep it descends, and entries per directory.
+    private static let removeDepth = 8
+    private static let removeEntries = 10_000
+
+    /// Removes `path` and what is in it: files unlinked, subdirectories (not symbolic links)
+    /// removed the same way, at most `removeDepth` levels down and `removeEntries` per level.
+    static func removeTree(_ path: String, depth: Int = 0) {
         guard let directory = opendir(path) else { return }
-        var names: [String] = []
-        while names.count < 1_000, let entry = readdir(directory) {
+        var names: [(name: String, isDirectory: Bool)] = []
+        while names.count < removeEntries, let entry = readdir(directory) {
             let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
                 String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
             }
-            if name != "." && name != ".." { names.append(name) }
+            if name != "." && name != ".." { names.append((name, entry.pointee.d_type == UInt8(DT_DIR))) }
         }
         closedir(directory)
-        for name in names { unlink("\(path)/\(name)") }
+        for (name, isDirectory) in names {
+            if isDirectory && depth < removeDepth {
+                removeTree("\(path)/\(name)", depth: depth + 1)
+            } else {
+                unlink("\(path)/\(name)")
+            }
+        }
         rmdir(path)
     }
 }

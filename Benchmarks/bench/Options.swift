@@ -152,17 +152,20 @@ let benchUsage = """
     Measures Berth against a direct connection and against HAProxy on this machine, all in one
     run: keep-alive requests/s, new connections/s, bulk Gbit/s with 1 and 4 streams, latency
     percentiles at a fixed request rate, and the proxy's CPU time and peak RSS. The proxy runs
-    pinned to CPU 0; the load generator and the backends run on CPU 1. Then two scenarios through
-    the berth binary with health checks: failover (a backend SIGKILLed and restarted under load)
-    and checks (throughput with and without 1,000 checked backends, and the checks' CPU cost).
+    pinned to CPU 0; the load generator and the backends run on CPU 1. Then three scenarios through
+    the berth binary: failover (a backend SIGKILLed and restarted under load), checks (throughput
+    with and without 1,000 checked backends, and the checks' CPU cost) and discovery (berth
+    discover on a real etcd, /usr/bin/etcd: put-to-routable latency, the first sync of 1,000
+    services x 10 instances and its memory; skipped without etcd).
 
       --quick          1 s per phase instead of 5 s
       --json           print the figures as JSON instead of tables (progress still goes to stderr)
       --phases LIST    comma-separated, from: keepalive, connect, bulk1, bulk4, latency and the
-                       scenarios failover, checks (bulk means bulk1,bulk4; phases the five
-                       phases; scenarios both scenarios); only what is named runs (default: all)
-      --scenarios LIST the same, for scenarios only: failover, checks (with no --phases, no
-                       phase runs)
+                       scenarios failover, checks, discovery (bulk means bulk1,bulk4; phases
+                       the five phases; scenarios the three scenarios); only what is named runs
+                       (default: all)
+      --scenarios LIST the same, for scenarios only: failover, checks, discovery (with no
+                       --phases, no phase runs)
       --setups LIST    comma-separated, from: direct, berth-splice, berth-copy, berth-auto,
                        haproxy, haproxy-splice-auto (berth means its three modes;
                        default: all)
@@ -241,7 +244,7 @@ enum CommandLineParser {
     }
 
     /// Phases and scenarios named in `text` (`bulk` stands for both bulk phases, `phases` for
-    /// the five phases, `scenarios` for both scenarios).
+    /// the five phases, `scenarios` for every scenario).
     private static func parseSelection(_ text: String, flag: String, phasesAllowed: Bool) throws(UsageError) -> ([Phase], [Scenario]) {
         var phases: [Phase] = []
         var scenarios: [Scenario] = []

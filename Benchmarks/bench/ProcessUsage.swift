@@ -100,11 +100,21 @@ enum ProcFS {
 
     /// Peak resident set size of `pid` in bytes (VmHWM of /proc/PID/status).
     static func peakResidentBytes(of pid: pid_t) -> UInt64? {
+        statusKilobytes(of: pid, field: "VmHWM:").map { $0 * 1024 }
+    }
+
+    /// Resident set size of `pid` now, in bytes (VmRSS of /proc/PID/status).
+    static func residentBytes(of pid: pid_t) -> UInt64? {
+        statusKilobytes(of: pid, field: "VmRSS:").map { $0 * 1024 }
+    }
+
+    /// A `kB` line of /proc/PID/status (`field` with its colon).
+    private static func statusKilobytes(of pid: pid_t, field: String) -> UInt64? {
         guard let text = read("/proc/\(pid)/status") else { return nil }
-        for line in text.split(separator: "\n") where line.hasPrefix("VmHWM:") {
+        for line in text.split(separator: "\n") where line.hasPrefix(field) {
             let parts = line.split(separator: " ", omittingEmptySubsequences: true)
             guard parts.count >= 2, let kilobytes = UInt64(parts[1]) else { return nil }
-            return kilobytes * 1024
+            return kilobytes
         }
         return nil
     }

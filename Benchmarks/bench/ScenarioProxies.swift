@@ -125,23 +125,42 @@ extension Launcher {
 
     /// One `GET /` with `Connection: close`, each step given at most 500 ms.
     private static func answers200(_ address: SocketAddress) -> Bool {
+        fetch(from: address, stepTimeout: 500)?.starts(with: Array("HTTP/1.1 200".utf8)) ?? false
+    }
+
+    /// One `GET /` with `Connection: close`: the response as read until the server closed (at
+    /// most 16 KiB), or nil when the connect, the send or a read failed or took more than
+    /// `stepTimeout` ms.
+    static func fetch(from address: SocketAddress, stepTimeout: CInt) -> [UInt8]? {
         var connected = false
-        guard var socket = try? Sockets.connect(to: address, connected: &connected) else { return false }
+        guard var socket = try? Sockets.connect(to: address, connected: &connected) else { return nil }
         defer { socket.close() }
         var poller = pollfd(fd: socket.raw, events: Int16(POLLOUT), revents: 0)
-        guard connected || (poll(&poller, 1, 500) == 1 && Sockets.pendingError(socket.raw) == 0) else { return false }
+        guard connected || (poll(&poller, 1, stepTimeout) == 1 && Sockets.pendingError(socket.raw) == 0) else { return nil }
         var request = Array("GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".utf8)
         let written = request.withUnsafeMutableBytes { Glibc.send(socket.raw, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-        guard written == request.count else { return false }
+        guard written == request.count else { return nil }
         var response: [UInt8] = []
         var buffer = [UInt8](repeating: 0, count: 1_024)
         for _ in 0..<16 where response.count < 16_384 {
             poller = pollfd(fd: socket.raw, events: Int16(POLLIN), revents: 0)
-            guard poll(&poller, 1, 500) == 1 else { return false }
+            guard poll(&poller, 1, stepTimeout) == 1 else { return nil }
             let count = buffer.withUnsafeMutableBytes { Glibc.read(socket.raw, $0.baseAddress, $0.count) }
             if count <= 0 { break }
             response += buffer[0..<count]
         }
-        return response.starts(with: Array("HTTP/1.1 200".utf8))
+        return response
+    }
+
+    /// The name in a whoami answer (`200` with the body `I'm NAME`), or nil.
+    static func whoamiName(_ response: [UInt8]) -> String? {
+        let separator: [UInt8] = [13, 10, 13, 10]
+        guard response.starts(with: Array("HTTP/1.1 200".utf8)),
+              let headEnd = response.indices.dropLast(3).first(where: { response[$0..<$0 + 4].elementsEqual(separator) }) else {
+            return nil
+        }
+        let body = response[(headEnd + 4)...]
+        guard body.starts(with: Array("I'm ".utf8)) else { return nil }
+        return String(decoding: body.dropFirst(4).prefix { $0 != UInt8(ascii: "\n") }, as: UTF8.self)
     }
 }

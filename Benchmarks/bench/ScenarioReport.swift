@@ -28,6 +28,7 @@ struct ScenarioReport {
         var out = ""
         if let rows = results.failover { out += failoverText(rows) }
         if let checks = results.checks { out += checksText(checks) }
+        if let discovery = results.discovery { out += discoveryText(discovery) }
         return out
     }
 
@@ -107,6 +108,40 @@ struct ScenarioReport {
         return out + "\n"
     }
 
+    private func discoveryText(_ discovery: DiscoveryResult) -> String {
+        var out = "Discovery: berth discover (1 worker on CPU \(proxyCPU), --linger 0, no checks) on a real etcd "
+        out += "(\(DiscoveryScenario.etcdPath), one member on CPU \(loadCPU), its data under /tmp)\n"
+        if let skipped = discovery.skipped { return out + "skipped: \(skipped)\n\n" }
+        out += "propagation: \(Format.grouped(UInt64(discovery.puts))) puts of one instance key, pointing at web0 and web1 in turn; "
+        out += "from just before the put until a new connection through the service is answered by the new backend "
+        out += "(each wait at most \(DurationText.format(milliseconds: DiscoveryScenario.routeTimeout)))\n"
+        if let propagation = discovery.propagation {
+            out += Self.row("", ["p50", "p90", "p99", "max", "timeouts"])
+            out += Self.row("put -> routable, ms", [50.0, 90, 99, 100].map { Self.milliseconds(propagation.routeMilliseconds($0), 2) }
+                + [Format.grouped(UInt64(propagation.timeouts))])
+            out += Self.row("put -> etcd ack, ms", [50.0, 90, 99, 100].map { Self.milliseconds(propagation.putMilliseconds($0), 2) } + [""])
+            let target = Format.fixed(DiscoveryScenario.targetP99Milliseconds, 0)
+            out += "target p99 < \(target) ms (with no timeout): " + (discovery.targetMet.map { $0 ? "met" : "not met" } ?? "-")
+            out += "; \(Format.grouped(UInt64(propagation.staleAnswers))) answers still from the previous backend after the acks\n"
+        } else {
+            out += "propagation: not measured (see the notes)\n"
+        }
+        let instances = Format.grouped(UInt64(discovery.instances))
+        out += "initial sync: \(Format.grouped(UInt64(discovery.services))) services x \(discovery.instancesPerService) instances "
+        out += "(\(instances) keys, each service on a port of its own) written before berth discover starts"
+        guard let sync = discovery.sync else { return out + ": not measured (see the notes)\n\n" }
+        out += " (\(sync.transactions) transactions, \(Format.fixed(sync.writeSeconds, 2)) s):\n"
+        out += "every service port accepting \(Self.milliseconds(sync.allPortsMilliseconds, 0)) ms after the spawn (the first "
+        out += "\(Self.milliseconds(sync.firstPortMilliseconds, 0)) ms); RSS then \(Self.mebibytes(sync.residentBytes)) MiB, with an "
+        out += "empty registry \(Self.mebibytes(sync.emptyResidentBytes)) MiB: "
+        out += "\(sync.kilobytesPerInstance(discovery.instances).map { Format.fixed($0, 2) } ?? "-") KiB per instance\n\n"
+        return out
+    }
+
+    private static func mebibytes(_ bytes: UInt64?) -> String {
+        bytes.map { Format.fixed(Double($0) / 1_048_576, 1) } ?? "-"
+    }
+
     // MARK: Notes
 
     func notes() -> [String] {
@@ -137,6 +172,17 @@ struct ScenarioReport {
                     + "\(Format.fixed(window.disturbance, 2)) CPU)" + (window.errors > 0 ? " and had \(window.errors) errors" : ""))
             }
         }
+        if let discovery = results.discovery {
+            for failure in discovery.failures { notes.append("discovery: \(failure)") }
+            if discovery.propagation != nil {
+                notes.append("discovery: the propagation's clock starts before the put and the requests through the service start "
+                    + "after etcd's acknowledgement, so no time is below the put's own; etcd fsyncs its log on /tmp's disk "
+                    + "(\"put -> etcd ack\"), the part of the propagation that is etcd's")
+            }
+            if discovery.sync?.emptyResidentBytes == nil && discovery.sync != nil {
+                notes.append("discovery: the empty-registry berth discover never logged its watch: no baseline RSS")
+            }
+        }
         return notes
     }
 
@@ -155,7 +201,37 @@ struct ScenarioReport {
             ])))
         }
         if let checks = results.checks { members.append(("checks", checksJSON(checks))) }
+        if let discovery = results.discovery { members.append(("discovery", discoveryJSON(discovery))) }
         return .object(members)
+    }
+
+    private func discoveryJSON(_ discovery: DiscoveryResult) -> JSONValue {
+        var members: [(String, JSONValue)] = [
+            ("puts", .integer(Int64(discovery.puts))), ("services", .integer(Int64(discovery.services))),
+            ("instancesPerService", .integer(Int64(discovery.instancesPerService))),
+        ]
+        if let skipped = discovery.skipped { return .object(members + [("skipped", .string(skipped))]) }
+        if let propagation = discovery.propagation {
+            func percentiles(_ value: (Double) -> Double?) -> JSONValue {
+                .object([("p50", .optional(value(50))), ("p90", .optional(value(90))), ("p99", .optional(value(99))), ("max", .optional(value(100)))])
+            }
+            members.append(("propagation", .object([
+                ("routableMs", percentiles(propagation.routeMilliseconds)), ("putAckMs", percentiles(propagation.putMilliseconds)),
+                ("timeouts", .integer(Int64(propagation.timeouts))), ("staleAnswers", .integer(Int64(propagation.staleAnswers))),
+                ("routeTimeoutMs", .integer(DiscoveryScenario.routeTimeout)),
+                ("targetP99Ms", .number(DiscoveryScenario.targetP99Milliseconds)), ("targetMet", discovery.targetMet.map { .bool($0) } ?? .null),
+            ])))
+        }
+        if let sync = discovery.sync {
+            members.append(("initialSync", .object([
+                ("transactions", .integer(Int64(sync.transactions))), ("writeSeconds", .number(sync.writeSeconds)),
+                ("firstPortMs", .optional(sync.firstPortMilliseconds)), ("allPortsMs", .optional(sync.allPortsMilliseconds)),
+                ("rssKiB", .optional(sync.residentBytes.map { Double($0) / 1024 })),
+                ("emptyRegistryRssKiB", .optional(sync.emptyResidentBytes.map { Double($0) / 1024 })),
+                ("kibPerInstance", .optional(sync.kilobytesPerInstance(discovery.instances))),
+            ])))
+        }
+        return .object(members + [("failures", .array(discovery.failures.map { .string($0) }))])
     }
 
     private func failoverJSON(_ row: FailoverRow) -> JSONValue {

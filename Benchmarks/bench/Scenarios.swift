@@ -12,6 +12,9 @@ enum Scenario: String, CaseIterable, Sendable {
     /// Keep-alive throughput with no health checks and with 1,000 extra backends checked every
     /// second; the checks' CPU cost while the proxy is idle.
     case checks
+    /// `berth discover` on a real etcd: how soon a put is routable, and the first sync of
+    /// 1,000 services × 10 instances (time, RSS).
+    case discovery
 }
 
 /// When the failover scenario does what, in seconds after its load starts.
@@ -119,12 +122,73 @@ struct ChecksResult {
     }
 }
 
+/// The discovery scenario's propagation: times from just before each put (ns).
+struct Propagation {
+    /// Until the answer came from the new backend, for the puts that routed in time.
+    var routeNanoseconds: [UInt64] = []
+    /// Until etcd acknowledged the put.
+    var putNanoseconds: [UInt64] = []
+    var timeouts = 0
+    /// Answers from the previous backend after the acknowledgement, over all puts.
+    var staleAnswers = 0
+
+    func routeMilliseconds(_ percentile: Double) -> Double? { Self.percentile(routeNanoseconds, percentile) }
+    func putMilliseconds(_ percentile: Double) -> Double? { Self.percentile(putNanoseconds, percentile) }
+
+    /// The nearest-rank percentile of `values` (ns), in ms; nil when empty.
+    static func percentile(_ values: [UInt64], _ percentile: Double) -> Double? {
+        guard !values.isEmpty else { return nil }
+        let sorted = values.sorted()
+        let rank = Int((percentile / 100 * Double(sorted.count)).rounded(.up))
+        return Double(sorted[min(max(rank, 1), sorted.count) - 1]) / 1e6
+    }
+}
+
+/// The discovery scenario's initial sync.
+struct SyncFigures {
+    var transactions = 0
+    /// Writing the registry (all transactions).
+    var writeSeconds = 0.0
+    /// From spawning `berth discover` until the first, and every, service port accepted.
+    var firstPortMilliseconds: Double?
+    var allPortsMilliseconds: Double?
+    /// VmRSS once every port accepted, and of a `berth discover` with an empty registry.
+    var residentBytes: UInt64?
+    var emptyResidentBytes: UInt64?
+
+    /// The RSS above the empty registry's, per instance (KiB).
+    func kilobytesPerInstance(_ instances: Int) -> Double? {
+        guard let residentBytes, let emptyResidentBytes, instances > 0 else { return nil }
+        return (Double(residentBytes) - Double(emptyResidentBytes)) / 1024 / Double(instances)
+    }
+}
+
+/// The discovery scenario's figures.
+struct DiscoveryResult {
+    var puts: Int
+    var services: Int
+    var instancesPerService: Int
+    var skipped: String?
+    var failures: [String] = []
+    var propagation: Propagation?
+    var sync: SyncFigures?
+
+    var instances: Int { services * instancesPerService }
+
+    /// Whether the propagation's p99 met the target (nil: not measured).
+    var targetMet: Bool? {
+        guard let propagation, let p99 = propagation.routeMilliseconds(99) else { return nil }
+        return propagation.timeouts == 0 && p99 < DiscoveryScenario.targetP99Milliseconds
+    }
+}
+
 /// Everything the scenarios measured.
 struct ScenarioResults {
     var berthPath: String?
     var timeline: FailoverTimeline
     var failover: [FailoverRow]?
     var checks: ChecksResult?
+    var discovery: DiscoveryResult?
     var notes: [String] = []
 }
 
@@ -161,6 +225,8 @@ struct ScenarioRunner {
             case .checks:
                 results.checks = ChecksScenario(options: options, proxyCPU: proxyCPU, loadCPU: loadCPU, web: web, own: own,
                                                 berth: berth).run()
+            case .discovery:
+                results.discovery = DiscoveryScenario(options: options, proxyCPU: proxyCPU, loadCPU: loadCPU, web: web, berth: berth).run()
             }
         }
         return results
