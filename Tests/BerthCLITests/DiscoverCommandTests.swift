@@ -5,13 +5,6 @@ import XCTest
 
 /// `berth discover` as a child process, against a real etcd.
 final class DiscoverCommandTests: BerthTestCase {
-    /// Foundation's Process keeps a few descriptors for its lifetime (/dev/null, its child
-    /// monitor), opened on first use: open them before the per-test leak check counts.
-    override class func setUp() {
-        super.setUp()
-        _ = try? runProgram("/bin/true", [], timeout: 5)
-    }
-
     func testRoutesWhatEtcdctlPutsAndStopsOnSigterm() throws {
         let etcd = try EtcdFixture()
         defer { etcd.stop() }

@@ -2,6 +2,7 @@
 // probes, blocking test sockets, an in-test backend, and a base test case that cleans up after
 // itself. Everything here is bounded in time: no wait, read or loop runs without a deadline.
 import BerthEngine
+import BerthTestSupport
 import CBerthShims
 import Foundation
 import Glibc
@@ -265,10 +266,30 @@ struct ListeningChild {
 class BerthTestCase: XCTestCase {
     let sockets = SocketJar()
     private var descriptorsAtStart = 0
+    private var openAtStart: [String: String] = [:]
+
+    /// fd number → what it points to, from /proc/self/fd.
+    static func openDescriptors() -> [String: String] {
+        var result: [String: String] = [:]
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? [] {
+            result[name] = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(name)")) ?? "?"
+        }
+        return result
+    }
+
+    /// What the process opens once for its lifetime on first use (Foundation's Process and
+    /// /dev/null handle, a first child reaped, temporary files) is opened here, before any
+    /// test counts descriptors, whichever test class runs first.
+    override class func setUp() {
+        super.setUp()
+        _ = try? runProgram("/bin/true", [], timeout: 5)
+        if let child = try? ChildProcess("/bin/true", []) { _ = child.waitForExit(timeout: 5) }
+    }
 
     override func setUpWithError() throws {
         try super.setUpWithError()
         descriptorsAtStart = ProcessProbe.descriptors(getpid()).total
+        openAtStart = Self.openDescriptors()
         signal(SIGPIPE, SIG_IGN)
         var limit = rlimit()
         getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit)
@@ -287,7 +308,8 @@ class BerthTestCase: XCTestCase {
             sleep(seconds: 0.02)
             current = ProcessProbe.descriptors(getpid()).total
         }
-        XCTAssertLessThanOrEqual(current, descriptorsAtStart, "the test process leaked descriptors")
+        let opened = Self.openDescriptors().filter { openAtStart[$0.key] != $0.value }
+        XCTAssertLessThanOrEqual(current, descriptorsAtStart, "the test process leaked descriptors: \(opened.sorted { $0.key < $1.key })")
         super.tearDown()
     }
 
