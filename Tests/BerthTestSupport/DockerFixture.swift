@@ -17,7 +17,7 @@ public final class DockerFixture: @unchecked Sendable {
     public let directory: String
     public let bridge: String
     /// The test image: a whoami-like HTTP server on 8000 and 8001 (busybox httpd) answering
-    /// `I'm <hostname>`, stopping at once on SIGTERM.
+    /// `I'm <hostname>`, stopping 0.3 s after SIGTERM (a server's graceful shutdown).
     public static let image = "berth-test/whoami:latest"
     private var daemon: SpawnedProcess?
     private var removed = false
@@ -113,10 +113,13 @@ public final class DockerFixture: @unchecked Sendable {
         for folder in ["", "/bin", "/www", "/tmp", "/etc"] { mkdir(root + folder, 0o755) }
         _ = try SpawnedProcess.run("cp", ["/bin/busybox", "\(root)/bin/busybox"], timeout: 10)
         for tool in ["sh", "httpd", "hostname", "sleep", "echo", "cat", "test", "touch", "rm"] { symlink("busybox", "\(root)/bin/\(tool)") }
-        // PID 1 is this script: it answers SIGTERM at once (a shell as PID 1 would ignore it).
+        // PID 1 is this script: it answers SIGTERM (a shell as PID 1 would ignore it) as a server
+        // with a short graceful shutdown does: still serving for 0.3 s, then gone. That grace is
+        // what the registrar's draining mark on `stop` is for: proxies stop sending new
+        // connections before the process dies. (SIGKILL, `docker kill`, allows none.)
         let script = """
             echo "I'm $(hostname)" > /www/index.html
-            trap 'exit 0' TERM
+            trap 'sleep 0.3; exit 0' TERM
             httpd -p 8001 -h /www
             httpd -f -p 8000 -h /www &
             wait

@@ -93,6 +93,60 @@ final class WalkthroughTests: XCTestCase {
         _ = etcd
     }
 
+    /// `berth run` on one host: registration, discovery and proxy in one process. Two whoami
+    /// containers answer in turn through the service's port; one stopped under a sequential
+    /// client costs no request.
+    func testBerthRunOnOneHost() throws {
+        if let reason = DockerFixture.available() { throw XCTSkip(reason) }
+        let etcd = try EtcdFixture()
+        defer { etcd.stop() }
+        let host = try DockerFixture()
+        defer { host.stop() }
+        let bind = "127.0.0.5"
+        let run = try SpawnedProcess(Self.berth, [
+            "run", "--bind", bind, "--workers", "1", "--ttl", "5s", "--stats", "off", "--retry-on", "empty-response",
+        ], environment: ["ETCD_HOST": "127.0.0.1:\(etcd.members[0].clientPort)", "HOST_IP": "127.0.0.1", "DOCKER_HOST": host.host])
+        defer { run.stop() }
+        addTeardownBlock { [weak self] in
+            if (self?.testRun?.failureCount ?? 0) > 0 { print("--- berth run:\n\(run.standardError.suffix(4000))") }
+        }
+        XCTAssertNotNil(waitUntil(timeout: 15) { run.standardError.contains("watching the registry") }, run.standardError)
+        let one = try host.run(), two = try host.run()
+        let answers = try waitForRotation(host: bind, expecting: [name(one), name(two)])
+        print("berth run: \(answers)")
+        XCTAssertNotEqual(answers[0], answers[1])
+        XCTAssertEqual(answers[0], answers[2])
+        XCTAssertEqual(answers[1], answers[3])
+
+        let load = ClientLoad(host: bind, port: servicePort)
+        load.start(sequential: 1, concurrent: 0)
+        Thread.sleep(forTimeInterval: 0.5)
+        let stopped = try host.docker(["stop", "-t", "5", one])
+        XCTAssertEqual(stopped.code, 0, stopped.error)
+        Thread.sleep(forTimeInterval: 1)
+        let outcome = load.stop()
+        print("berth run: \(outcome.sequential) sequential requests around docker stop, failures: \(outcome.failures.prefix(3))")
+        XCTAssertEqual(outcome.failures, [])
+        XCTAssertEqual(outcome.cut, 0)
+        XCTAssertGreaterThan(outcome.sequential, 20)
+        XCTAssertEqual(Set(try (0..<4).map { _ in try request(host: bind) }), [name(two)])
+        run.signal(SIGTERM)
+        XCTAssertTrue(run.waitForExit(timeout: 15), "berth run did not exit on SIGTERM")
+        XCTAssertEqual(run.exitCode, 0)
+        XCTAssertFalse(try etcd.etcdctl(["get", "--prefix", "/backends/"]).contains(name(two)), "the lease was revoked on SIGTERM")
+    }
+
+    /// Waits until every name in `names` answers through host:8000; returns 4 answers in a row.
+    func waitForRotation(host: String, expecting names: [String]) throws -> [String] {
+        var seen = Set<String>()
+        let done = waitUntil(timeout: 20, interval: 0.02) {
+            if let answer = try? request(host: host) { seen.insert(answer) }
+            return Set(names).isSubset(of: seen)
+        }
+        if done == nil { throw FixtureFailure("only \(seen.sorted()) answered of \(names)") }
+        return try (0..<4).map { _ in try request(host: host) }
+    }
+
     // MARK: - Helpers
 
     func run(on fixture: DockerFixture, ip: String) throws -> String {
@@ -113,8 +167,8 @@ final class WalkthroughTests: XCTestCase {
         if done == nil { throw FixtureFailure("only \(seen.sorted()) answered of \(wanted.sorted())") }
     }
 
-    func request() throws -> String {
-        let body = try HTTPProbe.get(port: servicePort, host: clientHost, timeout: 3)
+    func request(host: String? = nil) throws -> String {
+        let body = try HTTPProbe.get(port: servicePort, host: host ?? clientHost, timeout: 3)
         return body.replacingOccurrences(of: "I'm ", with: "").trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
