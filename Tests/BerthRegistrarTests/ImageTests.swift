@@ -77,7 +77,7 @@ final class ImageTests: XCTestCase {
         let berth = berthRun.output.trimmingCharacters(in: .whitespacesAndNewlines)
         XCTAssertEqual(berth.count, 64, berthRun.error)
         guard berth.count == 64 else { return }
-        let logs = { (try? docker.docker(["logs", "--tail", "40", berth])).map { $0.output + $0.error } ?? "" }
+        let logs = { (try? docker.docker(["logs", berth])).map { $0.output + $0.error } ?? "" }
         let keys = { try etcd.etcdctl(["get", "--prefix", "/backends"]) }
 
         let registered = waitUntil(timeout: 10, interval: 0.05) { (try? keys())?.contains(key) == true }
