@@ -77,7 +77,8 @@ final class ImageTests: XCTestCase {
         let berth = berthRun.output.trimmingCharacters(in: .whitespacesAndNewlines)
         XCTAssertEqual(berth.count, 64, berthRun.error)
         guard berth.count == 64 else { return }
-        let logs = { (try? docker.docker(["logs", berth])).map { $0.output + $0.error } ?? "" }
+        let state = { (try? docker.docker(["inspect", "--format", "{{.State.Status}} exit {{.State.ExitCode}}", berth]).output) ?? "" }
+        let logs = { state() + ": " + ((try? docker.docker(["logs", berth])).map { $0.output + $0.error } ?? "") }
         let keys = { try etcd.etcdctl(["get", "--prefix", "/backends"]) }
 
         let registered = waitUntil(timeout: 10, interval: 0.05) { (try? keys())?.contains(key) == true }
@@ -95,6 +96,7 @@ final class ImageTests: XCTestCase {
         XCTAssertEqual(answer.trimmingCharacters(in: .whitespacesAndNewlines), "I'm \(backend.prefix(12))")
 
         // docker stop: SIGTERM to berth (PID 1), which revokes its lease: the key goes.
+        XCTAssertTrue(state().hasPrefix("running"), "the Berth container is not running before docker stop: \(logs())")
         let stopping = monotonicSeconds()
         XCTAssertEqual(try docker.docker(["stop", "-t", "10", berth], timeout: 30).code, 0)
         let tookToStop = monotonicSeconds() - stopping
