@@ -57,3 +57,37 @@ func assertEventually(timeout: Double, _ message: @autoclosure () -> String = ""
     if took == nil { XCTFail("not within \(timeout) s. \(message())", file: file, line: line) }
     return took
 }
+
+/// A real dockerd and a real etcd shared by one test class: `start()` in `class func setUp`,
+/// `stop()` in `class func tearDown`; `require()` in a test skips it when they could not start.
+final class DockerAndEtcd: @unchecked Sendable {
+    private(set) var docker: DockerFixture?
+    private(set) var etcd: EtcdFixture?
+    private(set) var failure: String?
+
+    func start() {
+        if let reason = DockerFixture.available() {
+            failure = reason
+            return
+        }
+        do {
+            etcd = try EtcdFixture()
+            docker = try DockerFixture()
+        } catch {
+            failure = "\(error)"
+        }
+    }
+
+    func stop() {
+        docker?.stop()
+        docker = nil
+        etcd?.stop()
+        etcd = nil
+    }
+
+    func require() throws -> (DockerFixture, EtcdFixture) {
+        if let failure { throw XCTSkip("no real dockerd/etcd: \(failure)") }
+        guard let docker, let etcd else { throw XCTSkip("fixtures missing") }
+        return (docker, etcd)
+    }
+}
