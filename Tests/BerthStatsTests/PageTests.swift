@@ -32,8 +32,10 @@ final class PageTests: XCTestCase {
         let url = "http://admin:secret@\(stack.statsAddress)/?refresh=30"
         let png = Tool.outputDirectory + "/stats-page.png"
         try? FileManager.default.removeItem(atPath: png)
+        let profile = "\(NSTemporaryDirectory())berth-chromium-\(getpid())"
+        defer { try? FileManager.default.removeItem(atPath: profile) }
         let common = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
-                      "--user-data-dir=\(NSTemporaryDirectory())berth-chromium-\(getpid())"]
+                      "--user-data-dir=\(profile)"]
         let shot = try Tool.run(chromium, common + ["--screenshot=\(png)", "--window-size=1400,900", url], timeout: 90)
         XCTAssertEqual(shot.status, 0, shot.error)
         let attributes = try FileManager.default.attributesOfItem(atPath: png)
