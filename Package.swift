@@ -126,7 +126,7 @@ let package = Package(
         ),
         .testTarget(
             name: "BerthHealthTests",
-            dependencies: ["BerthHealth", "BerthEngine", "BerthWhoami"]
+            dependencies: ["BerthTestSupport", "BerthHealth", "BerthEngine", "BerthWhoami"]
         ),
         .target(
             // Fixtures for tests only: a real etcd (one member or a cluster), a real dockerd.

@@ -15,12 +15,13 @@ final class DevEtcd: @unchecked Sendable {
         guard FileManager.default.isExecutableFile(atPath: binary) else {
             throw ValidationErrorText("\(binary) is missing: apt-get install etcd-server (or pass --etcd-binary)")
         }
+        // Ports first: nothing to clean up if they fail.
+        let clientPort = try Self.freePort(), peerPort = try Self.freePort()
         var template = Array("/tmp/berth-dev.XXXXXX".utf8CString)
         guard template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) != nil else {
             throw ValidationErrorText("mkdtemp: errno \(errno)")
         }
         directory = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        let clientPort = try Self.freePort(), peerPort = try Self.freePort()
         clientURL = "http://127.0.0.1:\(clientPort)"
         let peerURL = "http://127.0.0.1:\(peerPort)"
         process = Process()

@@ -25,15 +25,6 @@ func now() -> Double { Double(MonotonicClock.nanoseconds()) / 1e9 }
 
 func sleep(seconds: Double) { usleep(useconds_t(max(0, seconds) * 1e6)) }
 
-/// The `berth` executable: `BERTH_BINARY`, else `.build/debug/berth` of this package.
-enum BerthBinary {
-    static var path: String {
-        if let override = ProcessInfo.processInfo.environment["BERTH_BINARY"], !override.isEmpty { return override }
-        var root = URL(fileURLWithPath: #filePath)
-        for _ in 0..<3 { root.deleteLastPathComponent() }  // Fixtures.swift, BerthCLITests, Tests
-        return root.appendingPathComponent(".build/debug/berth").path
-    }
-}
 
 // MARK: - Child processes
 

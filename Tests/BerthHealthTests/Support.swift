@@ -1,5 +1,6 @@
 import BerthEngine
 import BerthHealth
+import BerthTestSupport
 import Foundation
 import Glibc
 import XCTest
@@ -74,15 +75,6 @@ func waitFor(timeout: Double, _ condition: () -> Bool) -> Double? {
     return nil
 }
 
-/// The `berth` executable built by `swift build` (scripts/test builds it first).
-enum BerthBinary {
-    static var path: String {
-        if let override = ProcessInfo.processInfo.environment["BERTH_BINARY"], !override.isEmpty { return override }
-        var root = URL(fileURLWithPath: #filePath)
-        for _ in 0..<3 { root.deleteLastPathComponent() }
-        return root.appendingPathComponent(".build/debug/berth").path
-    }
-}
 
 /// A `berth whoami` child process on a fixed port, stopped by PID.
 final class WhoamiProcess {

@@ -5,15 +5,6 @@ import Foundation
 import Glibc
 import XCTest
 
-/// The `berth` executable: `BERTH_BINARY`, else `.build/debug/berth` of this package.
-enum BerthExecutable {
-    static var path: String {
-        if let override = ProcessInfo.processInfo.environment["BERTH_BINARY"], !override.isEmpty { return override }
-        var root = URL(fileURLWithPath: #filePath)
-        for _ in 0..<3 { root.deleteLastPathComponent() }
-        return root.appendingPathComponent(".build/debug/berth").path
-    }
-}
 
 final class RegisterCommandTests: XCTestCase {
     nonisolated(unsafe) static var docker: DockerFixture?
@@ -59,7 +50,7 @@ final class RegisterCommandTests: XCTestCase {
     }
 
     private func register(_ arguments: [String], environment: [String: String] = [:]) throws -> SpawnedProcess {
-        let process = try SpawnedProcess(BerthExecutable.path, ["register"] + arguments, environment: environment)
+        let process = try SpawnedProcess(BerthBinary.path, ["register"] + arguments, environment: environment)
         processes.append(process)
         return process
     }
@@ -110,7 +101,7 @@ final class RegisterCommandTests: XCTestCase {
     func testBadFlagsExitWithUsageError() throws {
         for arguments in [["--ttl", "1s"], ["--ttl", "2500ms"], ["--static", "nope"], ["--etcd", "ftp://127.0.0.1:1"], ["--compat", "other"],
                           ["--docker-host", "tcp://1.2.3.4:2375"], ["--prefix", "relative"], ["--resync", "0"]] {
-            let result = try SpawnedProcess.run(BerthExecutable.path, ["register"] + arguments, timeout: 10)
+            let result = try SpawnedProcess.run(BerthBinary.path, ["register"] + arguments, timeout: 10)
             XCTAssertEqual(result.code, 64, "\(arguments): \(result.error)")
             XCTAssertEqual(result.error.split(separator: "\n").count, 1, "\(arguments): \(result.error)")
         }

@@ -8,13 +8,6 @@ import XCTest
 /// hosts (two dockerds, containers published on 127.0.0.2 and 127.0.0.3), each with its own
 /// `berth register`, and one `berth discover` serving clients on 127.0.0.4.
 final class WalkthroughTests: XCTestCase {
-    static var berth: String {
-        if let override = ProcessInfo.processInfo.environment["BERTH_BINARY"], !override.isEmpty { return override }
-        var root = URL(fileURLWithPath: #filePath)
-        for _ in 0..<3 { root.deleteLastPathComponent() }
-        return root.appendingPathComponent(".build/debug/berth").path
-    }
-
     /// The proxy's address for the whoami service: the client host, the image's port 8000.
     let clientHost = "127.0.0.4"
     let servicePort = 8000
@@ -33,11 +26,11 @@ final class WalkthroughTests: XCTestCase {
         var processes: [SpawnedProcess] = []
         defer { for process in processes { process.stop() } }
         for (fixture, hostIP) in [(hostA, "127.0.0.2"), (hostB, "127.0.0.3")] {
-            processes.append(try SpawnedProcess(Self.berth, ["register", "--ttl", "5s", "--resync", "2s"], environment: [
+            processes.append(try SpawnedProcess(BerthBinary.path, ["register", "--ttl", "5s", "--resync", "2s"], environment: [
                 "ETCD_HOST": etcdHost, "HOST_IP": hostIP, "DOCKER_HOST": fixture.host,
             ]))
         }
-        let discover = try SpawnedProcess(Self.berth, [
+        let discover = try SpawnedProcess(BerthBinary.path, [
             "discover", "--bind", clientHost, "--workers", "2", "--retry-on", "empty-response", "--linger", "1s",
             "--check", "tcp", "--check-interval", "500ms",
         ] + statsArguments(port: statsPort), environment: ["ETCD_HOST": etcdHost])
@@ -103,7 +96,7 @@ final class WalkthroughTests: XCTestCase {
         let host = try DockerFixture()
         defer { host.stop() }
         let bind = "127.0.0.5"
-        let run = try SpawnedProcess(Self.berth, [
+        let run = try SpawnedProcess(BerthBinary.path, [
             "run", "--bind", bind, "--workers", "1", "--ttl", "5s", "--stats", "off", "--retry-on", "empty-response",
         ], environment: ["ETCD_HOST": "127.0.0.1:\(etcd.members[0].clientPort)", "HOST_IP": "127.0.0.1", "DOCKER_HOST": host.host])
         defer { run.stop() }
