@@ -16,8 +16,11 @@ public final class DockerFixture: @unchecked Sendable {
     public let host: String
     public let directory: String
     public let bridge: String
-    /// The test image: a whoami-like HTTP server on 8000 and 8001 (busybox httpd) answering
-    /// `I'm <hostname>`, stopping 0.3 s after SIGTERM (a server's graceful shutdown).
+    /// The test image: a whoami-like HTTP server on 8000 and 8001 answering `I'm <hostname>`,
+    /// stopping 0.3 s after SIGTERM (a server's graceful shutdown). On 8000 the whole answer
+    /// leaves in one write, as from jwilder/whoami (Go's net/http buffers a small response):
+    /// busybox nc runs a script per connection that reads the request and `cat`s the answer
+    /// (one sendfile). On 8001, busybox httpd (headers and body in two writes).
     public static let image = "berth-test/whoami:latest"
     private var daemon: SpawnedProcess?
     private var removed = false
@@ -112,16 +115,33 @@ public final class DockerFixture: @unchecked Sendable {
         let root = "\(directory)/rootfs"
         for folder in ["", "/bin", "/www", "/tmp", "/etc"] { mkdir(root + folder, 0o755) }
         _ = try SpawnedProcess.run("cp", ["/bin/busybox", "\(root)/bin/busybox"], timeout: 10)
-        for tool in ["sh", "httpd", "hostname", "sleep", "echo", "cat", "test", "touch", "rm"] { symlink("busybox", "\(root)/bin/\(tool)") }
+        for tool in ["sh", "httpd", "nc", "hostname", "sleep", "echo", "printf", "cat", "test", "touch", "rm"] {
+            symlink("busybox", "\(root)/bin/\(tool)")
+        }
+        // One connection of the server on 8000: the request's lines up to the blank one, then
+        // the prepared answer. (A SIGKILL between two writes would cut an answer after its
+        // headers, which no proxy can repair; a real whoami sends it whole.)
+        let serve = """
+            #!/bin/sh
+            while read -r line; do [ "${line%$'\\r'}" = "" ] && break; done
+            exec cat /www/answer
+            """
+        guard FileManager.default.createFile(atPath: "\(root)/serve.sh", contents: Data(serve.utf8),
+                                             attributes: [.posixPermissions: 0o755]) else {
+            throw FixtureFailure("cannot write \(root)/serve.sh")
+        }
         // PID 1 is this script: it answers SIGTERM (a shell as PID 1 would ignore it) as a server
         // with a short graceful shutdown does: still serving for 0.3 s, then gone. That grace is
         // what the registrar's draining mark on `stop` is for: proxies stop sending new
         // connections before the process dies. (SIGKILL, `docker kill`, allows none.)
         let script = """
             echo "I'm $(hostname)" > /www/index.html
+            body="I'm $(hostname)"
+            printf 'HTTP/1.0 200 OK\\r\\nContent-Type: text/plain\\r\\nContent-Length: %d\\r\\nConnection: close\\r\\n\\r\\n%s\\n' \\
+                $(( ${#body} + 1 )) "$body" > /www/answer
             trap 'sleep 0.3; exit 0' TERM
             httpd -p 8001 -h /www
-            httpd -f -p 8000 -h /www &
+            nc -ll -p 8000 -e /serve.sh &
             wait
             """
         guard FileManager.default.createFile(atPath: "\(root)/start.sh", contents: Data(script.utf8)) else {
