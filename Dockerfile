@@ -1,8 +1,8 @@
 # The Berth image: FROM scratch, holding `berth` and exactly the shared libraries it needs.
 #
-# Build it with scripts/image, not with `docker build .`: the script builds berth (release, Swift
-# stdlib and Foundation linked statically; or, with --debug, the debug binary and the toolchain's
-# Swift runtime), copies the binary to rootfs/usr/local/bin/berth and every library `ldd` lists
+# Build it with scripts/image, not with `docker build .`: the script builds berth (release, the
+# Swift stdlib and FoundationEssentials linked statically; or, with --debug, the debug binary and
+# the toolchain's Swift runtime), copies the stripped binary to rootfs/usr/local/bin/berth and every library `ldd` lists
 # (and the dynamic loader) to rootfs/ at its own path, and runs `docker build` on that context.
 #
 # Run it as the seed ran docker-register and docker-discover, as one container:

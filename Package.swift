@@ -4,6 +4,11 @@ import PackageDescription
 // Import direction (DESIGN.md §7): berth → {BerthRegistrar → BerthDiscovery → BerthEtcd, BerthStats,
 // BerthHealth, BerthWhoami} → BerthEngine → CBerthShims.
 // BerthEngine imports nothing of ours but the C shim, and no SwiftNIO: the data plane is Glibc only.
+// Extension members are visible only from modules a file imports itself, so that, say,
+// `String.contains` is the standard library's and not Foundation's (reached through a
+// dependency): the binary links FoundationEssentials only, not Foundation and its ICU data.
+let memberImports: SwiftSetting = .enableUpcomingFeature("MemberImportVisibility")
+
 let package = Package(
     name: "Berth",
     platforms: [.macOS(.v15)],
@@ -41,11 +46,13 @@ let package = Package(
         ),
         .target(
             name: "BerthHealth",
-            dependencies: ["BerthEngine", "COpenSSL"]
+            dependencies: ["BerthEngine", "COpenSSL"],
+            swiftSettings: [memberImports]
         ),
         .target(
             name: "BerthWhoami",
-            dependencies: ["BerthEngine", "CBerthShims"]
+            dependencies: ["BerthEngine", "CBerthShims"],
+            swiftSettings: [memberImports]
         ),
         .target(
             // etcd v3 over its own gRPC API; code generated from etcd's protos (scripts/generate-etcd).
@@ -58,7 +65,8 @@ let package = Package(
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
-            ]
+            ],
+            swiftSettings: [memberImports]
         ),
         .target(
             // Key schema, catalog, etcd watch → routing tables.
@@ -68,7 +76,8 @@ let package = Package(
                 "BerthHealth",
                 "BerthEtcd",
                 .product(name: "Logging", package: "swift-log"),
-            ]
+            ],
+            swiftSettings: [memberImports]
         ),
         .target(
             // Docker Engine API client and registration under one lease.
@@ -80,7 +89,8 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
-            ]
+            ],
+            swiftSettings: [memberImports]
         ),
         .target(
             // The stats and admin HTTP server on :1936 and its renderers.
@@ -92,7 +102,8 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
-            ]
+            ],
+            swiftSettings: [memberImports]
         ),
         .executableTarget(
             name: "berth",
@@ -106,7 +117,8 @@ let package = Package(
                 "BerthStats",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
-            ]
+            ],
+            swiftSettings: [memberImports]
         ),
         .executableTarget(
             name: "bench",
@@ -116,6 +128,8 @@ let package = Package(
                 "CBerthShims",
                 // The discovery scenario writes the registry (the processes under test are berth's).
                 "BerthEtcd",
+                // The stats-fuzz role throws the stats fuzz test's cases (StatsFuzzCases).
+                "BerthTestSupport",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ],
             path: "Benchmarks/bench"

@@ -1,5 +1,4 @@
 import BerthEngine
-import Foundation
 import Glibc
 
 /// Resolves the host names of instances off the event loops: getaddrinfo runs on this
@@ -30,7 +29,7 @@ public final class HostResolver: @unchecked Sendable {
     public let retryInterval: Int64
     private let lookupFunction: Lookup
     // Guarded by `condition`:
-    private let condition = NSCondition()
+    private let condition = ConditionLock()
     private var entries: [String: Entry] = [:]
     private var listeners: [@Sendable (String, HostResolution) -> Void] = []
     private var stopped = false
@@ -128,7 +127,7 @@ public final class HostResolver: @unchecked Sendable {
                 entries[earliest.name]?.due = now + refreshInterval
                 return earliest.name
             }
-            _ = condition.wait(until: Date(timeIntervalSinceNow: Double(earliest.due - now) / 1000))
+            condition.wait(milliseconds: earliest.due - now)
         }
         return nil
     }

@@ -1,3 +1,5 @@
+import BerthEngine
+
 /// The registry's key layout in etcd (docs/REGISTRY.md). Pure: text in, classification out.
 ///
 /// ```
@@ -146,28 +148,10 @@ public enum KeySegment {
     public static func decode(_ segment: Substring) -> Result<String, KeyError.Reason> {
         guard !segment.isEmpty else { return .failure(.emptySegment) }
         guard segment.utf8.contains(UInt8(ascii: "%")) else { return .success(String(segment)) }
-        var bytes: [UInt8] = []
-        bytes.reserveCapacity(segment.utf8.count)
-        var iterator = segment.utf8.makeIterator()
-        while let byte = iterator.next() {
-            guard byte == UInt8(ascii: "%") else { bytes.append(byte); continue }
-            guard let high = iterator.next().flatMap(hexValue), let low = iterator.next().flatMap(hexValue) else {
-                return .failure(.badEscape)
-            }
-            bytes.append(high << 4 | low)
-        }
+        guard let bytes = PercentEncoding.decodeBytes(segment.utf8) else { return .failure(.badEscape) }
         guard let decoded = String(validating: bytes, as: UTF8.self) else { return .failure(.notUTF8) }
         guard !decoded.isEmpty else { return .failure(.emptySegment) }
         guard encode(decoded) == segment else { return .failure(.nonCanonical) }
         return .success(decoded)
-    }
-
-    private static func hexValue(_ byte: UInt8) -> UInt8? {
-        switch byte {
-        case UInt8(ascii: "0")...UInt8(ascii: "9"): byte - UInt8(ascii: "0")
-        case UInt8(ascii: "A")...UInt8(ascii: "F"): byte - UInt8(ascii: "A") + 10
-        case UInt8(ascii: "a")...UInt8(ascii: "f"): byte - UInt8(ascii: "a") + 10
-        default: nil
-        }
     }
 }

@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 
 /// What the registrar needs to know of one container, read from `GET /containers/{id}/json`.
 /// A plain value: the naming rules (`RegistrationRules`) turn it into registrations.

@@ -1,4 +1,5 @@
-import Foundation
+import BerthEngine
+import FoundationEssentials
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -72,7 +73,7 @@ public struct DockerClient: Sendable {
     /// answered 200, then `received` with each chunk of the body as it arrives. Returns when Docker
     /// ends the stream; throws when it cannot be opened or breaks.
     public func followEvents(opened: () async -> Void, received: (ByteBuffer) async -> Void) async throws {
-        let query = DockerEventParser.filters.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? ""
+        let query = PercentEncoding.encode(DockerEventParser.filters)
         let path = "/events?filters=\(query)"
         let channel = try await connect()
         try await channel.executeThenClose { inbound, outbound in

@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 
 /// A container event from `GET /events`, reduced to what registration acts on.
 public struct DockerEvent: Sendable, Equatable {

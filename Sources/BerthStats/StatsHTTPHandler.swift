@@ -1,5 +1,5 @@
 import BerthHealth
-import Foundation
+import FoundationEssentials
 import NIOCore
 import NIOHTTP1
 

@@ -1,5 +1,6 @@
+import BerthEngine
 import BerthHealth
-import Foundation
+import FoundationEssentials
 
 /// What a request asks for. Pure: `resolve` reads the method and the request target only.
 enum StatsRoute: Equatable {
@@ -45,8 +46,8 @@ enum StatsRoute: Equatable {
         guard components.count == 5, components[1] == "backends" else {
             return .failure(status: 404, reason: "admin paths are /admin/backends/SERVICE/BACKEND/drain|enable|maint")
         }
-        guard let service = components[2].removingPercentEncoding, !service.isEmpty,
-              let backend = components[3].removingPercentEncoding, !backend.isEmpty else {
+        guard let service = PercentEncoding.decode(components[2]), !service.isEmpty,
+              let backend = PercentEncoding.decode(components[3]), !backend.isEmpty else {
             return .failure(status: 400, reason: "bad service or backend name")
         }
         guard let action = actions[components[4]] else {

@@ -1,6 +1,7 @@
 import ArgumentParser
+import BerthEngine
 import BerthStats
-import Foundation
+import FoundationEssentials
 
 /// `berth ctl`: talks to a running berth's stats server (its admin API and /stats.json).
 struct CtlCommand: ParsableCommand {
@@ -68,7 +69,7 @@ struct CtlCommand: ParsableCommand {
             let widths = first.indices.map { column in rows.map { $0[column].count }.max() ?? 0 }
             return rows.map { row in
                 row.enumerated().map { column, cell in
-                    column == row.count - 1 ? cell : cell.padding(toLength: widths[column], withPad: " ", startingAt: 0)
+                    column == row.count - 1 ? cell : cell + String(repeating: " ", count: max(0, widths[column] - cell.count))
                 }.joined(separator: "  ")
             }.joined(separator: "\n") + "\n"
         }
@@ -130,18 +131,14 @@ struct CtlTarget: ParsableArguments {
 
     /// The `error` of a JSON answer, or the text itself on one line.
     private static func message(_ body: String) -> String {
-        if let object = try? JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: Any],
-           let error = object["error"] as? String {
-            return error
-        }
+        struct ErrorAnswer: Decodable { let error: String }
+        if let answer = try? JSONDecoder().decode(ErrorAnswer.self, from: Data(body.utf8)) { return answer.error }
         return body.split(separator: "\n").first.map(String.init) ?? ""
     }
 
     /// Percent-encodes a path segment (backend names such as `127.0.0.1:8001` pass as they are).
     static func escape(_ segment: String) -> String {
-        var allowed = CharacterSet.urlPathAllowed
-        allowed.remove(charactersIn: "/?#;%")
-        return segment.addingPercentEncoding(withAllowedCharacters: allowed) ?? segment
+        PercentEncoding.encode(segment, keeping: PercentEncoding.pathSegmentExtras)
     }
 }
 

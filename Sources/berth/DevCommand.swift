@@ -1,6 +1,7 @@
 import ArgumentParser
 import BerthEngine
 import BerthEtcd
+import BerthHealth
 import BerthRegistrar
 import BerthStats
 import BerthWhoami

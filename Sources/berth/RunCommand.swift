@@ -1,5 +1,6 @@
 import ArgumentParser
 import BerthEngine
+import BerthHealth
 import BerthRegistrar
 import BerthStats
 import Glibc
