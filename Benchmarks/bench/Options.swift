@@ -108,6 +108,8 @@ enum Role: String, Sendable {
     case watchdog
     /// `--count` listening sockets that accept and close (the checks scenario's check targets).
     case listeners
+    /// Bad and oversized requests to a stats server (StatsFuzzRole.swift).
+    case statsFuzz = "stats-fuzz"
 }
 
 /// A frontend of the proxy role: `--frontend NAME --listen HOST:PORT --backend HOST:PORT[,...]`.
@@ -131,6 +133,10 @@ struct RoleOptions: Sendable {
     var removeDirectory: String?
     /// Sockets of the `listeners` role.
     var count = 1_000
+    /// The stats server the `stats-fuzz` role fuzzes, and its bounds.
+    var target: SocketAddress?
+    var seconds = 60.0
+    var requests: UInt64 = 10_000_000
 }
 
 /// What the command line asks for.
@@ -152,20 +158,21 @@ let benchUsage = """
     Measures Berth against a direct connection and against HAProxy on this machine, all in one
     run: keep-alive requests/s, new connections/s, bulk Gbit/s with 1 and 4 streams, latency
     percentiles at a fixed request rate, and the proxy's CPU time and peak RSS. The proxy runs
-    pinned to CPU 0; the load generator and the backends run on CPU 1. Then three scenarios through
+    pinned to CPU 0; the load generator and the backends run on CPU 1. Then four scenarios through
     the berth binary: failover (a backend SIGKILLed and restarted under load), checks (throughput
-    with and without 1,000 checked backends, and the checks' CPU cost) and discovery (berth
+    with and without 1,000 checked backends, and the checks' CPU cost), discovery (berth
     discover on a real etcd, /usr/bin/etcd: put-to-routable latency, the first sync of 1,000
-    services x 10 instances and its memory; skipped without etcd).
+    services x 10 instances and its memory; skipped without etcd) and stats-fuzz (throughput
+    while the stats port takes bad and oversized requests, against quiet windows).
 
       --quick          1 s per phase instead of 5 s
       --json           print the figures as JSON instead of tables (progress still goes to stderr)
       --phases LIST    comma-separated, from: keepalive, connect, bulk1, bulk4, latency and the
-                       scenarios failover, checks, discovery (bulk means bulk1,bulk4; phases
-                       the five phases; scenarios the three scenarios); only what is named runs
-                       (default: all)
-      --scenarios LIST the same, for scenarios only: failover, checks, discovery (with no
-                       --phases, no phase runs)
+                       scenarios failover, checks, discovery, stats-fuzz (bulk means
+                       bulk1,bulk4; phases the five phases; scenarios the four scenarios);
+                       only what is named runs (default: all)
+      --scenarios LIST the same, for scenarios only: failover, checks, discovery, stats-fuzz
+                       (with no --phases, no phase runs)
       --setups LIST    comma-separated, from: direct, berth-splice, berth-copy, berth-auto,
                        haproxy, haproxy-splice-auto (berth means its three modes;
                        default: all)
@@ -316,6 +323,17 @@ enum CommandLineParser {
                     throw UsageError(description: "--count \(text): expected a number of sockets from 1 to 5000")
                 }
                 options.count = count
+            case "--target": options.target = try parseAddress(try reader.value(for: flag))
+            case "--seconds":
+                let text = try reader.value(for: flag)
+                guard let seconds = Double(text), seconds > 0, seconds <= 3_600 else {
+                    throw UsageError(description: "--seconds \(text): expected a number of seconds up to 3600")
+                }
+                options.seconds = seconds
+            case "--requests":
+                let text = try reader.value(for: flag)
+                guard let requests = UInt64(text), requests >= 1 else { throw UsageError(description: "--requests \(text): expected a positive count") }
+                options.requests = requests
             case "--cpu":
                 let text = try reader.value(for: flag)
                 guard let cpu = Int(text), cpu >= 0 else { throw UsageError(description: "--cpu \(text): expected a CPU number") }
@@ -330,6 +348,8 @@ enum CommandLineParser {
             }
         } else if options.role == .watchdog {
             guard options.watchedPID != nil else { throw UsageError(description: "--role watchdog needs --pid PID") }
+        } else if options.role == .statsFuzz {
+            guard options.target != nil else { throw UsageError(description: "--role stats-fuzz needs --target HOST:PORT") }
         } else if options.role != .listeners && options.listen == nil {
             throw UsageError(description: "--role \(options.role.rawValue) needs --listen ADDRESS")
         }

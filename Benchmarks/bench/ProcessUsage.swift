@@ -149,21 +149,46 @@ enum ProcFS {
 
     /// utime + stime of the threads of `pid` whose name (`comm`) is `name`.
     static func threadTicks(of pid: pid_t, named name: String) -> UInt64? {
-        guard let directory = opendir("/proc/\(pid)/task") else { return nil }
-        var tasks: [String] = []
-        while tasks.count < 4_096, let entry = readdir(directory) {
-            let task = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            if task.first?.isNumber == true { tasks.append(task) }
-        }
-        closedir(directory)
         var total: UInt64?
-        for task in tasks where read("/proc/\(pid)/task/\(task)/comm")?.split(separator: "\n").first.map(String.init) == name {
-            guard let text = read("/proc/\(pid)/task/\(task)/stat"), let close = text.lastIndex(of: ")") else { continue }
+        for task in threads(of: pid) where task.name == name {
+            guard let text = read("/proc/\(pid)/task/\(task.tid)/stat"), let close = text.lastIndex(of: ")") else { continue }
             let fields = text[text.index(after: close)...].split(separator: " ")
             guard fields.count > 12, let user = UInt64(fields[11]), let system = UInt64(fields[12]) else { continue }
             total = (total ?? 0) + user + system
         }
         return total
+    }
+
+    /// The threads of `pid` (at most 4,096): kernel id and name (`comm`).
+    static func threads(of pid: pid_t) -> [(tid: pid_t, name: String)] {
+        guard let directory = opendir("/proc/\(pid)/task") else { return [] }
+        var tasks: [pid_t] = []
+        while tasks.count < 4_096, let entry = readdir(directory) {
+            let task = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            if let tid = pid_t(task) { tasks.append(tid) }
+        }
+        closedir(directory)
+        return tasks.compactMap { tid in
+            read("/proc/\(pid)/task/\(tid)/comm")?.split(separator: "\n").first.map { (tid, String($0)) }
+        }
+    }
+
+    /// The nice value of one thread of `pid` (field 19 of its stat), or nil.
+    static func nice(of pid: pid_t, thread tid: pid_t) -> Int? {
+        guard let text = read("/proc/\(pid)/task/\(tid)/stat"), let close = text.lastIndex(of: ")") else { return nil }
+        let fields = text[text.index(after: close)...].split(separator: " ")
+        return fields.count > 16 ? Int(fields[16]) : nil
+    }
+
+    /// Open file descriptors of `pid` (at most 1,000,000 counted), or nil.
+    static func openDescriptors(of pid: pid_t) -> Int? {
+        guard let directory = opendir("/proc/\(pid)/fd") else { return nil }
+        defer { closedir(directory) }
+        var count = 0
+        while count < 1_000_002, let entry = readdir(directory) {
+            if entry.pointee.d_name.0 != UInt8(ascii: ".") { count += 1 }
+        }
+        return count
     }
 
     /// The running kernel's release, for the report header.

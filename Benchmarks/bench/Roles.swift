@@ -23,6 +23,7 @@ enum RoleMain {
             case .bulk: try runBulk(options)
             case .watchdog: runWatchdog(options)
             case .listeners: try ListenersRole.run(options)
+            case .statsFuzz: try StatsFuzzRole.run(options)
             }
             return 0
         } catch {

@@ -29,6 +29,53 @@ struct ScenarioReport {
         if let rows = results.failover { out += failoverText(rows) }
         if let checks = results.checks { out += checksText(checks) }
         if let discovery = results.discovery { out += discoveryText(discovery) }
+        if let statsFuzz = results.statsFuzz { out += statsFuzzText(statsFuzz) }
+        return out
+    }
+
+    private func statsFuzzText(_ fuzz: StatsFuzzResult) -> String {
+        var out = "Stats port under fuzzing: keep-alive requests (\(options.keepAliveConnections) connections, "
+        out += "\(Format.fixed(options.phaseSeconds, 1)) s windows after \(Format.fixed(options.warmupSeconds, 1)) s warm-up) through "
+        out += "berth proxy --stats, one proxy for every window; the data plane (its worker, 2 whoami backends, the load generator) "
+        out += "on CPU \(proxyCPU), the fuzzer on CPU \(loadCPU); the proxy's stats thread"
+        out += fuzz.statsThreads.isEmpty ? "" : " (" + fuzz.statsThreads.map { "\($0.name), nice \($0.nice.map { "\($0)" } ?? "?")" }
+            .joined(separator: "; ") + ")"
+        out += " on CPU \(loadCPU) (apart), then on CPU \(proxyCPU) with the data plane (shared); windows in each "
+        out += StatsFuzzScenario.order(options).map { $0 ? "fuzzed" : "quiet" }.joined(separator: ", ") + "\n"
+        if let skipped = fuzz.skipped { return out + "skipped: \(skipped)\n\n" }
+        out += Self.row("", ["req/s", "lowest", "highest", "worker", "stats", "fuzzed", "windows"])
+        out += Self.row("", ["mean", "window", "window", "us/req", "thread %", "req/s", ""])
+        for shared in [false, true] {
+            let layout = shared ? "shared" : "apart"
+            for fuzzing in [false, true] {
+                let windows = fuzz.windows(shared: shared, fuzzing: fuzzing)
+                let rates = windows.map(\.requestsPerSecond)
+                let statsShares = windows.compactMap(\.statsThreadShare)
+                let fuzzed = windows.compactMap { window in window.fuzz.map { Double($0["requests"]) / max(window.seconds, 1e-9) } }
+                out += Self.row("\(layout), \(fuzzing ? "stats port fuzzed" : "quiet")", [
+                    fuzz.mean(shared: shared, fuzzing: fuzzing).map { Format.rate($0) } ?? "-", rates.min().map { Format.rate($0) } ?? "-",
+                    rates.max().map { Format.rate($0) } ?? "-",
+                    fuzz.meanWorkerCost(shared: shared, fuzzing: fuzzing).map { Format.fixed($0, 2) } ?? "-",
+                    statsShares.isEmpty ? "-" : Self.percent(statsShares.reduce(0, +) / Double(statsShares.count)),
+                    fuzzed.isEmpty ? "-" : Format.rate(fuzzed.reduce(0, +) / Double(fuzzed.count)), "\(windows.count)",
+                ])
+            }
+            out += Self.row("\(layout), fuzzed / quiet", [Format.ratio(fuzz.ratio(shared: shared)), "", "",
+                                                           Format.ratio(fuzz.workerRatio(shared: shared)), "", "", ""])
+        }
+        if let totals = fuzz.fuzzTotals {
+            out += "fuzzer, all fuzzed windows: \(Format.grouped(totals["requests"])) requests (\(Format.grouped(fuzz.measuredFuzzRequests)) "
+            out += "in the measured windows) on \(Format.grouped(totals["connections"])) connections; pipelined requests answered "
+            out += "\(Format.grouped(totals["pipelined_answers"])); single requests: 400 \(Format.grouped(totals["status400"])), "
+            out += "413 \(Format.grouped(totals["status413"])), 431 \(Format.grouped(totals["status431"])), other "
+            out += "\(Format.grouped(totals["other_status"])), closed without an answer \(Format.grouped(totals["no_answer"])); "
+            out += "connects failed \(Format.grouped(totals["connect_failures"])); slowloris connections closed by the server "
+            out += "\(Format.grouped(totals["slowloris_closed"])); /healthz probes \(Format.grouped(totals["probes"])), failed "
+            out += "\(Format.grouped(totals["probe_failures"])), slowest \(Format.fixed(Double(totals["slowest_probe_us"]) / 1_000, 1)) ms\n"
+        }
+        out += "after the last window: proxy \(fuzz.aliveAfter ? "running" : "GONE"), stats page \(fuzz.pageAfter ? "answers" : "DOES NOT ANSWER")"
+        out += ", open fds \(fuzz.descriptorsBefore.map { "\($0)" } ?? "-") before the windows, \(fuzz.descriptorsAfter.map { "\($0)" } ?? "-") after"
+        out += ", RSS \(Self.mebibytes(fuzz.residentBefore)) MiB before, \(Self.mebibytes(fuzz.residentAfter)) MiB after\n\n"
         return out
     }
 
@@ -172,6 +219,13 @@ struct ScenarioReport {
                     + "\(Format.fixed(window.disturbance, 2)) CPU)" + (window.errors > 0 ? " and had \(window.errors) errors" : ""))
             }
         }
+        if let statsFuzz = results.statsFuzz {
+            for failure in statsFuzz.failures { notes.append("stats-fuzz: \(failure)") }
+            for window in statsFuzz.windows where window.disturbance >= 0.1 || window.errors > 0 {
+                notes.append("stats-fuzz: a \(window.shared ? "shared" : "apart") \(window.fuzzing ? "fuzzed" : "quiet") window was disturbed (other processes and steal: "
+                    + "\(Format.fixed(window.disturbance, 2)) CPU)" + (window.errors > 0 ? " and had \(window.errors) errors" : ""))
+            }
+        }
         if let discovery = results.discovery {
             for failure in discovery.failures { notes.append("discovery: \(failure)") }
             if discovery.propagation != nil {
@@ -202,7 +256,45 @@ struct ScenarioReport {
         }
         if let checks = results.checks { members.append(("checks", checksJSON(checks))) }
         if let discovery = results.discovery { members.append(("discovery", discoveryJSON(discovery))) }
+        if let statsFuzz = results.statsFuzz { members.append(("statsFuzz", statsFuzzJSON(statsFuzz))) }
         return .object(members)
+    }
+
+    private func statsFuzzJSON(_ fuzz: StatsFuzzResult) -> JSONValue {
+        if let skipped = fuzz.skipped { return .object([("skipped", .string(skipped))]) }
+        func totals(_ totals: FuzzTotals) -> JSONValue {
+            .object(FuzzTotals.keys.map { ($0, .integer(Int64(clamping: totals[$0]))) })
+        }
+        return .object([
+            ("windows", .array(fuzz.windows.map { window in
+                .object([
+                    ("layout", .string(window.shared ? "shared" : "apart")),
+                    ("fuzzing", .bool(window.fuzzing)), ("requestsPerSecond", .number(window.requestsPerSecond)),
+                    ("workerMicrosecondsPerRequest", .optional(window.workerMicrosecondsPerRequest)),
+                    ("statsThreadCPUPercent", .optional(window.statsThreadShare.map { $0 * 100 })),
+                    ("fuzz", window.fuzz.map(totals) ?? .null), ("seconds", .number(window.seconds)),
+                    ("disturbanceCPUs", .number(window.disturbance)), ("errors", .integer(Int64(window.errors))),
+                ])
+            })),
+            ("apart", .object([
+                ("quiet", .optional(fuzz.mean(shared: false, fuzzing: false))), ("fuzzed", .optional(fuzz.mean(shared: false, fuzzing: true))),
+                ("ratio", .optional(fuzz.ratio(shared: false))), ("workerCostRatio", .optional(fuzz.workerRatio(shared: false))),
+            ])),
+            ("shared", .object([
+                ("quiet", .optional(fuzz.mean(shared: true, fuzzing: false))), ("fuzzed", .optional(fuzz.mean(shared: true, fuzzing: true))),
+                ("ratio", .optional(fuzz.ratio(shared: true))), ("workerCostRatio", .optional(fuzz.workerRatio(shared: true))),
+            ])),
+            ("fuzzTotals", fuzz.fuzzTotals.map(totals) ?? .null),
+            ("statsThreads", .array(fuzz.statsThreads.map { thread in
+                .object([("name", .string(thread.name)), ("nice", thread.nice.map { .integer(Int64($0)) } ?? .null)])
+            })),
+            ("aliveAfter", .bool(fuzz.aliveAfter)), ("pageAfter", .bool(fuzz.pageAfter)),
+            ("descriptorsBefore", fuzz.descriptorsBefore.map { .integer(Int64($0)) } ?? .null),
+            ("descriptorsAfter", fuzz.descriptorsAfter.map { .integer(Int64($0)) } ?? .null),
+            ("residentBytesBefore", fuzz.residentBefore.map { .integer(Int64(clamping: $0)) } ?? .null),
+            ("residentBytesAfter", fuzz.residentAfter.map { .integer(Int64(clamping: $0)) } ?? .null),
+            ("failures", .array(fuzz.failures.map { .string($0) })),
+        ])
     }
 
     private func discoveryJSON(_ discovery: DiscoveryResult) -> JSONValue {

@@ -15,6 +15,9 @@ enum Scenario: String, CaseIterable, Sendable {
     /// `berth discover` on a real etcd: how soon a put is routable, and the first sync of
     /// 1,000 services × 10 instances (time, RSS).
     case discovery
+    /// Keep-alive throughput through `berth proxy` while its stats port is fuzzed (100k+ bad
+    /// and oversized requests, slowloris), against quiet windows in the same run.
+    case statsFuzz = "stats-fuzz"
 }
 
 /// When the failover scenario does what, in seconds after its load starts.
@@ -189,6 +192,7 @@ struct ScenarioResults {
     var failover: [FailoverRow]?
     var checks: ChecksResult?
     var discovery: DiscoveryResult?
+    var statsFuzz: StatsFuzzResult?
     var notes: [String] = []
 }
 
@@ -227,6 +231,8 @@ struct ScenarioRunner {
                                                 berth: berth).run()
             case .discovery:
                 results.discovery = DiscoveryScenario(options: options, proxyCPU: proxyCPU, loadCPU: loadCPU, web: web, berth: berth).run()
+            case .statsFuzz:
+                results.statsFuzz = StatsFuzzScenario(options: options, proxyCPU: proxyCPU, loadCPU: loadCPU, berth: berth).run()
             }
         }
         return results

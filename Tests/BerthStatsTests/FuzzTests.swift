@@ -1,5 +1,6 @@
 import BerthEngine
 import BerthStats
+import BerthTestSupport
 import Foundation
 import Glibc
 import Synchronization
@@ -10,18 +11,6 @@ import XCTest
 /// (a probe asks /healthz throughout), end every bad connection, and come back to zero
 /// connections; the data plane's throughput meanwhile is measured and printed.
 final class FuzzTests: XCTestCase {
-    /// SplitMix64: a seeded generator, so a failure can be replayed from the printed seed.
-    struct Generator: RandomNumberGenerator {
-        var state: UInt64
-        mutating func next() -> UInt64 {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-    }
-
     /// Outcomes, counted over all fuzz threads.
     final class Tally: Sendable {
         let requests = Atomic<Int>(0)
@@ -151,10 +140,8 @@ final class FuzzTests: XCTestCase {
         let threads = (0..<4).map { thread in
             Thread {
                 if pinned { pinCurrentThread(toCPU: 1) }
-                var random = Generator(state: seed &+ UInt64(thread))
-                let pipelines = (0..<20).map { _ in
-                    (0..<100).flatMap { index in Self.randomRequest(&random, last: index == 99) }
-                }
+                var random = SplitMix64(seed: seed &+ UInt64(thread))
+                let pipelines = StatsFuzzCases.pipelines(&random)
                 while tally.requests.load(ordering: .relaxed) < Self.totalRequests,
                       monotonicSeconds() - started < Self.deadlineSeconds {
                     Self.fuzzOne(stats, &random, tally, pipelines: pipelines)
@@ -217,33 +204,6 @@ final class FuzzTests: XCTestCase {
         XCTAssertGreaterThan(baseline.rate, 0)
     }
 
-    /// A request that parses, with random method, path, query, and header names and values.
-    static func randomRequest(_ random: inout Generator, last: Bool) -> [UInt8] {
-        let methods = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"]
-        // One request in ten asks for a rendered page; the rest for cheap answers (healthz, 404,
-        // 405, admin errors), so that 100,000 fit in the time on a loaded two-CPU machine.
-        let pages = ["/", "/stats", "/;csv", "/stats;csv", "/stats.json", "/metrics", "/?refresh="]
-        let cheap = ["/healthz", "/admin/backends/web/a/", "/admin/backends/", "/%", "/;", "/x"]
-        let printable = Array("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+,;=:@/?".utf8)
-        func text(_ count: Int, _ random: inout Generator) -> String {
-            String(decoding: (0..<count).map { _ in printable[Int.random(in: 0..<printable.count, using: &random)] }, as: UTF8.self)
-        }
-        var request = methods[Int.random(in: 0..<methods.count, using: &random)] + " "
-        let paths = Int.random(in: 0..<10, using: &random) == 0 ? pages : cheap
-        request += paths[Int.random(in: 0..<paths.count, using: &random)] + text(Int.random(in: 0...40, using: &random), &random)
-        request += " HTTP/1.1\r\nHost: x\r\n"
-        for _ in 0..<Int.random(in: 0...4, using: &random) {
-            let name = String(decoding: (0..<Int.random(in: 1...12, using: &random)).map { _ in
-                UInt8(ascii: "a") + UInt8.random(in: 0...25, using: &random)
-            }, as: UTF8.self)
-            request += "X-\(name): \(text(Int.random(in: 0...60, using: &random), &random))\r\n"
-        }
-        if Int.random(in: 0..<4, using: &random) == 0 { request += "Authorization: Basic \(text(16, &random))\r\n" }
-        request += "Content-Length: 0\r\n"
-        if last { request += "Connection: close\r\n" }
-        return Array((request + "\r\n").utf8)
-    }
-
     /// Answers the load thread gave per second over a window, and the data-plane worker's CPU
     /// per answer (µs): its own cost, apart from what the fuzzing threads take from the machine.
     private func measure(_ tally: Tally, seconds: Double) -> (rate: Double, workerMicroseconds: Double) {
@@ -291,51 +251,16 @@ final class FuzzTests: XCTestCase {
     /// One connection with one fuzz case; counts the requests it carried.
     /// `pipelines`: batches of 100 random requests made once per thread (making them costs more
     /// than sending them in a debug build).
-    private static func fuzzOne(_ stats: SocketAddress, _ random: inout Generator, _ tally: Tally, pipelines: [[UInt8]]) {
+    private static func fuzzOne(_ stats: SocketAddress, _ random: inout SplitMix64, _ tally: Tally, pipelines: [[UInt8]]) {
         let begin = monotonicSeconds()
         guard let fd = try? HTTP.connect(stats, timeout: 5) else { return }
-        var kind = 0
+        let fuzz = StatsFuzzCases.next(&random, pipelines: pipelines)
         defer {
             close(fd)
-            tally.spend(kind, monotonicSeconds() - begin)
+            tally.spend(fuzz.kind.rawValue, monotonicSeconds() - begin)
         }
         tally.connections.add(1, ordering: .relaxed)
-        let valid = Array("GET /stats.json HTTP/1.1\r\nHost: x\r\n\r\n".utf8)
-        var payload: [UInt8]
-        var requests = 1
-        switch Int.random(in: 0..<100, using: &random) {
-        case 0..<45:
-            // Random bytes, 1 to 512 of them.
-            payload = (0..<Int.random(in: 1...512, using: &random)).map { _ in UInt8.random(in: 0...255, using: &random) }
-        case 45..<70:
-            kind = 1
-            // A valid request with a few bytes changed, inserted or cut.
-            payload = valid
-            for _ in 0..<Int.random(in: 1...4, using: &random) {
-                let position = Int.random(in: 0..<payload.count, using: &random)
-                switch Int.random(in: 0..<3, using: &random) {
-                case 0: payload[position] = UInt8.random(in: 0...255, using: &random)
-                case 1: payload.insert(UInt8.random(in: 0...255, using: &random), at: position)
-                default: payload.remove(at: position)
-                }
-            }
-        case 70..<97:
-            kind = 2
-            // 100 pipelined requests, each with a random method, path, query and headers that
-            // still parse (unknown pages, methods and credentials are answered and the
-            // connection lives on); the last asks to close.
-            requests = 100
-            payload = pipelines[Int.random(in: 0..<pipelines.count, using: &random)]
-        case 97..<99:
-            kind = 3
-            // An announced 10 MB body.
-            payload = Array("POST /admin/backends/web/a/drain HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n".utf8)
-                + [UInt8](repeating: 0x41, count: 16 * 1024)
-        default:
-            kind = 4
-            // 1 MB of headers.
-            payload = Array("GET / HTTP/1.1\r\nX-Big: ".utf8) + [UInt8](repeating: 0x61, count: 1 << 20)
-        }
+        let (payload, requests) = (fuzz.payload, fuzz.requests)
         tally.requests.add(requests, ordering: .relaxed)
         _ = HTTP.send(fd, payload)
         // End of input: a partial request is not waited for (the server closes on EOF). The

@@ -35,6 +35,21 @@ public func pinCurrentThread(toCPU cpu: Int) -> Bool {
     cberth_pin_to_cpu(CInt(cpu)) == 0
 }
 
+/// Sets the calling thread's nice value (Linux: this thread alone). A control-plane thread
+/// made nicer than the workers yields the CPU to them when both want it. Returns false when the
+/// kernel refuses (lowering it below the current value needs privilege).
+@discardableResult
+public func setCurrentThreadNice(_ nice: Int) -> Bool {
+    cberth_set_thread_nice(CInt(nice)) == 0
+}
+
+/// Pins another thread (its kernel id, as listed in /proc/PID/task) to one CPU. Returns false
+/// when the kernel refuses (no such thread, no permission).
+@discardableResult
+public func pinThread(_ tid: pid_t, toCPU cpu: Int) -> Bool {
+    cberth_pin_task_to_cpu(CInt(tid), CInt(cpu)) == 0
+}
+
 /// Process-wide signal handling for the commands: block `signals` in this thread (do it before
 /// any thread is created, so that every thread inherits the mask), then `waitForSignal` takes
 /// them synchronously on one thread.

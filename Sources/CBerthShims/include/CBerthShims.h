@@ -89,6 +89,11 @@ static inline int cberth_socket(int domain, int type, int protocol) {
 
 /// Pins the calling thread to one CPU (used by `bench` and `--cpu`).
 int cberth_pin_to_cpu(int cpu);
+// The same for another thread (or process) by its kernel id (a tid from /proc/PID/task).
+int cberth_pin_task_to_cpu(int tid, int cpu);
+// setpriority(PRIO_PROCESS, gettid(), nice): the calling thread's nice value alone (Linux
+// schedules threads as tasks). Raising it needs no privilege.
+int cberth_set_thread_nice(int nice);
 
 /// Names a thread (15 characters at most), for top/perf.
 int cberth_set_thread_name(pthread_t thread, const char *name);
