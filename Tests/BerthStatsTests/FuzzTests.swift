@@ -191,12 +191,18 @@ final class FuzzTests: XCTestCase {
         if requests < Self.totalRequests {
             print("fuzz: the \(Self.deadlineSeconds) s bound ended the fuzzing at \(requests) requests")
         }
-        XCTAssertGreaterThanOrEqual(requests, Self.totalRequests / 2, "at least half the requests sent within \(Self.deadlineSeconds) s")
+        // Not a speed test (the bench's stats-fuzz scenario measures that, on a release build):
+        // the floor is a tenth of the target, far below the slowest run seen (30,000 requests
+        // in the 55 s with a release build of all dependencies running beside it), and catches
+        // a server that stopped answering.
+        XCTAssertGreaterThanOrEqual(requests, Self.totalRequests / 10, "requests sent within \(Self.deadlineSeconds) s")
         XCTAssertEqual(tally.probeFailures.load(ordering: .relaxed), 0, "/healthz answered throughout")
         XCTAssertGreaterThan(tally.probes.load(ordering: .relaxed), 5)
         XCTAssertEqual(tally.slowClosed.load(ordering: .relaxed), 100, "every slowloris connection closed by the server")
-        XCTAssertGreaterThan(tally.status2xx.load(ordering: .relaxed), 10_000, "parsed requests amid the garbage were answered")
-        XCTAssertGreaterThan(tally.status400.load(ordering: .relaxed), 1_000)
+        // Pipelined requests are most of the requests (100 per connection, 27% of connections),
+        // and every one is answered; 400s answer the garbage (2.5% of the requests in every run).
+        XCTAssertGreaterThan(tally.status2xx.load(ordering: .relaxed), requests / 2, "parsed requests amid the garbage were answered")
+        XCTAssertGreaterThan(tally.status400.load(ordering: .relaxed), requests / 100)
         XCTAssertGreaterThan(tally.status431.load(ordering: .relaxed) + tally.noAnswer.load(ordering: .relaxed), 0)
         XCTAssertTrue(eventually(timeout: 5) { stack.server.connectionCounts.open == 0 }, "every connection ended: \(stack.server.connectionCounts)")
         XCTAssertEqual(try HTTP.request(stats, "GET", "/").status, 200, "still serving pages")
