@@ -274,7 +274,10 @@ class BerthTestCase: XCTestCase {
     override class func setUp() {
         super.setUp()
         _ = try? runProgram("/bin/true", [], timeout: 5)
-        if let child = try? ChildProcess("/bin/true", []) { _ = child.waitForExit(timeout: 5) }
+        if let child = try? ChildProcess("/bin/true", []) {
+            _ = child.waitForExit(timeout: 5)
+            child.terminateAndReap()  // removes its output files
+        }
     }
 
     override func setUpWithError() throws {
