@@ -37,14 +37,8 @@ struct ChecksScenario {
 
     var idleSeconds: Double { options.quick ? 2 : 5 }
 
-    /// Windows without (false) and with (true) checks: off, on, on, off (so that a drift of the
-    /// machine weighs on both alike), twice, and twice more per further `--repeat` round (single
-    /// windows of one configuration vary by a third on the development VM); off, on with
-    /// `--quick`.
-    static func order(_ options: BenchOptions) -> [Bool] {
-        let block = options.quick ? [false, true] : [false, true, true, false, false, true, true, false]
-        return Array(repeating: block, count: options.rounds).flatMap { $0 }
-    }
+    /// Windows without (false) and with (true) checks.
+    static func order(_ options: BenchOptions) -> [Bool] { WindowOrder.alternating(options) }
 
     func run() -> ChecksResult {
         var result = ChecksResult(targets: Self.targets, intervalMilliseconds: Self.interval)
@@ -148,9 +142,8 @@ struct ChecksScenario {
         }
         let seconds = outcome.seconds
         let busy = outcome.end.busyShares(since: outcome.start)
-        var workerCost: Double?
-        if workerTicks.count == 2, let first = workerTicks[0], let last = workerTicks[1], last >= first, outcome.operations > 0 {
-            workerCost = Double(last - first) / ProcFS.ticksPerSecond * 1e6 / Double(outcome.operations)
+        let workerCost = ProcFS.cpuSeconds(between: workerTicks).flatMap { cpu in
+            outcome.operations > 0 ? cpu * 1e6 / Double(outcome.operations) : nil
         }
         return ChecksWindow(
             checks: checks, requestsPerSecond: seconds > 0 ? Double(outcome.operations) / seconds : 0,

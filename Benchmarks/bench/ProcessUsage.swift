@@ -159,6 +159,13 @@ enum ProcFS {
         return total
     }
 
+    /// CPU seconds between two tick readings taken at a window's edges (`threadTicks`,
+    /// `cpuTicks`); nil unless both were read and in order.
+    static func cpuSeconds(between readings: [UInt64?]) -> Double? {
+        guard readings.count == 2, let first = readings[0], let last = readings[1], last >= first else { return nil }
+        return Double(last - first) / ticksPerSecond
+    }
+
     /// The threads of `pid` (at most 4,096): kernel id and name (`comm`).
     static func threads(of pid: pid_t) -> [(tid: pid_t, name: String)] {
         guard let directory = opendir("/proc/\(pid)/task") else { return [] }

@@ -20,6 +20,17 @@ enum Scenario: String, CaseIterable, Sendable {
     case statsFuzz = "stats-fuzz"
 }
 
+/// The order of a scenario's windows without (false) and with (true) what it measures:
+/// off, on, on, off (so that a drift of the machine weighs on both alike), twice, and twice more
+/// per further `--repeat` round (single windows of one configuration vary by a third on the
+/// development VM); off, on with `--quick`.
+enum WindowOrder {
+    static func alternating(_ options: BenchOptions) -> [Bool] {
+        let block = options.quick ? [false, true] : [false, true, true, false, false, true, true, false]
+        return Array(repeating: block, count: options.rounds).flatMap { $0 }
+    }
+}
+
 /// When the failover scenario does what, in seconds after its load starts.
 struct FailoverTimeline: Sendable {
     var killAt: Double

@@ -91,12 +91,8 @@ struct StatsFuzzScenario {
     let loadCPU: Int
     let berth: String
 
-    /// Quiet (false) and fuzzing (true) windows: off, on, on, off, twice, and twice more per
-    /// further `--repeat` round; off, on with `--quick`.
-    static func order(_ options: BenchOptions) -> [Bool] {
-        let block = options.quick ? [false, true] : [false, true, true, false, false, true, true, false]
-        return Array(repeating: block, count: options.rounds).flatMap { $0 }
-    }
+    /// Quiet (false) and fuzzing (true) windows.
+    static func order(_ options: BenchOptions) -> [Bool] { WindowOrder.alternating(options) }
 
     func run() -> StatsFuzzResult {
         var result = StatsFuzzResult()
@@ -214,20 +210,16 @@ struct StatsFuzzScenario {
         }
         let final = query()
         let seconds = outcome.seconds
-        func perRequest(_ ticks: [UInt64?]) -> Double? {
-            guard ticks.count == 2, let first = ticks[0], let last = ticks[1], last >= first, outcome.operations > 0 else { return nil }
-            return Double(last - first) / ProcFS.ticksPerSecond * 1e6 / Double(outcome.operations)
+        let workerCost = ProcFS.cpuSeconds(between: workerTicks).flatMap { cpu in
+            outcome.operations > 0 ? cpu * 1e6 / Double(outcome.operations) : nil
         }
-        var statsShare: Double?
-        if statsTicks.count == 2, let first = statsTicks[0], let last = statsTicks[1], last >= first, seconds > 0 {
-            statsShare = Double(last - first) / ProcFS.ticksPerSecond / seconds
-        }
+        let statsShare = ProcFS.cpuSeconds(between: statsTicks).flatMap { cpu in seconds > 0 ? cpu / seconds : nil }
         var inWindow: FuzzTotals?
         if fuzzEdges.count == 2, let first = fuzzEdges[0], let last = fuzzEdges[1] { inWindow = last.since(first) }
         if fuzzing && inWindow == nil { throw BenchError.child("the fuzzer did not report its counts") }
         let window = StatsFuzzWindow(
             shared: false, fuzzing: fuzzing, requestsPerSecond: seconds > 0 ? Double(outcome.operations) / seconds : 0,
-            workerMicrosecondsPerRequest: perRequest(workerTicks), statsThreadShare: statsShare, fuzz: inWindow,
+            workerMicrosecondsPerRequest: workerCost, statsThreadShare: statsShare, fuzz: inWindow,
             seconds: seconds,
             disturbance: outcome.end.foreignCPUs(since: outcome.start) + outcome.end.stealShares(since: outcome.start).reduce(0, +),
             errors: outcome.errors)
