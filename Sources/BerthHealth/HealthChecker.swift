@@ -172,7 +172,7 @@ private final class CheckLoop: @unchecked Sendable {
             let ready = (try? epoll.wait(timeout: timeout)) ?? 0
             let now = MonotonicClock.milliseconds()
             for index in 0..<ready {
-                let (_, token) = epoll.event(at: index)
+                let (events, token) = epoll.event(at: index)
                 if token == UInt64.max {
                     let inbox = shared.takeInbox()
                     if inbox.stop {
@@ -188,14 +188,13 @@ private final class CheckLoop: @unchecked Sendable {
                 let slot = Int(token & 0xFFFF_FFFF)
                 guard slot < slots.count, let scheduled = slots[slot], scheduled.generation == UInt32(token >> 32),
                       let probe = scheduled.probe else { continue }
-                step(scheduled, probe, now: now)
+                step(scheduled, probe, now: now, events: events)
             }
             while let entry = timers.popDue(now: now) {
                 guard Int(entry.slot) < slots.count, let scheduled = slots[Int(entry.slot)],
                       scheduled.generation == entry.generation else { continue }
                 if let probe = scheduled.probe {
-                    finish(scheduled, CheckResult(succeeded: false, duration: now - probe.started,
-                                                  detail: "timeout after \(scheduled.target.settings.timeout) ms"), now: now)
+                    finish(scheduled, probe.timedOut(now: now, after: scheduled.target.settings.timeout), now: now)
                 } else {
                     start(scheduled, now: now)
                 }
@@ -244,11 +243,11 @@ private final class CheckLoop: @unchecked Sendable {
                 return
             }
         }
-        step(scheduled, probe, now: now)
+        step(scheduled, probe, now: now, events: 0)
     }
 
-    private func step(_ scheduled: Scheduled, _ probe: Probe, now: Int64) {
-        switch probe.advance(now: now) {
+    private func step(_ scheduled: Scheduled, _ probe: Probe, now: Int64, events: UInt32) {
+        switch probe.advance(now: now, events: events) {
         case .wait(let readable):
             try? epoll.modify(probe.socket.raw, events: readable ? Epoll.readable : Epoll.writable, token: token(scheduled))
         case .finished(let result):

@@ -7,7 +7,9 @@ import Glibc
 final class Probe {
     /// The probe's state machine.
     enum Stage {
-        /// Nonblocking connect in flight.
+        /// Nonblocking connect in flight. It has not passed until the socket reports writable:
+        /// SO_ERROR is 0 while a SYN is unanswered (a silent host), so reading it earlier would
+        /// pass a check that never reached anybody.
         case connecting
         /// TLS handshake in flight (`tls`, `https`).
         case handshaking
@@ -44,6 +46,7 @@ final class Probe {
         var connected = false
         do {
             socket = try Sockets.connect(to: address, connected: &connected)
+            connectedAtOnce = connected
         } catch {
             socket = .none
             failure = "connect: \(error)"
@@ -51,6 +54,8 @@ final class Probe {
     }
 
     private var failure: String?
+    /// The connect finished inside `connect(2)` itself (no writable event will be needed).
+    private var connectedAtOnce = false
 
     deinit {
         socket.close()
@@ -60,15 +65,21 @@ final class Probe {
         socket.close()
     }
 
-    /// Moves the check on after a readiness event (or right after init).
-    func advance(now: Int64) -> Next {
+    /// Moves the check on after a readiness event (`events`: the epoll flags seen, 0 right after
+    /// init, when nothing has been reported yet).
+    func advance(now: Int64, events: UInt32) -> Next {
         if let failure { return finish(false, failure, now: now) }
         switch stage {
         case .connecting:
+            let reported = events & (Epoll.writable | Epoll.error | Epoll.hangup)
+            if !connectedAtOnce && reported == 0 { return .wait(readable: false) }
             let error = Sockets.pendingError(socket.raw)
             if error == EINPROGRESS || error == EALREADY { return .wait(readable: false) }
             guard error == 0 else {
                 return finish(false, "connect: \(String(cString: strerror(error)))", now: now)
+            }
+            if !connectedAtOnce && events & Epoll.writable == 0 {
+                return finish(false, "connect: connection closed", now: now)
             }
             if let tlsCheck = kind.tls {
                 do {
@@ -77,7 +88,7 @@ final class Probe {
                     return finish(false, error.text, now: now)
                 }
                 stage = .handshaking
-                return advance(now: now)
+                return advance(now: now, events: events)
             }
             return afterConnection(now: now, detail: "TCP connect ok")
         case .handshaking:
@@ -111,7 +122,7 @@ final class Probe {
                 }
             }
             stage = .receiving
-            return advance(now: now)
+            return advance(now: now, events: 0)
         case .receiving:
             return receive(now: now)
         }
@@ -121,7 +132,7 @@ final class Probe {
         guard let http = kind.http else { return finish(true, detail, now: now) }
         request = http.request(for: address)
         stage = .sending
-        return advance(now: now)
+        return advance(now: now, events: 0)
     }
 
     private func receive(now: Int64) -> Next {
@@ -165,6 +176,18 @@ final class Probe {
         }
         let expected = kind.http?.expectedStatus ?? 200...399
         return finish(expected.contains(status), "HTTP \(status)", now: now)
+    }
+
+    /// The result of a check still running at its timeout, named by the stage it was stuck in
+    /// (HAProxy's L4TOUT, L6TOUT, L7TOUT).
+    func timedOut(now: Int64, after timeout: Int64) -> CheckResult {
+        let stuck = switch stage {
+        case .connecting: "connecting"
+        case .handshaking: "in the TLS handshake"
+        case .sending: "sending the HTTP request"
+        case .receiving: "waiting for the HTTP status line"
+        }
+        return CheckResult(succeeded: false, duration: now - started, detail: "timeout \(stuck) after \(timeout) ms")
     }
 
     /// The socket stays open: the checker deregisters it from epoll, then closes it.

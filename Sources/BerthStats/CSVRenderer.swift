@@ -132,6 +132,7 @@ enum CSVRenderer {
         case "L4TOUT": "Layer4 timeout"
         case "L6OK": "Layer6 check passed"
         case "L6RSP": "Layer6 invalid response"
+        case "L6TOUT": "Layer6 timeout"
         case "L7OK": "Layer7 check passed"
         case "L7STS": "Layer7 wrong status"
         case "L7RSP": "Layer7 invalid response"

@@ -29,7 +29,13 @@ enum CheckReport {
             return (layer7 ? "L7OK" : layer6 ? "L6OK" : "L4OK", httpStatus)
         }
         if httpStatus != nil { return ("L7STS", httpStatus) }
-        if detail.hasPrefix("timeout") { return (layer7 ? "L7TOUT" : "L4TOUT", nil) }
+        if detail.hasPrefix("timeout") {
+            // The probe names the stage it was stuck in: a connect never answered is layer 4
+            // whatever the check's kind (a silent host), as in HAProxy.
+            if detail.hasPrefix("timeout connecting") { return ("L4TOUT", nil) }
+            if detail.contains("TLS") { return ("L6TOUT", nil) }
+            return (layer7 ? "L7TOUT" : layer6 ? "L6TOUT" : "L4TOUT", nil)
+        }
         if detail.hasPrefix("connect") { return ("L4CON", nil) }
         if detail.contains("TLS") || detail.contains("SSL") || detail.contains("certificate") { return ("L6RSP", nil) }
         return (layer7 ? "L7RSP" : "L4CON", nil)

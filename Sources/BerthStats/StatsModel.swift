@@ -142,7 +142,7 @@ public struct BackendStats: Sendable, Codable, Equatable {
 public struct CheckStats: Sendable, Codable, Equatable {
     /// `tcp`, `http:/path`, `tls`, `https:/path`.
     public var kind: String
-    /// HAProxy's check_status code: L4OK, L4CON, L4TOUT, L6OK, L6RSP, L7OK, L7STS, L7RSP, INI.
+    /// HAProxy's check_status code: L4OK, L4CON, L4TOUT, L6OK, L6RSP, L6TOUT, L7OK, L7STS, L7RSP, INI.
     public var code: String
     /// The HTTP status of http checks.
     public var httpStatus: Int?

@@ -74,9 +74,37 @@ struct ProxyCommand: ParsableCommand {
     }
 }
 
-enum RetryOn: String, ExpressibleByArgument, CaseIterable {
-    case none
-    case emptyResponse = "empty-response"
+/// `--retry-on`: the kinds of backend failure after which a session moves to the next backend
+/// with the client's first bytes replayed, as a comma-separated list (HAProxy's `retry-on`).
+struct RetryOn: ExpressibleByArgument, Equatable, CustomStringConvertible {
+    /// The backend closed or reset before its first byte.
+    var emptyResponse = false
+    /// The backend sent nothing within --first-byte-timeout of the client's first byte.
+    var responseTimeout = false
+
+    static let none = RetryOn()
+    static let names = ["none", "empty-response", "response-timeout"]
+
+    init() {}
+
+    init?(argument: String) {
+        for item in argument.split(separator: ",", omittingEmptySubsequences: false) {
+            switch item.trimmingCharacters(in: " ") {
+            case "none": continue
+            case "empty-response": emptyResponse = true
+            case "response-timeout": responseTimeout = true
+            default: return nil
+            }
+        }
+    }
+
+    static var allValueStrings: [String] { names }
+
+    var description: String {
+        let kinds = [emptyResponse ? "empty-response" : nil, responseTimeout ? "response-timeout" : nil].compactMap { $0 }
+        return kinds.isEmpty ? "none" : kinds.joined(separator: ",")
+    }
+    var defaultValueDescription: String { description }
 }
 
 struct ListenFailure: Error, CustomStringConvertible {

@@ -11,6 +11,7 @@ struct ProxyOptions: ParsableArguments {
         ("--server-timeout", "BERTH_SERVER_TIMEOUT"), ("--drain-timeout", "BERTH_DRAIN_TIMEOUT"),
         ("--maxconn", "BERTH_MAXCONN"), ("--relay", "BERTH_RELAY"), ("--pipe-size", "BERTH_PIPE_SIZE"),
         ("--cpus", "BERTH_CPUS"), ("--retry-on", "BERTH_RETRY_ON"),
+        ("--first-byte-timeout", "BERTH_FIRST_BYTE_TIMEOUT"),
     ]
 
     @Option(help: EnvironmentFlags.help("Worker threads, each with its own event loop (default: the number of CPUs).", "BERTH_WORKERS"))
@@ -43,8 +44,11 @@ struct ProxyOptions: ParsableArguments {
     @Option(help: EnvironmentFlags.help("Pin worker threads to these CPUs, comma separated (worker i on the i-th).", "BERTH_CPUS"))
     var cpus: String?
 
-    @Option(help: EnvironmentFlags.help("Also retry when a backend closes or resets before its first byte: empty-response (replays the client's first 16 KiB; only for protocols whose first request is safe to repeat), or none.", "BERTH_RETRY_ON"))
+    @Option(help: EnvironmentFlags.help("Also move a connection to the next backend, replaying the client's first 16 KiB, when its backend fails before answering: empty-response (it closed or reset before its first byte), response-timeout (it sent nothing within --first-byte-timeout), both comma separated, or none. Only for protocols whose first request is safe to repeat; never when the client closed first.", "BERTH_RETRY_ON"))
     var retryOn: RetryOn = .none
+
+    @Option(help: EnvironmentFlags.help("With --retry-on response-timeout: how long a backend may stay silent after the client's first byte before the connection moves on.", "BERTH_FIRST_BYTE_TIMEOUT"), transform: DurationArgument.parse)
+    var firstByteTimeout = DurationArgument(milliseconds: 2_000)
 
     func validate() throws {
         if let workers, workers < 1 || workers > 256 { throw invalid("--workers", "\(workers)", "a number from 1 to 256") }
@@ -53,6 +57,7 @@ struct ProxyOptions: ParsableArguments {
         if pipeSize < 0 { throw invalid("--pipe-size", "\(pipeSize)", "a size in bytes, 0 for the default") }
         if let cpus, parsedCPUs(cpus) == nil { throw invalid("--cpus", cpus, "CPU numbers separated by commas") }
         if connectTimeout.milliseconds < 1 { throw invalid("--connect-timeout", "\(connectTimeout)", "a positive duration") }
+        if firstByteTimeout.milliseconds < 1 { throw invalid("--first-byte-timeout", "\(firstByteTimeout)", "a positive duration") }
     }
 
     private func parsedCPUs(_ text: String) -> [Int]? {
@@ -77,7 +82,8 @@ struct ProxyOptions: ParsableArguments {
         FrontendSettings(
             retries: retries, connectTimeout: connectTimeout.milliseconds,
             clientTimeout: clientTimeout.milliseconds, serverTimeout: serverTimeout.milliseconds,
-            retryOnEmptyResponse: retryOn == .emptyResponse)
+            retryOnEmptyResponse: retryOn.emptyResponse, retryOnResponseTimeout: retryOn.responseTimeout,
+            firstByteTimeout: firstByteTimeout.milliseconds)
     }
 
     func summary(_ configuration: EngineConfiguration) -> String {

@@ -50,6 +50,30 @@ final class CheckerTests: XCTestCase {
         XCTAssertTrue(down?.lastResult?.detail.contains("refused") == true, "\(String(describing: down?.lastResult))")
     }
 
+    /// A peer that drops the SYN (here a listener whose accept queue is full; on a network, a
+    /// host that died or is cut off) has not passed a TCP check: the connect is still in progress
+    /// at the timeout, which is L4TOUT. (SO_ERROR read before the socket is writable is 0.)
+    func testTCPCheckOfAPeerThatNeverAnswersTheSYNTimesOut() throws {
+        var listener = try Sockets.listen(on: try SocketAddress(parsing: "127.0.0.1:0"), reusePort: false, backlog: 0)
+        defer { listener.close() }
+        let address = try Sockets.localAddress(listener.raw)
+        // Never accepted: the first connection fills the queue, later SYNs are dropped.
+        var fillers: [CInt] = []
+        defer { for fd in fillers { close(fd) } }
+        for _ in 0..<3 {
+            var connected = false
+            var filler = try Sockets.connect(to: address, connected: &connected)
+            fillers.append(filler.release())
+        }
+        usleep(100_000)
+        for kind in [CheckKind.tcp, .http(HTTPCheck(path: "/"))] {
+            let silent = verdict(address, settings(kind, timeout: 300), name: "syn-dropped-\(kind)")
+            XCTAssertEqual(silent?.status, .down, "\(kind): \(String(describing: silent?.lastResult))")
+            XCTAssertEqual(silent?.lastResult?.detail, "timeout connecting after 300 ms")
+            XCTAssertGreaterThanOrEqual(silent?.lastResult?.duration ?? 0, 300)
+        }
+    }
+
     func testHTTPCheckJudgesTheStatus() throws {
         let ok = try server { Self.response("200 OK") }
         let failing = try server { Self.response("500 Internal Server Error") }
@@ -64,7 +88,7 @@ final class CheckerTests: XCTestCase {
         let start = Date()
         let hung = verdict(silent.address, settings(http, timeout: 300), name: "silent")
         XCTAssertEqual(hung?.status, .down)
-        XCTAssertEqual(hung?.lastResult?.detail, "timeout after 300 ms")
+        XCTAssertEqual(hung?.lastResult?.detail, "timeout waiting for the HTTP status line after 300 ms")
         print("a backend that never answers: down after \(Int(Date().timeIntervalSince(start) * 1000)) ms (check timeout 300 ms)")
     }
 

@@ -78,17 +78,30 @@ public struct FrontendSettings: Sendable, Equatable {
     /// backend that closes or resets before answering is replaced and the bytes replayed. Only
     /// for protocols whose first request is safe to repeat (see docs/OPERATIONS.md).
     public var retryOnEmptyResponse = false
+    /// Keep the client's first bytes the same way; a backend that has sent nothing
+    /// `firstByteTimeout` ms after the client's first byte reached it is abandoned and the bytes
+    /// replayed to the next backend (HAProxy's `retry-on response-timeout`, Envoy's per-try
+    /// timeout). The timer starts with the client's first byte: a client that has said nothing
+    /// yet is not waiting for an answer.
+    public var retryOnResponseTimeout = false
+    public var firstByteTimeout: Int64 = 2_000
     public var replayLimit = 16 * 1024
     /// Set by the health layer when every backend is down and they are all used anyway
     /// (`--all-down try-all`): new sessions are counted as `panicSessions`.
     public var panic = false
 
     public init(retries: Int = 3, connectTimeout: Int64 = 5_000, clientTimeout: Int64 = 60_000,
-                serverTimeout: Int64 = 60_000, retryOnEmptyResponse: Bool = false) {
+                serverTimeout: Int64 = 60_000, retryOnEmptyResponse: Bool = false,
+                retryOnResponseTimeout: Bool = false, firstByteTimeout: Int64 = 2_000) {
         self.retries = retries
         self.connectTimeout = connectTimeout
         self.clientTimeout = clientTimeout
         self.serverTimeout = serverTimeout
         self.retryOnEmptyResponse = retryOnEmptyResponse
+        self.retryOnResponseTimeout = retryOnResponseTimeout
+        self.firstByteTimeout = firstByteTimeout
     }
+
+    /// The client's first bytes are kept for a replay (either retry kind).
+    public var keepsReplay: Bool { retryOnEmptyResponse || retryOnResponseTimeout }
 }

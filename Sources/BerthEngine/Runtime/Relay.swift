@@ -103,6 +103,7 @@ extension Worker {
             session.request.held = held
             session.request.heldStart = 0
             session.request.heldEnd = session.replayCount
+            startFirstByteTimer(session)
         }
         if !session.clientRegistered {
             do {
@@ -125,6 +126,9 @@ extension Worker {
     /// client's bytes are all kept, so the session moves to the next backend and replays them.
     private func redispatch(_ session: Session) {
         session.backend.close()  // see `closeSession`
+        // A new generation: an event of the old backend socket still queued in this epoll batch
+        // (its fd number may be the new socket's) must not reach the new connect.
+        guard renewGeneration(session) else { return }
         let clientFinished = session.request.sourceClosed
         releaseFlow(&session.request)
         releaseFlow(&session.response)
@@ -132,6 +136,7 @@ extension Worker {
         session.request.sourceClosed = clientFinished
         session.response = Flow()
         session.backendSide = Side()
+        session.firstByteDeadline = .max
         if let server = session.server {
             server.counters.sessionEnded()
             server.counters.add(server.counters.redispatches, 1)
@@ -140,6 +145,52 @@ extension Worker {
         session.state = .connecting
         session.attempt += 1
         connectNext(session)
+    }
+
+    /// Gives the session a new generation (its old tokens and timer entries become stale) and
+    /// re-registers the client under it; false when that failed and the session was closed.
+    private func renewGeneration(_ session: Session) -> Bool {
+        session.generation &+= 1
+        session.armedDeadline = 0
+        guard session.clientRegistered else { return true }
+        do {
+            try epoll.modify(session.client.raw, events: Self.socketEvents,
+                             token: EventToken.make(kind: EventToken.client, index: session.slot, generation: session.generation))
+            return true
+        } catch {
+            closeSession(session)
+            return false
+        }
+    }
+
+    /// `retryOnResponseTimeout`: the backend has sent nothing since the client's first byte.
+    /// It counts as a failure of that backend (a timeout, and for passive health), and the
+    /// session moves on with its bytes replayed.
+    func firstByteTimedOut(_ session: Session) {
+        if let server = session.server, let frontend = session.frontend {
+            server.counters.add(server.counters.timeouts, 1)
+            observeFailure(frontend: frontend, server: server)
+        }
+        redispatch(session)
+    }
+
+    /// Arms the first-byte timer when the client's first bytes are about to reach the backend.
+    private func startFirstByteTimer(_ session: Session) {
+        guard let settings = session.frontend?.settings, settings.retryOnResponseTimeout,
+              session.replayArmed, !session.responseStarted else { return }
+        session.firstByteDeadline = now.addingReportingOverflow(settings.firstByteTimeout).overflow
+            ? .max : now + settings.firstByteTimeout
+        arm(session, at: session.firstByteDeadline)
+    }
+
+    /// Whether a backend that closed before its first byte gets the session moved elsewhere:
+    /// only with `retryOnEmptyResponse`, and only when the close was the backend's own doing.
+    /// Once the client's FIN was passed on, the backend's close answers it: the client left
+    /// (or said all it had to say), and retrying would only repeat that.
+    @inline(__always)
+    private func redispatchesOnClose(_ session: Session) -> Bool {
+        session.replayArmed && !session.responseStarted && !session.request.finished
+            && session.frontend?.settings.retryOnEmptyResponse == true
     }
 
     // MARK: Events
@@ -187,10 +238,15 @@ extension Worker {
         let down = up == .sourceFailed ? .waiting : relay(
             &session.response, source: &session.backendSide, sourceFD: backend,
             destination: &session.clientSide, destinationFD: client, isRequest: false, session: session)
-        if session.replayArmed && !session.responseStarted
-            && (up == .destinationFailed || down == .sourceFailed || session.response.sourceClosed) {
-            redispatch(session)
-            return
+        if session.replayArmed && !session.responseStarted {
+            // A reset is the backend failing, unless the client had closed without a byte.
+            let reset = (up == .destinationFailed || down == .sourceFailed)
+                && session.frontend?.settings.retryOnEmptyResponse == true
+                && !(session.request.finished && session.replayCount == 0)
+            if reset || (session.response.sourceClosed && redispatchesOnClose(session)) {
+                redispatch(session)
+                return
+            }
         }
         if up == .sourceFailed || up == .destinationFailed || down == .sourceFailed || down == .destinationFailed
             || (session.request.finished && session.response.finished) {
@@ -259,7 +315,7 @@ extension Worker {
                 // that closes before answering, while the session may still be replayed, is not
                 // passed on: `pump` moves the session to another backend.
                 if flow.sourceClosed {
-                    if !isRequest && session.replayArmed && !session.responseStarted { return .waiting }
+                    if !isRequest && redispatchesOnClose(session) { return .waiting }
                     if !flow.finished {
                         // When the other direction is finished too, the session closes right
                         // away and close() sends this FIN: no shutdown call needed.
@@ -370,6 +426,7 @@ extension Worker {
             session.replay = UnsafeMutableRawPointer.allocate(byteCount: limit, alignment: 16)
         }
         (session.replay! + session.replayCount).copyMemory(from: scratch, byteCount: count)
+        if session.replayCount == 0 { startFirstByteTimer(session) }
         session.replayCount += count
     }
 

@@ -36,6 +36,9 @@ final class Session {
     var backendSide = Side()
 
     var connectDeadline: Int64 = .max
+    /// `retryOnResponseTimeout`: when the backend, silent since the client's first byte reached
+    /// it, is given up for the next one (.max: not armed).
+    var firstByteDeadline: Int64 = .max
     var drainDeadline: Int64 = .max
     /// The deadline of this session's live entry in the worker's timer heap (0: none).
     var armedDeadline: Int64 = 0
@@ -68,6 +71,7 @@ final class Session {
         clientSide = Side()
         backendSide = Side()
         connectDeadline = .max
+        firstByteDeadline = .max
         drainDeadline = .max
         armedDeadline = 0
         deferred = false
@@ -83,6 +87,7 @@ final class Session {
         replay = nil
         replayCount = 0
         replayArmed = false
+        firstByteDeadline = .max
     }
 
     /// When this session must next be looked at by the timer heap.
@@ -96,7 +101,7 @@ final class Session {
             guard let settings = frontend?.settings else { return drainDeadline }
             return min(clientSide.lastActivity &+ settings.clientTimeout,
                        backendSide.lastActivity &+ settings.serverTimeout,
-                       drainDeadline)
+                       firstByteDeadline, drainDeadline)
         }
     }
 }

@@ -373,7 +373,7 @@ final class Worker {
         session.frontend = frontend
         session.rotation = frontend.cursor.next()
         session.clientSide.lastActivity = now
-        session.replayArmed = frontend.settings.retryOnEmptyResponse
+        session.replayArmed = frontend.settings.keepsReplay
         if frontend.settings.panic { frontend.counters.add(frontend.counters.panicSessions, 1) }
         if stopping || frontend.removed { session.drainDeadline = stopDeadline }
         activeSessions += 1
@@ -452,7 +452,16 @@ final class Worker {
             connectFailed(session, error: ETIMEDOUT)
             return
         }
-        session.frontend?.counters.add(session.frontend!.counters.timeouts, 1)
+        if session.state == .relaying && session.firstByteDeadline <= now && session.drainDeadline > now {
+            firstByteTimedOut(session)
+            return
+        }
+        if let frontend = session.frontend { frontend.counters.add(frontend.counters.timeouts, 1) }
+        // The backend's silence (--server-timeout) is counted on that backend too.
+        if session.state == .relaying, let server = session.server, let settings = session.frontend?.settings,
+           session.backendSide.lastActivity &+ settings.serverTimeout <= now {
+            server.counters.add(server.counters.timeouts, 1)
+        }
         closeSession(session)
     }
 
