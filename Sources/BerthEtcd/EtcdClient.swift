@@ -297,6 +297,11 @@ public final class EtcdClient: Sendable {
         }
     }
 
+    /// The endpoint requests go to now.
+    var currentEndpoint: EtcdEndpoint {
+        state.withLock { configuration.endpoints[$0.index] }
+    }
+
     /// Leaves `connection`'s endpoint for the next one (unless another caller already did).
     func failover(from connection: EtcdConnection, reason: String) {
         let (dropped, wasConnected) = state.withLock { state -> (EtcdConnection?, Bool) in

@@ -26,8 +26,15 @@ extension EtcdClient {
             try Task.checkCancellation()
             let connection = try currentConnection()
             do {
-                try await watchSession(connection: connection, prefix: prefix, progress: progress,
-                                       onConnected: onConnected, onBatch: onBatch)
+                try await untilEndpointRecovers(connection.endpoint, progress: progress) {
+                    try await self.watchSession(connection: connection, prefix: prefix, progress: progress,
+                                                onConnected: onConnected, onBatch: onBatch)
+                }
+            } catch is EndpointRecovered {
+                // The attempt was stuck behind a cut that has just healed: a fresh connection now,
+                // no backoff (see EndpointProbe).
+                failover(from: connection, reason: "\(connection.endpoint): reachable again; reconnecting")
+                continue
             } catch let error as RPCError {
                 switch Self.classify(error) {
                 case .transport:
@@ -53,8 +60,39 @@ extension EtcdClient {
             }
             if Task.isCancelled { throw CancellationError() }
             // A stream that was established and then broke reconnects at once; repeated
-            // failures to establish one back off.
-            if progress.takeCreated() { backoff.reset() } else { try await backoff.wait() }
+            // failures to establish one back off, unless the endpoint is seen to come back.
+            if progress.takeCreated() {
+                backoff.reset()
+            } else {
+                _ = try await EndpointProbe.waitForRecovery(of: currentEndpoint, deadline: .now + backoff.nextDelay())
+            }
+        }
+    }
+
+    /// Runs one watch attempt; when it has not been established after
+    /// `EndpointProbe.stallThreshold` and its endpoint is then seen to come back, it is cancelled
+    /// and `EndpointRecovered` thrown.
+    private func untilEndpointRecovers(
+        _ endpoint: EtcdEndpoint, progress: WatchProgress, _ attempt: @escaping @Sendable () async throws -> Void
+    ) async throws {
+        try await withThrowingTaskGroup(of: Bool.self) { group in
+            group.addTask {
+                try await attempt()
+                return true
+            }
+            group.addTask {
+                try await Task.sleep(for: EndpointProbe.stallThreshold)
+                if try await EndpointProbe.waitForRecovery(of: endpoint, stop: { progress.isCreated }) {
+                    throw EndpointRecovered()
+                }
+                return false  // established: nothing to watch over
+            }
+            while let attemptEnded = try await group.next() {
+                if attemptEnded {
+                    group.cancelAll()
+                    return
+                }
+            }
         }
     }
 
@@ -140,6 +178,8 @@ final class WatchProgress: Sendable {
     }
 
     func markCreated() { state.withLock { $0.created = true } }
+    /// Whether the current stream was established.
+    var isCreated: Bool { state.withLock { $0.created } }
     /// Whether a stream was established since the last call.
     func takeCreated() -> Bool {
         state.withLock { state in

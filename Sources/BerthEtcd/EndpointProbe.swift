@@ -1,0 +1,61 @@
+import NIOCore
+import NIOPosix
+
+/// Seeing an etcd endpoint come back at once after a network cut.
+///
+/// A host cut off from etcd (or an etcd host that died) drops packets: nothing refuses. A gRPC
+/// connect started during the cut waits on SYN retransmissions (1 s, 3 s, 7 s after it began)
+/// and its transport's 10 s connect timeout, then the reconnect backoff: seconds after the cut
+/// heals before the watch is back. So while a watch is not established, the client probes the
+/// endpoint with a plain TCP connect of its own (`probeTimeout`, every `probeInterval`); when a
+/// probe connects after one failed, the endpoint has just come back, and the stuck attempt (or
+/// the backoff sleep) is abandoned for a fresh connection, whose SYN now gets through.
+///
+/// Only the unreachable → reachable transition counts: an endpoint that answers probes all along
+/// but is slow to serve the watch (a distant member, a slow TLS handshake) is left alone.
+enum EndpointProbe {
+    static let probeTimeout: Duration = .milliseconds(500)
+    static let probeInterval: Duration = .milliseconds(250)
+    /// How long a watch attempt may go unestablished before probing starts.
+    static let stallThreshold: Duration = .seconds(1)
+
+    /// Whether a TCP connection to the endpoint opens within `probeTimeout` (closed at once).
+    static func reachable(_ endpoint: EtcdEndpoint) async -> Bool {
+        let timeout = TimeAmount.milliseconds(probeTimeout / .milliseconds(1) == 0 ? 1 : Int64(probeTimeout / .milliseconds(1)))
+        do {
+            let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                .connectTimeout(timeout)
+                .connect(host: endpoint.host, port: endpoint.port)
+                .get()
+            try? await channel.close()
+            return true
+        } catch {
+            return false
+        }
+    }
+
+    /// Probes until `endpoint` is seen to come back (a probe connects after one failed): true.
+    /// False when `deadline` passes first, or `stop` says the wait is no longer needed.
+    /// Throws CancellationError when cancelled.
+    static func waitForRecovery(
+        of endpoint: EtcdEndpoint, deadline: ContinuousClock.Instant? = nil, stop: () -> Bool = { false }
+    ) async throws -> Bool {
+        var sawUnreachable = false
+        while true {
+            try Task.checkCancellation()
+            if stop() { return false }
+            if let deadline, ContinuousClock.now >= deadline { return false }
+            if await reachable(endpoint) {
+                if sawUnreachable { return true }
+            } else {
+                sawUnreachable = true
+            }
+            var pause = probeInterval
+            if let deadline { pause = min(pause, max(.zero, deadline - .now)) }
+            try await Task.sleep(for: pause)
+        }
+    }
+}
+
+/// Thrown inside the watch loop when a stuck attempt is abandoned because its endpoint came back.
+struct EndpointRecovered: Error {}
