@@ -81,6 +81,30 @@ final class LiveTableTests: DataPlaneTestCase {
         XCTAssertLessThan(waited, 2)
     }
 
+    /// An instance that moved (same name, another address: a container restarted on a new
+    /// published port) is a removed backend: its open connections drain like any other's.
+    func testABackendWhoseAddressChangesUnderTheSameNameIsDrained() throws {
+        let old = try echoBackend(tag: 1)
+        let new = try echoBackend(tag: 2)
+        let (engine, listening) = try startEngine(
+            [Frontend(name: "svc", listen: loopbackAnyPort, backends: [Backend(name: "c1", address: old.address)])],
+            configure: { $0.drainTimeout = 300 })
+        let connection = try open(listening["svc"]!)
+        defer { close(connection.fd) }
+        XCTAssertEqual(connection.tag, 1)
+        _ = try engine.apply(RoutingTable(frontends: [
+            Frontend(name: "svc", listen: listening["svc"]!, backends: [Backend(name: "c1", address: new.address)]),
+        ]))
+        let moved = try open(listening["svc"]!)
+        close(moved.fd)
+        XCTAssertEqual(moved.tag, 2, "new connections go to the new address")
+        XCTAssertTrue(try echo(connection.fd, "still served while draining"))
+        let start = Date()
+        XCTAssertEqual(try TestSocket.receiveAll(connection.fd).count, 0)
+        let waited = Date().timeIntervalSince(start)
+        XCTAssertLessThan(waited, 2, "the connection to the old address was never drained")
+    }
+
     func testFrontendsAddedAndRemovedAtRuntime() throws {
         let first = try echoBackend(tag: 1)
         let second = try echoBackend(tag: 2)

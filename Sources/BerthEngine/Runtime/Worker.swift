@@ -242,7 +242,10 @@ final class Worker {
             for backend in runtime.backends { existing[backend.backend.name] = backend }
             runtime.backends = spec.backends.map { backend in
                 live.insert(.init(frontend: spec.name, backend: backend.name))
-                if let kept = existing.removeValue(forKey: backend.name), kept.backend.address == backend.address {
+                // Kept only at the same address: one that moved under the same name stays in
+                // `existing` and is drained below like any removed backend.
+                if let kept = existing[backend.name], kept.backend.address == backend.address {
+                    existing.removeValue(forKey: backend.name)
                     kept.backend = backend
                     return kept
                 }
