@@ -108,7 +108,7 @@ enum MetricsRenderer {
         var bytesOut = Family("\(prefix)_bytes_out_total", "counter", "Bytes sent to clients, through \(what).")
         var connectErrors = Family("\(prefix)_connect_errors_total", "counter", "Failed connects to \(what).")
         var retries = Family("\(prefix)_retries_total", "counter", "Connects retried after failing on \(what).")
-        var redispatches = Family("\(prefix)_redispatches_total", "counter", "Sessions moved elsewhere after an empty response, \(what).")
+        var redispatches = Family("\(prefix)_redispatches_total", "counter", "Sessions moved elsewhere after an empty response or a response timeout (--retry-on), \(what).")
         var failed = Family("\(prefix)_failed_sessions_total", "counter", "Clients closed because no backend could be connected, \(what).")
         var timeouts = Family("\(prefix)_timeouts_total", "counter", "Sessions closed by a timeout, \(what).")
         var lastSession = Family("\(prefix)_last_session_seconds", "gauge", "Seconds since the last session started with \(what).")

@@ -75,7 +75,7 @@ public struct TrafficSnapshot: Sendable, Equatable {
     /// Clients closed because no backend could be connected.
     public var failedSessions: UInt64 = 0
     public var timeouts: UInt64 = 0
-    /// Sessions moved to another backend after an empty response (`retryOnEmptyResponse`).
+    /// Sessions moved to another backend after an empty response or a response timeout (`--retry-on`).
     public var redispatches: UInt64 = 0
     /// Sessions routed while every backend was down (`--all-down try-all`).
     public var panicSessions: UInt64 = 0

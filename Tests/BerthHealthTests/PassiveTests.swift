@@ -1,0 +1,74 @@
+import BerthEngine
+import BerthHealth
+import Foundation
+import XCTest
+
+/// Passive health (`--observe-errors`, HAProxy's `observe layer4`) against backends that fail
+/// silently: a connect that times out, and a backend that accepts and never answers, count as
+/// that backend's failures, as a refused connect does.
+final class PassiveTests: XCTestCase {
+    /// Active checks that cannot take anything down within the test (fall 10, every 60 s): only
+    /// passive observation can.
+    private func router(observeErrors: Int) throws -> HealthRouter {
+        var configuration = EngineConfiguration()
+        configuration.workers = 1
+        configuration.observeErrors = observeErrors
+        let checks = CheckSettings(kind: .tcp, interval: 60_000, timeout: 5_000, rise: 1, fall: 10)
+        return try HealthRouter.make(configuration: configuration, policy: HealthPolicy(checks: checks))
+    }
+
+    func testConnectTimeoutsOfLiveTrafficEjectASilentBackend() throws {
+        // A listener whose accept queue is full drops SYNs, as a dead or cut-off host does.
+        var listener = try Sockets.listen(on: try SocketAddress(parsing: "127.0.0.1:0"), reusePort: false, backlog: 0)
+        defer { listener.close() }
+        let silent = try Sockets.localAddress(listener.raw)
+        var fillers: [CInt] = []
+        defer { for fd in fillers { close(fd) } }
+        for _ in 0..<3 {
+            var connected = false
+            var filler = try Sockets.connect(to: silent, connected: &connected)
+            fillers.append(filler.release())
+        }
+        let good = try WhoamiServerHandle(identity: "good")
+        defer { good.stop() }
+        let router = try router(observeErrors: 1)
+        defer { router.shutdown(drainTimeout: 0) }
+        let frontend = try router.apply(RoutingTable(frontends: [
+            Frontend(name: "web", listen: try SocketAddress(parsing: "127.0.0.1:0"),
+                     backends: [Backend(silent), Backend(good.address)],
+                     settings: FrontendSettings(retries: 3, connectTimeout: 200)),
+        ])).listening["web"]!
+        var slow = 0
+        for _ in 0..<10 {
+            let started = Date()
+            XCTAssertEqual(try fetch(frontend), "I'm good\n")
+            if Date().timeIntervalSince(started) >= 0.2 { slow += 1 }
+        }
+        let key = BackendKey(frontend: "web", backend: silent.description)
+        XCTAssertEqual(router.health()[key]?.status, .down, "one connect timeout takes it down (observe-errors 1)")
+        XCTAssertEqual(router.health()[key]?.ejections, 1)
+        XCTAssertEqual(slow, 1, "only the first request waited for the connect timeout")
+        XCTAssertEqual(router.engine.statistics().frontends["web"]?.backends[silent.description]?.connectErrors, 1)
+    }
+
+    func testFirstByteTimeoutsEjectABackendThatAcceptsAndNeverAnswers() throws {
+        let silent = try ScriptedServer { .hang }
+        defer { silent.stop() }
+        let good = try WhoamiServerHandle(identity: "good")
+        defer { good.stop() }
+        let router = try router(observeErrors: 1)
+        defer { router.shutdown(drainTimeout: 0) }
+        var settings = FrontendSettings(retries: 3, connectTimeout: 1_000)
+        settings.retryOnResponseTimeout = true
+        settings.firstByteTimeout = 200
+        let frontend = try router.apply(RoutingTable(frontends: [
+            Frontend(name: "web", listen: try SocketAddress(parsing: "127.0.0.1:0"),
+                     backends: [Backend(silent.address), Backend(good.address)], settings: settings),
+        ])).listening["web"]!
+        for _ in 0..<10 { XCTAssertEqual(try fetch(frontend), "I'm good\n") }
+        let key = BackendKey(frontend: "web", backend: silent.address.description)
+        XCTAssertEqual(router.health()[key]?.status, .down)
+        XCTAssertEqual(router.health()[key]?.ejections, 1)
+        XCTAssertEqual(router.engine.statistics().frontends["web"]?.traffic.redispatches, 1)
+    }
+}
