@@ -315,8 +315,10 @@ struct JSONObject {
     func duration(_ name: String) throws(ValueError) -> Int64? {
         guard let value = self[name] else { return nil }
         switch value {
-        case .integer(let milliseconds) where milliseconds >= 0:
+        case .integer(let milliseconds) where milliseconds >= 0 && milliseconds <= DurationText.maximum:
             return milliseconds
+        case .integer:
+            throw ValueError(.badDuration, "'\(name)' must be from 0 to \(DurationText.maximum) ms")
         case .string(let text):
             do {
                 return try DurationText.milliseconds(text)

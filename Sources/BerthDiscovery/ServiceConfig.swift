@@ -41,6 +41,9 @@ public struct ServiceConfig: Sendable, Equatable {
         var config = ServiceConfig()
         config.listen = try object.port("listen")
         config.connectTimeout = try object.duration("connect_timeout")
+        if config.connectTimeout == 0 {
+            throw ValueError(.badDuration, "'connect_timeout' must be positive (0 would fail every connect)")
+        }
         config.clientTimeout = try object.duration("client_timeout")
         config.serverTimeout = try object.duration("server_timeout")
         config.retries = try object.integer("retries", in: 0...100).map { Int($0) }

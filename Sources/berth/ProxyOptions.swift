@@ -23,10 +23,10 @@ struct ProxyOptions: ParsableArguments {
     @Option(help: EnvironmentFlags.help("Give up a backend connect after this long (then retry elsewhere).", "BERTH_CONNECT_TIMEOUT"), transform: DurationArgument.parse)
     var connectTimeout = DurationArgument(milliseconds: 5_000)
 
-    @Option(help: EnvironmentFlags.help("Close a connection whose client side moved no byte for this long.", "BERTH_CLIENT_TIMEOUT"), transform: DurationArgument.parse)
+    @Option(help: EnvironmentFlags.help("Close a connection whose client side moved no byte for this long (0: never).", "BERTH_CLIENT_TIMEOUT"), transform: DurationArgument.parse)
     var clientTimeout = DurationArgument(milliseconds: 60_000)
 
-    @Option(help: EnvironmentFlags.help("Close a connection whose backend side moved no byte for this long.", "BERTH_SERVER_TIMEOUT"), transform: DurationArgument.parse)
+    @Option(help: EnvironmentFlags.help("Close a connection whose backend side moved no byte for this long (0: never).", "BERTH_SERVER_TIMEOUT"), transform: DurationArgument.parse)
     var serverTimeout = DurationArgument(milliseconds: 60_000)
 
     @Option(help: EnvironmentFlags.help("On SIGTERM/SIGINT, how long open connections may still run.", "BERTH_DRAIN_TIMEOUT"), transform: DurationArgument.parse)

@@ -189,6 +189,8 @@ final class SchemaTests: XCTestCase {
             (#"{"listen":0}"#, .badPort), (#"{"listen":"8000"}"#, .wrongType), (#"{"retries":-1}"#, .outOfRange),
             (#"{"connect_timeout":"5 parsecs"}"#, .badDuration), (#"{"linger":true}"#, .badDuration),
             (#"{"linger":-5}"#, .badDuration), (#"{"check":"http"}"#, .notObject),
+            (#"{"connect_timeout":0}"#, .badDuration), (#"{"connect_timeout":"0s"}"#, .badDuration),
+            (#"{"server_timeout":9223372036854775807}"#, .badDuration), (#"{"client_timeout":"30d"}"#, .badDuration),
             (#"{"check":{"kind":"icmp"}}"#, .badCheck), (#"{"check":{"kind":"tcp","path":"/x"}}"#, .badCheck),
             (#"{"check":{"path":"health"}}"#, .badCheck), (#"{"check":{"status":"600"}}"#, .badCheck),
             (#"{"check":{"interval":"1ms"}}"#, .badCheck), (#"{"check":{"rise":0}}"#, .outOfRange),

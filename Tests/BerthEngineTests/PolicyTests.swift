@@ -99,4 +99,18 @@ final class PolicyTests: XCTestCase {
         XCTAssertEqual(parse("GET / HTTP/1.1\r\nX: " + String(repeating: "a", count: 9000)), .tooLarge)
         XCTAssertEqual(parse("GET / HTTP/1.1\r\nX: " + String(repeating: "a", count: 9000) + "\r\n\r\n"), .tooLarge)
     }
+
+    func testDurationsAreBoundedAndDeadlinesSaturate() throws {
+        XCTAssertEqual(try DurationText.milliseconds("24d"), 2_073_600_000)
+        XCTAssertEqual(try DurationText.milliseconds("2147483647"), DurationText.maximum)
+        for text in ["25d", "2147483648", "9999999999999h", "99999999999999999999"] {
+            XCTAssertThrowsError(try DurationText.milliseconds(text), text) { error in
+                XCTAssertTrue("\(error)".contains("at most 24d"), "\(text): \(error)")
+            }
+        }
+        XCTAssertEqual(Deadline.after(500, from: 1_000), 1_500)
+        XCTAssertEqual(Deadline.after(.max - 10, from: 1_000), .max)
+        XCTAssertEqual(Deadline.idle(0, since: 1_000), .max, "0: no timeout")
+        XCTAssertEqual(Deadline.idle(60_000, since: .max - 5), .max)
+    }
 }

@@ -103,4 +103,23 @@ final class TimeoutTests: DataPlaneTestCase {
         XCTAssertEqual(stats.backends[hole.description]?.connectErrors, 1)
         XCTAssertEqual(stats.backends[server.address.description]?.totalSessions, 1)
     }
+
+    /// HAProxy's users read `timeout client 0` as "no timeout": it must not close every
+    /// connection at once. A timeout too long to add to the clock saturates ("never") instead of
+    /// wrapping into the past.
+    func testZeroAndHugeIdleTimeoutsNeverCloseAConnection() throws {
+        let server = try whoami("patient")
+        for (client, backend) in [(Int64(0), Int64(0)), (Int64.max / 2, Int64.max - 1)] {
+            let settings = FrontendSettings(clientTimeout: client, serverTimeout: backend)
+            let (engine, listening) = try startEngine(
+                [Frontend(name: "idle", listen: loopbackAnyPort, backends: [Backend(server.address)], settings: settings)])
+            let fd = try TestSocket.connect(listening["idle"]!)
+            defer { close(fd) }
+            usleep(300_000)
+            try TestSocket.sendAll(fd, Array("GET / HTTP/1.0\r\n\r\n".utf8))
+            let answer = String(decoding: try TestSocket.receiveAll(fd), as: UTF8.self)
+            XCTAssertTrue(answer.hasSuffix("I'm patient\n"), "timeouts \(client)/\(backend): \(answer.debugDescription)")
+            XCTAssertEqual(engine.statistics().frontends["idle"]?.traffic.timeouts, 0)
+        }
+    }
 }

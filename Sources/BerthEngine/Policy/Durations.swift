@@ -1,14 +1,17 @@
 /// Durations written as HAProxy writes them: a number and a unit, `us`, `ms`, `s`, `m`, `h`, `d`;
 /// a bare number is milliseconds (HAProxy's default for timeouts). Pure: no clock, no Glibc.
 public enum DurationText {
-    /// Parses `text` into whole milliseconds (microseconds round up to 1 ms).
+    /// The longest duration accepted anywhere (flags, the registry): HAProxy's, 2^31 - 1 ms
+    /// (24.8 days). Longer values are refused rather than wrapped into "at once".
+    public static let maximum: Int64 = 2_147_483_647
+
+    /// Parses `text` into whole milliseconds (microseconds round up to 1 ms), at most `maximum`.
     public static func milliseconds(_ text: String) throws(DurationError) -> Int64 {
         let trimmed = text.trimmingSpaces()
         let digits = trimmed.prefix { $0.isASCII && $0.isNumber }
         let unit = trimmed.dropFirst(digits.count)
-        guard !digits.isEmpty, let value = Int64(digits) else {
-            throw DurationError(text: text)
-        }
+        guard !digits.isEmpty else { throw DurationError(text: text) }
+        guard let value = Int64(digits) else { throw DurationError(text: text, tooLong: true) }
         let scale: (multiply: Int64, divide: Int64)
         switch unit {
         case "us": scale = (1, 1000)
@@ -20,11 +23,10 @@ public enum DurationText {
         default: throw DurationError(text: text)
         }
         let (product, overflow) = value.multipliedReportingOverflow(by: scale.multiply)
-        guard !overflow else { throw DurationError(text: text) }
-        if scale.divide > 1 {
-            return product == 0 ? 0 : max(1, (product + scale.divide - 1) / scale.divide)
-        }
-        return product
+        guard !overflow else { throw DurationError(text: text, tooLong: true) }
+        let result = scale.divide > 1 && product != 0 ? max(1, (product + scale.divide - 1) / scale.divide) : product
+        guard result <= maximum else { throw DurationError(text: text, tooLong: true) }
+        return result
     }
 
     /// Writes milliseconds back the way HAProxy would (`1m`, `2s`, `250ms`).
@@ -39,8 +41,34 @@ public enum DurationText {
 
 public struct DurationError: Error, CustomStringConvertible, Sendable, Equatable {
     public let text: String
+    /// Well formed, but longer than `DurationText.maximum`.
+    public var tooLong = false
+
+    public init(text: String, tooLong: Bool = false) {
+        self.text = text
+        self.tooLong = tooLong
+    }
+
     public var description: String {
-        "invalid duration '\(text)': write a number with a unit, as 200ms, 2s, 1m, 1h (a bare number is ms)"
+        tooLong
+            ? "invalid duration '\(text)': at most 24d (\(DurationText.maximum)ms)"
+            : "invalid duration '\(text)': write a number with a unit, as 200ms, 2s, 1m, 1h (a bare number is ms)"
+    }
+}
+
+/// Deadlines on the monotonic millisecond clock. Saturating: a deadline past the end of time is
+/// `.max` ("never"), never a wrapped negative number that would fire at once.
+public enum Deadline {
+    @inline(__always)
+    public static func after(_ milliseconds: Int64, from now: Int64) -> Int64 {
+        let (sum, overflow) = now.addingReportingOverflow(milliseconds)
+        return overflow ? .max : sum
+    }
+
+    /// An idle timeout's deadline: 0 means no timeout (HAProxy's reading of `timeout client 0`).
+    @inline(__always)
+    public static func idle(_ timeout: Int64, since lastActivity: Int64) -> Int64 {
+        timeout > 0 ? after(timeout, from: lastActivity) : .max
     }
 }
 

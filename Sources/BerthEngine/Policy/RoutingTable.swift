@@ -70,9 +70,9 @@ public struct FrontendSettings: Sendable, Equatable {
     /// Further backends tried after a failed connect (HAProxy's `retries`).
     public var retries: Int = 3
     public var connectTimeout: Int64 = 5_000
-    /// A connection closes when its client side has moved no byte for this long.
+    /// A connection closes when its client side has moved no byte for this long (0: never).
     public var clientTimeout: Int64 = 60_000
-    /// ... or its backend side has moved no byte for this long.
+    /// ... or its backend side has moved no byte for this long (0: never).
     public var serverTimeout: Int64 = 60_000
     /// Keep the client's first bytes (up to `replayLimit`) until the backend's first byte; a
     /// backend that closes or resets before answering is replaced and the bytes replayed. Only

@@ -147,7 +147,7 @@ public final class Engine: Sendable {
             state.threads = []
             return threads
         }
-        let deadline = MonotonicClock.milliseconds() &+ (drainTimeout ?? configuration.drainTimeout)
+        let deadline = Deadline.after(drainTimeout ?? configuration.drainTimeout, from: MonotonicClock.milliseconds())
         for handle in handles { handle.post(.stop(deadline: deadline)) }
         for thread in threads { pthread_join(thread, nil) }
     }

@@ -30,7 +30,7 @@ extension Worker {
                     connected_(session, events: 0)
                 } else {
                     session.state = .connecting
-                    session.connectDeadline = now &+ frontend.settings.connectTimeout
+                    session.connectDeadline = Deadline.after(frontend.settings.connectTimeout, from: now)
                     arm(session, at: session.nextDeadline())
                 }
                 return
@@ -178,8 +178,7 @@ extension Worker {
     private func startFirstByteTimer(_ session: Session) {
         guard let settings = session.frontend?.settings, settings.retryOnResponseTimeout,
               session.replayArmed, !session.responseStarted else { return }
-        session.firstByteDeadline = now.addingReportingOverflow(settings.firstByteTimeout).overflow
-            ? .max : now + settings.firstByteTimeout
+        session.firstByteDeadline = Deadline.after(settings.firstByteTimeout, from: now)
         arm(session, at: session.firstByteDeadline)
     }
 

@@ -99,8 +99,8 @@ final class Session {
             return min(connectDeadline, drainDeadline)
         case .relaying:
             guard let settings = frontend?.settings else { return drainDeadline }
-            return min(clientSide.lastActivity &+ settings.clientTimeout,
-                       backendSide.lastActivity &+ settings.serverTimeout,
+            return min(Deadline.idle(settings.clientTimeout, since: clientSide.lastActivity),
+                       Deadline.idle(settings.serverTimeout, since: backendSide.lastActivity),
                        firstByteDeadline, drainDeadline)
         }
     }

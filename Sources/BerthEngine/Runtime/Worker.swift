@@ -272,7 +272,7 @@ final class Worker {
         frontends = next
         handle.registry.prune(keeping: live)
         // Removed backends and frontends: their open connections drain.
-        let drainDeadline = now &+ configuration.drainTimeout
+        let drainDeadline = Deadline.after(configuration.drainTimeout, from: now)
         for session in sessions where session.state != .free {
             if session.frontend?.removed == true || session.server?.removed == true {
                 session.drainDeadline = min(session.drainDeadline, drainDeadline)
@@ -346,7 +346,7 @@ final class Worker {
     func pauseAccepting() {
         guard !acceptPaused else { return }
         acceptPaused = true
-        acceptResumeAt = now &+ configuration.acceptRetryDelay
+        acceptResumeAt = Deadline.after(configuration.acceptRetryDelay, from: now)
         handle.registry.acceptPauses.add(1, ordering: .relaxed)
         for frontend in frontends.values where frontend.listenerRegistered {
             epoll.remove(frontend.listener.raw)
@@ -462,7 +462,7 @@ final class Worker {
         if let frontend = session.frontend { frontend.counters.add(frontend.counters.timeouts, 1) }
         // The backend's silence (--server-timeout) is counted on that backend too.
         if session.state == .relaying, let server = session.server, let settings = session.frontend?.settings,
-           session.backendSide.lastActivity &+ settings.serverTimeout <= now {
+           Deadline.idle(settings.serverTimeout, since: session.backendSide.lastActivity) <= now {
             server.counters.add(server.counters.timeouts, 1)
         }
         closeSession(session)
