@@ -318,6 +318,9 @@ final class Worker {
 
     private func acceptConnections(_ frontend: FrontendRuntime) {
         for _ in 0..<configuration.acceptBurst {
+            // A session of this burst may have paused accepting (out of descriptors for its
+            // backend socket): the rest wait in the backlog, not accepted only to be dropped.
+            if acceptPaused { return }
             if shared.connections.load(ordering: .relaxed) >= configuration.maxConnections {
                 pauseAccepting()
                 return
