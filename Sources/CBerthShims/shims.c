@@ -39,6 +39,13 @@ int cberth_pin_task_to_cpu(int tid, int cpu) {
     return sched_setaffinity(tid, sizeof(set), &set);
 }
 
+int cberth_affinity_cpu_count(void) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof(set), &set) != 0) return -1;
+    return CPU_COUNT(&set);
+}
+
 int cberth_set_thread_nice(int nice) {
     return setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice);
 }

@@ -105,6 +105,18 @@ final class CommandLineTests: BerthTestCase {
         XCTAssertEqual(HTTPExchange.get(flagWins.port)?.text, "I'm env-a\n")
     }
 
+    /// The default worker count is the CPUs the process may run on: under `taskset -c 0` on a
+    /// machine with more, one worker (it used to start one per online CPU).
+    func testDefaultWorkersFollowTheAffinityMask() throws {
+        let taskset = "/usr/bin/taskset"
+        guard access(taskset, X_OK) == 0 else { throw XCTSkip("taskset (util-linux) is not installed") }
+        guard sysconf(CInt(_SC_NPROCESSORS_ONLN)) > 1 else { throw XCTSkip("one online CPU: nothing to restrict") }
+        let whoami = try startWhoami(id: "pinned")
+        let proxy = try startProxy(backends: [whoami.address], launcher: [taskset, "-c", "0"])
+        XCTAssertEqual(HTTPExchange.get(proxy.port)?.text, "I'm pinned\n")
+        XCTAssertTrue(proxy.process.standardError.contains(" 1 worker(s)"), proxy.process.standardError)
+    }
+
     /// --connect-timeout and --retries take effect: a backend that never completes the handshake
     /// (its accept queue is full, so SYNs are dropped) is given up after the timeout and the next
     /// backend serves the connection.

@@ -113,4 +113,15 @@ final class PolicyTests: XCTestCase {
         XCTAssertEqual(Deadline.idle(0, since: 1_000), .max, "0: no timeout")
         XCTAssertEqual(Deadline.idle(60_000, since: .max - 5), .max)
     }
+
+    func testCPUQuotaFromCgroupFiles() {
+        XCTAssertNil(CPUQuota.parseV2("max 100000\n"))
+        XCTAssertEqual(CPUQuota.parseV2("200000 100000\n"), 2)
+        XCTAssertEqual(CPUQuota.parseV2("150000 100000"), 2, "1.5 CPUs round up")
+        XCTAssertEqual(CPUQuota.parseV2("5000 100000"), 1)
+        XCTAssertNil(CPUQuota.parseV2("garbage"))
+        XCTAssertNil(CPUQuota.parseV1(quota: "-1\n", period: "100000\n"))
+        XCTAssertEqual(CPUQuota.parseV1(quota: "400000\n", period: "100000\n"), 4)
+        XCTAssertGreaterThanOrEqual(availableCPUCount(), 1)
+    }
 }

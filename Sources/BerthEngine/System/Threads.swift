@@ -63,9 +63,69 @@ public enum ProcessSignals {
     }
 }
 
-/// The number of CPUs this process may run on (the default number of workers).
+/// The number of CPUs this process may run on (the default number of workers): the CPUs of its
+/// affinity mask (`taskset`, `docker run --cpuset-cpus`), capped by its cgroup's CPU quota rounded
+/// up (`docker run --cpus 2` on a 64-core host: 2), as SwiftNIO's `System.coreCount` reads them.
 public func availableCPUCount() -> Int {
-    Int(sysconf(CInt(_SC_NPROCESSORS_ONLN)))
+    let online = Int(sysconf(CInt(_SC_NPROCESSORS_ONLN)))
+    let affinity = Int(cberth_affinity_cpu_count())
+    var count = affinity > 0 ? affinity : max(1, online)
+    if let quota = CPUQuota.current() { count = min(count, quota) }
+    return max(1, count)
+}
+
+/// The CPU quota of this process's cgroup, in whole CPUs (rounded up); nil when there is none.
+public enum CPUQuota {
+    public static func current() -> Int? {
+        let own = (try? readSmallFile("/proc/self/cgroup")) ?? ""
+        // cgroup v2: "0::/path"; the file under the unified hierarchy (or its root, inside a
+        // container's cgroup namespace).
+        if let line = own.split(separator: "\n").first(where: { $0.hasPrefix("0::") }) {
+            let path = String(line.dropFirst(3))
+            for file in ["/sys/fs/cgroup\(path)/cpu.max", "/sys/fs/cgroup/cpu.max"] {
+                if let text = try? readSmallFile(file) { return parseV2(text) }
+            }
+        }
+        // cgroup v1: the cpu controller's quota and period.
+        if let quota = try? readSmallFile("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"),
+           let period = try? readSmallFile("/sys/fs/cgroup/cpu/cpu.cfs_period_us") {
+            return parseV1(quota: quota, period: period)
+        }
+        return nil
+    }
+
+    /// `cpu.max`: "max 100000" (none) or "QUOTA PERIOD" in microseconds.
+    public static func parseV2(_ text: String) -> Int? {
+        let fields = text.split(whereSeparator: { $0 == " " || $0 == "\n" })
+        guard fields.count >= 2, fields[0] != "max", let quota = Int(fields[0]), let period = Int(fields[1]) else { return nil }
+        return cpus(quota: quota, period: period)
+    }
+
+    /// `cpu.cfs_quota_us` (-1: none) and `cpu.cfs_period_us`.
+    public static func parseV1(quota: String, period: String) -> Int? {
+        guard let quota = Int(quota.filter { $0 != "\n" && $0 != " " }),
+              let period = Int(period.filter { $0 != "\n" && $0 != " " }) else { return nil }
+        return cpus(quota: quota, period: period)
+    }
+
+    private static func cpus(quota: Int, period: Int) -> Int? {
+        guard quota > 0, period > 0 else { return nil }
+        return max(1, (quota + period - 1) / period)
+    }
+}
+
+/// The whole of a small text file (a /proc or /sys entry), read with plain system calls.
+func readSmallFile(_ path: String) throws(SystemError) -> String {
+    let fd = try syscallNonBlocking("open") { open(path, O_RDONLY | O_CLOEXEC) }
+    defer { closeDescriptor(fd) }
+    var bytes: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 4096)
+    while bytes.count < 65_536 {
+        let count = try syscallNonBlocking("read") { buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) } }
+        if count == 0 { break }
+        bytes += buffer[0..<count]
+    }
+    return String(decoding: bytes, as: UTF8.self)
 }
 
 /// Open-file limit of the process (soft).

@@ -93,6 +93,8 @@ int cberth_pin_to_cpu(int cpu);
 int cberth_pin_task_to_cpu(int tid, int cpu);
 // setpriority(PRIO_PROCESS, gettid(), nice): the calling thread's nice value alone (Linux
 // schedules threads as tasks). Raising it needs no privilege.
+// CPUs in this thread's affinity mask (sched_getaffinity + CPU_COUNT), or -1.
+int cberth_affinity_cpu_count(void);
 int cberth_set_thread_nice(int nice);
 
 /// Names a thread (15 characters at most), for top/perf.
