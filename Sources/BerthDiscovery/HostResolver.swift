@@ -7,6 +7,11 @@ import Glibc
 /// changes is reported through `onChange`, whose callbacks run on the resolver's thread (keep
 /// them short: rebuild the table, or post to the control plane).
 ///
+/// A failed lookup of a name that had resolved keeps its last good address (HAProxy's `hold
+/// valid`, Envoy's DNS clusters): a DNS hiccup must not take working backends out of the table.
+/// Only an answer with another address replaces it; the failure is retried every
+/// `retryInterval` and counted in `heldFailures`.
+///
 /// Threads: every method may be called from any thread. State is guarded by one condition
 /// lock, which is also what the resolver's thread sleeps on; lookups run with it released.
 /// Call `stop()` before dropping the resolver: its thread holds it until then.
@@ -34,6 +39,14 @@ public final class HostResolver: @unchecked Sendable {
     private var listeners: [@Sendable (String, HostResolution) -> Void] = []
     private var stopped = false
     private var thread: OSThread?
+    private var heldFailures = 0
+
+    /// Failed lookups that kept a name's last good address.
+    public var heldFailureCount: Int {
+        condition.lock()
+        defer { condition.unlock() }
+        return heldFailures
+    }
 
     /// Starts the resolver's thread. Times in milliseconds.
     public init(refreshInterval: Int64 = 30_000, retryInterval: Int64 = 5_000, lookup: @escaping Lookup = HostResolver.systemLookup) {
@@ -96,7 +109,13 @@ public final class HostResolver: @unchecked Sendable {
             let wait: Int64
             switch result {
             case .success(let address): (resolution, wait) = (.resolved(address), refreshInterval)
-            case .failure(let failure): (resolution, wait) = (.failed(failure.reason), retryInterval)
+            case .failure(let failure):
+                if case .resolved = entry.resolution {
+                    (resolution, wait) = (entry.resolution, retryInterval)
+                    heldFailures += 1
+                } else {
+                    (resolution, wait) = (.failed(failure.reason), retryInterval)
+                }
             }
             let changed = entry.resolution != resolution
             entry.resolution = resolution

@@ -69,6 +69,41 @@ final class HostResolverTests: XCTestCase {
         XCTAssertEqual(resolver.lookup("db.internal"), .pending, "forgotten, asked again")
     }
 
+    /// A transient DNS failure keeps the last good address; a new answer replaces it.
+    func testAFailedLookupKeepsTheLastGoodAddress() {
+        let answer = Mutex<String?>("10.0.0.1")
+        let resolver = HostResolver(refreshInterval: 20, retryInterval: 20) { _ in
+            guard let text = answer.withLock({ $0 }) else { return .failure(.init(reason: "Temporary failure in name resolution")) }
+            return .success(try! SocketAddress(host: text, port: 0))
+        }
+        defer { resolver.stop() }
+        let changes = Mutex<[HostResolution]>([])
+        resolver.onChange { _, resolution in changes.withLock { $0.append(resolution) } }
+        resolver.track(["db.internal"])
+        let first = try! SocketAddress(host: "10.0.0.1", port: 0)
+        XCTAssertTrue(waitUntil { resolver.lookup("db.internal") == .resolved(first) })
+        answer.withLock { $0 = nil }
+        XCTAssertTrue(waitUntil { resolver.heldFailureCount >= 3 }, "failures retried every 20 ms")
+        XCTAssertEqual(resolver.lookup("db.internal"), .resolved(first), "still the last good address")
+        answer.withLock { $0 = "10.0.0.2" }
+        let second = try! SocketAddress(host: "10.0.0.2", port: 0)
+        XCTAssertTrue(waitUntil { resolver.lookup("db.internal") == .resolved(second) })
+        XCTAssertEqual(changes.withLock { $0 }, [.resolved(first), .resolved(second)], "the failures were no change")
+        // A name that never resolved does fail.
+        answer.withLock { $0 = nil }
+        resolver.track(["db.internal", "new.internal"])
+        XCTAssertTrue(waitUntil { if case .failed = resolver.lookup("new.internal") { return true }; return false })
+    }
+
+    private func waitUntil(_ condition: () -> Bool) -> Bool {
+        let deadline = MonotonicClock.milliseconds() + 5_000
+        while !condition() {
+            if MonotonicClock.milliseconds() > deadline { return false }
+            usleep(5_000)
+        }
+        return true
+    }
+
     func testCatalogUsesResolvedNames() {
         var catalog = Catalog(options: Catalog.Options(defaultListen: 80))
         catalog.reset(entries: [("/backends/s/a", Array("db.internal:5432".utf8))], revision: 1)
