@@ -148,7 +148,7 @@ public final class DiscoveryService: Sendable {
 
     /// Revisions of the watch events applied so far (the last 100,000), in order.
     public func appliedRevisions() -> [Int64] {
-        state.withLock { $0.history }
+        state.withLock { Array($0.history.suffix(Self.historyLimit)) }
     }
 
     /// A copy of the catalog (tests compare it with etcd).
@@ -184,7 +184,8 @@ public final class DiscoveryService: Sendable {
             state.lastEvent = .now
             state.connected = true
             state.history.append(contentsOf: batch.events.map(\.keyValue.modRevision))
-            if state.history.count > Self.historyLimit { state.history.removeFirst(state.history.count - Self.historyLimit) }
+            // Trimmed in halves, not per batch: amortised O(1) under the lock once full.
+            if state.history.count >= 2 * Self.historyLimit { state.history.removeFirst(state.history.count - Self.historyLimit) }
             if changed { publish(&state) }
         }
     }

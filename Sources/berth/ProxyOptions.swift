@@ -54,7 +54,7 @@ struct ProxyOptions: ParsableArguments {
         if let workers, workers < 1 || workers > 256 { throw invalid("--workers", "\(workers)", "a number from 1 to 256") }
         if retries < 0 || retries > 100 { throw invalid("--retries", "\(retries)", "a number from 0 to 100") }
         if let maxconn, maxconn < 1 { throw invalid("--maxconn", "\(maxconn)", "a positive number") }
-        if pipeSize < 0 { throw invalid("--pipe-size", "\(pipeSize)", "a size in bytes, 0 for the default") }
+        if pipeSize < 0 || pipeSize > Int(Int32.max) { throw invalid("--pipe-size", "\(pipeSize)", "a size in bytes up to 2147483647, 0 for the default") }
         if let cpus, parsedCPUs(cpus) == nil { throw invalid("--cpus", cpus, "CPU numbers separated by commas") }
         if connectTimeout.milliseconds < 1 { throw invalid("--connect-timeout", "\(connectTimeout)", "a positive duration") }
         if firstByteTimeout.milliseconds < 1 { throw invalid("--first-byte-timeout", "\(firstByteTimeout)", "a positive duration") }

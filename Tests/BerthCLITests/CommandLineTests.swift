@@ -47,6 +47,11 @@ final class CommandLineTests: BerthTestCase {
         XCTAssertTrue(missing.contains("--backend"), "the message names the missing flag: \(missing)")
         try assertUsageError(["proxy"] + valid + ["--workers", "0"])
         try assertUsageError(["proxy"] + valid + ["--relay", "teleport"])
+        // Too large for the kernel's int: refused, not a trap when the first pipe is made.
+        try assertUsageError(["proxy"] + valid + ["--pipe-size", "99999999999"])
+        try assertUsageError(["proxy"] + valid + ["--client-timeout", "30d"])
+        try assertUsageError(["proxy"] + valid + ["--retry-on", "empty-response,sometimes"])
+        try assertUsageError(["proxy"] + valid + ["--first-byte-timeout", "0"])
         try assertUsageError(["whoami", "--listen", "127.0.0.1:0", "--threads", "0"])
         try assertUsageError(["whoami"])
         try assertUsageError(["frobnicate"])

@@ -105,6 +105,35 @@ final class LiveTableTests: DataPlaneTestCase {
         XCTAssertLessThan(waited, 2, "the connection to the old address was never drained")
     }
 
+    /// A backend removed while a session is still connecting to it keeps its counters until
+    /// that session ends: the connect error it then meets is counted on it, not lost.
+    func testCountersOfASessionStillConnectingOutliveItsBackendsRemoval() throws {
+        var listener = try Sockets.listen(on: try SocketAddress(parsing: "127.0.0.1:0"), reusePort: false, backlog: 0)
+        defer { listener.close() }
+        let silent = try Sockets.localAddress(listener.raw)
+        var fillers: [CInt] = []
+        defer { for fd in fillers { close(fd) } }
+        for _ in 0..<3 {
+            var connected = false
+            var filler = try Sockets.connect(to: silent, connected: &connected)
+            fillers.append(filler.release())
+        }
+        let other = try echoBackend(tag: 2)
+        let (engine, listening) = try startEngine(
+            [Frontend(name: "svc", listen: loopbackAnyPort, backends: [Backend(silent)],
+                      settings: FrontendSettings(retries: 0, connectTimeout: 400))],
+            configure: { $0.workers = 1 })
+        let client = try TestSocket.connect(listening["svc"]!)
+        defer { close(client) }
+        usleep(100_000)  // connecting to the silent backend
+        _ = try engine.apply(RoutingTable(revision: 2, frontends: [
+            Frontend(name: "svc", listen: listening["svc"]!, backends: [Backend(other.address)],
+                     settings: FrontendSettings(retries: 0, connectTimeout: 400)),
+        ]))
+        XCTAssertEqual(try TestSocket.receiveAll(client).count, 0, "closed at its connect timeout")
+        XCTAssertEqual(engine.statistics().frontends["svc"]?.backends[silent.description]?.connectErrors, 1)
+    }
+
     func testFrontendsAddedAndRemovedAtRuntime() throws {
         let first = try echoBackend(tag: 1)
         let second = try echoBackend(tag: 2)

@@ -132,6 +132,10 @@ public struct EngineStatistics: Sendable {
     public var pipesInUse: [Int] = []
     /// Times a worker paused accepting (fd exhaustion or maxconn).
     public var acceptPauses: UInt64 = 0
+    /// Event-loop system calls that failed and were survived: an epoll_wait error (the loop
+    /// backs off 10 ms), a listener epoll_ctl(ADD) refused (ENOSPC from max_user_watches,
+    /// ENOMEM: accepting pauses and is tried again).
+    public var loopErrors: UInt64 = 0
     public var revision: UInt64 = 0
 }
 
@@ -147,6 +151,7 @@ final class CounterRegistry: Sendable {
     let sessions = Atomic<Int>(0)
     let pipesInUse = Atomic<Int>(0)
     let acceptPauses = Atomic<UInt64>(0)
+    let loopErrors = Atomic<UInt64>(0)
 
     func counters(frontend: String, backend: String?) -> TrafficCounters {
         entries.withLock { entries in
@@ -158,10 +163,11 @@ final class CounterRegistry: Sendable {
         }
     }
 
-    /// Drops counters of backends and frontends that left the table and carry no session.
+    /// Drops counters of backends and frontends that left the table and carry no session
+    /// (`live` names those of the table and of every open session).
     func prune(keeping live: Set<Key>) {
         entries.withLock { entries in
-            entries = entries.filter { live.contains($0.key) || $0.value.currentSessions.load(ordering: .relaxed) > 0 }
+            entries = entries.filter { live.contains($0.key) }
         }
     }
 }

@@ -173,6 +173,7 @@ public final class Engine: Sendable {
             statistics.sessionsPerWorker.append(handle.registry.sessions.load(ordering: .relaxed))
             statistics.pipesInUse.append(handle.registry.pipesInUse.load(ordering: .relaxed))
             statistics.acceptPauses += handle.registry.acceptPauses.load(ordering: .relaxed)
+            statistics.loopErrors += handle.registry.loopErrors.load(ordering: .relaxed)
             let entries = handle.registry.entries.withLock { $0 }
             for (key, counters) in entries {
                 var frontend = statistics.frontends[key.frontend] ?? FrontendStatistics()

@@ -159,7 +159,10 @@ final class Worker {
             do {
                 ready = try epoll.wait(timeout: nextTimeout())
             } catch {
-                fatalError("worker \(handle.index): \(error)")
+                // EINTR is retried inside; what is left (ENOMEM, ...) is counted and outlived.
+                handle.registry.loopErrors.add(1, ordering: .relaxed)
+                usleep(10_000)
+                continue
             }
             now = MonotonicClock.milliseconds()
             for index in 0..<ready {
@@ -270,6 +273,14 @@ final class Worker {
         // Sockets for frontends this table does not contain (raced with a newer table): close.
         for (name, fd) in listeners where next[name] == nil { closeDescriptor(fd) }
         frontends = next
+        // Counters of a backend that left the table are still those of its open sessions,
+        // connecting ones included (they count only once connected): kept while any is.
+        for session in sessions where session.state != .free {
+            if let frontend = session.frontend { live.insert(.init(frontend: frontend.name, backend: nil)) }
+            if let frontend = session.frontend, let server = session.server {
+                live.insert(.init(frontend: frontend.name, backend: server.backend.name))
+            }
+        }
         handle.registry.prune(keeping: live)
         // Removed backends and frontends: their open connections drain.
         let drainDeadline = Deadline.after(configuration.drainTimeout, from: now)
@@ -295,7 +306,10 @@ final class Worker {
                           token: EventToken.make(kind: EventToken.listener, index: Int32(slot!), generation: 0))
             frontend.listenerRegistered = true
         } catch {
-            fatalError("worker \(handle.index): registering listener of \(frontend.name): \(error)")
+            // ENOSPC (max_user_watches) or ENOMEM: counted; accepting pauses and
+            // `resumeAccepting` registers the listener again after `acceptRetryDelay`.
+            handle.registry.loopErrors.add(1, ordering: .relaxed)
+            pauseAccepting()
         }
     }
 
@@ -321,17 +335,23 @@ final class Worker {
             // A session of this burst may have paused accepting (out of descriptors for its
             // backend socket): the rest wait in the backlog, not accepted only to be dropped.
             if acceptPaused { return }
-            if shared.connections.load(ordering: .relaxed) >= configuration.maxConnections {
+            // The connection is counted before it is accepted, so that all workers together
+            // never pass maxconn (a load then an add let each of them overshoot by one).
+            if shared.connections.add(1, ordering: .relaxed).newValue > configuration.maxConnections {
+                shared.connections.subtract(1, ordering: .relaxed)
                 pauseAccepting()
                 return
             }
             let fd: CInt
             do {
                 switch try Sockets.accept(frontend.listener.raw) {
-                case .wouldBlock: return
+                case .wouldBlock:
+                    shared.connections.subtract(1, ordering: .relaxed)
+                    return
                 case .done(let accepted): fd = accepted
                 }
             } catch {
+                shared.connections.subtract(1, ordering: .relaxed)
                 switch error.errno {
                 case EMFILE, ENFILE, ENOBUFS, ENOMEM:
                     pauseAccepting()
@@ -384,7 +404,6 @@ final class Worker {
         if stopping || frontend.removed { session.drainDeadline = stopDeadline }
         activeSessions += 1
         handle.registry.sessions.store(activeSessions, ordering: .relaxed)
-        shared.connections.add(1, ordering: .relaxed)
         frontend.counters.sessionStarted(at: now)
         connectNext(session)
     }

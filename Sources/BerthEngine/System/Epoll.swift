@@ -15,19 +15,22 @@ public struct Epoll: ~Copyable {
 
     /// The epoll fd, owned (closed in deinit).
     private let epfd: CInt
-    private let events: UnsafeMutableRawPointer
+    /// The kernel fills it, the shims read it, both with C's (packed) layout; it is bound to
+    /// `epoll_event` once, over enough bytes for either layout.
+    private let events: UnsafeMutablePointer<epoll_event>
     /// Bound on events taken per `wait`.
     public let capacity: Int
 
     public init(capacity: Int = 256) throws(SystemError) {
         epfd = try syscallNonBlocking("epoll_create1") { cberth_epoll_create() }
         self.capacity = capacity
-        events = UnsafeMutableRawPointer.allocate(
-            byteCount: capacity * cberth_epoll_event_size(), alignment: 8)
+        let size = max(cberth_epoll_event_size(), MemoryLayout<epoll_event>.stride)
+        events = UnsafeMutableRawPointer.allocate(byteCount: capacity * size, alignment: 8)
+            .bindMemory(to: epoll_event.self, capacity: capacity)
     }
 
     deinit {
-        events.deallocate()
+        UnsafeMutableRawPointer(events).deallocate()
         closeDescriptor(epfd)
     }
 
@@ -46,7 +49,7 @@ public struct Epoll: ~Copyable {
 
     /// Waits up to `timeout` ms (-1: forever) and returns how many events are ready.
     public func wait(timeout: CInt) throws(SystemError) -> Int {
-        let buffer = events.assumingMemoryBound(to: epoll_event.self)
+        let buffer = events
         let capacity = CInt(self.capacity)
         switch try syscall("epoll_wait", { cberth_epoll_wait(epfd, buffer, capacity, timeout) }) {
         case .done(let count): return Int(count)
@@ -56,7 +59,7 @@ public struct Epoll: ~Copyable {
 
     @inline(__always)
     public func event(at index: Int) -> (events: UInt32, token: UInt64) {
-        let buffer = UnsafePointer(events.assumingMemoryBound(to: epoll_event.self))
+        let buffer = UnsafePointer(events)
         return (cberth_epoll_event_events(buffer, CInt(index)), cberth_epoll_event_data(buffer, CInt(index)))
     }
 }

@@ -59,7 +59,7 @@ public struct PipePool: ~Copyable {
         }
         guard created == 0 else { return nil }
         if pipeSize > 0 {
-            _ = cberth_fcntl_int(fds.1, CBERTH_F_SETPIPE_SZ, CInt(pipeSize))
+            _ = cberth_fcntl_int(fds.1, CBERTH_F_SETPIPE_SZ, CInt(clamping: pipeSize))
         }
         let size = cberth_fcntl_int(fds.1, CBERTH_F_GETPIPE_SZ, 0)
         if size > 0 { capacity = Int(size) }
