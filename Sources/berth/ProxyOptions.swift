@@ -14,7 +14,7 @@ struct ProxyOptions: ParsableArguments {
         ("--first-byte-timeout", "BERTH_FIRST_BYTE_TIMEOUT"),
     ]
 
-    @Option(help: EnvironmentFlags.help("Worker threads, each with its own event loop (default: the number of CPUs).", "BERTH_WORKERS"))
+    @Option(help: EnvironmentFlags.help("Worker threads, each with its own event loop (default: the CPUs this process may run on: its affinity mask, capped by its cgroup CPU quota).", "BERTH_WORKERS"))
     var workers: Int?
 
     @Option(help: EnvironmentFlags.help("Further backends to try when a connect fails.", "BERTH_RETRIES"))
