@@ -28,7 +28,7 @@ public struct Registration: Sendable, Equatable {
     }
 }
 
-/// The naming rules of issue 6, pure. For each published TCP port of a container:
+/// The naming rules (README, `berth register`), pure. For each published TCP port of a container:
 ///
 /// - service name: label `berth.service.<port>`, else env `SERVICE_<port>_NAME`, else label
 ///   `berth.service`, else env `SERVICE_NAME`, else the image's repository name without registry,

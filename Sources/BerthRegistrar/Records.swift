@@ -2,7 +2,7 @@ import BerthDiscovery
 
 /// What goes into etcd for a set of registrations: keys and values, pure.
 ///
-/// Layout (DESIGN.md §2): `<prefix>/<service>/<instance>` holds Berth's JSON. With
+/// Layout (docs/REGISTRY.md): `<prefix>/<service>/<instance>` holds Berth's JSON. With
 /// `--compat seed` the value is the seed's `HOST:PORT` instead (Berth's discovery reads both),
 /// and `<prefix>/<service>/port` holds the listen port, as the seed's docker-discover expects;
 /// the seed has no draining, so a draining instance is simply left out in that mode.

@@ -64,7 +64,7 @@ final class RegistrarShared: Sendable {
 }
 
 /// Registration of this host's containers and static services into etcd under one lease
-/// (issue 6). A service object: `run()` until `shutdown()`, which revokes the lease.
+/// A service object: `run()` until `shutdown()`, which revokes the lease.
 ///
 /// Tasks inside `run()`:
 /// - the processing loop (`RegistrationLoop`), the only writer of registration state and etcd;

@@ -1,4 +1,4 @@
-// Acceptance of issue 6 on a real dockerd and a real etcd (both started once for this class):
+// Docker registration on a real dockerd and a real etcd (both started once for this class):
 // registration timing, stop/kill, 50 containers at once, the naming special cases, etcd and
 // dockerd restarts. The registrar runs in this process; `RegisterCommandTests` runs the binary.
 @testable import BerthRegistrar

@@ -1,4 +1,4 @@
-// The container image (issue 8), on a real dockerd and a real etcd: `scripts/image --debug` packs
+// The container image, on a real dockerd and a real etcd: `scripts/image --debug` packs
 // the debug `berth` with its shared libraries into a FROM scratch image, which is then run as the
 // seed ran its containers (`--net host`, the Docker socket mounted, ETCD_HOST and HOST_IP): a
 // whoami container is registered, answers through the container's proxy on loopback, and

@@ -1,4 +1,4 @@
-/// Bad input for the stats server (issue 7), one connection's worth at a time: shared by
+/// Bad input for the stats server, one connection's worth at a time: shared by
 /// `BerthStatsTests.FuzzTests` (debug build, in process) and the bench's `stats-fuzz` role
 /// (release build, against `berth proxy --stats`), so that both throw the same mix.
 public enum StatsFuzzCases {
