@@ -63,7 +63,7 @@ final class RegistrarShared: Sendable {
     func setLease(_ lease: Int64?) { state.withLock { $0.leaseID = lease } }
 }
 
-/// Registration of this host's containers and static services into etcd under one lease
+/// Registration of this host's containers and static services into etcd under one lease.
 /// A service object: `run()` until `shutdown()`, which revokes the lease.
 ///
 /// Tasks inside `run()`:
