@@ -164,12 +164,13 @@ extension Worker {
     }
 
     /// `retryOnResponseTimeout`: the backend has sent nothing since the client's first byte.
-    /// It counts as a failure of that backend (a timeout, and for passive health), and the
-    /// session moves on with its bytes replayed.
+    /// It counts as a timeout of that backend and the session moves on with its bytes replayed.
+    /// It is not a failure for passive health (`observeErrors`, HAProxy's `observe layer4`):
+    /// slow is not dead, and a loaded backend ejected for its slowness leaves its load to the
+    /// others. A backend that accepts and never answers is for an active http check to find.
     func firstByteTimedOut(_ session: Session) {
-        if let server = session.server, let frontend = session.frontend {
+        if let server = session.server {
             server.counters.add(server.counters.timeouts, 1)
-            observeFailure(frontend: frontend, server: server)
         }
         redispatch(session)
     }
