@@ -25,6 +25,8 @@ public final class EtcdClient: Sendable {
         var token: String?
         var failovers: UInt64 = 0
         var connected = false
+        /// Some request succeeded once: only then is a later success "reachable again".
+        var everConnected = false
         var lastError: String?
         var closed = false
     }
@@ -325,10 +327,11 @@ public final class EtcdClient: Sendable {
     func markHealthy(_ connection: EtcdConnection) {
         state.withLock { state in
             if state.connection === connection {
-                if !state.connected && state.failovers > 0 {
+                if !state.connected && state.everConnected {
                     logger.info("etcd reachable again", metadata: ["endpoint": "\(connection.endpoint)"])
                 }
                 state.connected = true
+                state.everConnected = true
             }
         }
     }

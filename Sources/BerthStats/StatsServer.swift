@@ -118,6 +118,12 @@ public final class StatsServer: Sendable {
         return configuration.listen.withPort(UInt16(port))
     }
 
+    /// Where the server listens once started (the port chosen, for port 0).
+    public var boundAddress: BerthEngine.SocketAddress? {
+        guard let port = state.withLock({ $0.channel })?.localAddress?.port else { return nil }
+        return configuration.listen.withPort(UInt16(port))
+    }
+
     /// Connections open now, and those refused by the cap since start.
     public var connectionCounts: (open: Int, refused: UInt64) {
         (connections.open.load(ordering: .relaxed), connections.refused.load(ordering: .relaxed))

@@ -15,20 +15,10 @@ struct Berth: ParsableCommand {
 
 let berthVersion = "0.1.0"
 
-/// One line on stderr, prefixed with the program name.
-func log(_ message: String) {
-    var line = "berth: \(message)\n"
-    line.withUTF8 { _ = Glibc.write(2, $0.baseAddress, $0.count) }
-}
-
 @main
 enum Main {
     static func main() {
-        LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = .info
-            return handler
-        }
+        Log.bootstrap()
         var arguments = Array(CommandLine.arguments.dropFirst())
         let environment = currentEnvironment()
         switch arguments.first {
@@ -38,6 +28,7 @@ enum Main {
         case "run": arguments = RunCommand.environment.apply(to: arguments, environment: environment)
         case "register": arguments = RegisterCommand.environment.apply(to: arguments, environment: environment)
         case "ctl": arguments = CtlCommand.environment.apply(to: arguments, environment: environment)
+        case "dev": arguments = DevCommand.environment.apply(to: arguments, environment: environment)
         default: break
         }
         do {
@@ -51,7 +42,7 @@ enum Main {
                 Berth.exit(withError: error)
             }
             let message = Berth.message(for: error).split(separator: "\n").first.map(String.init) ?? "\(error)"
-            log(message)
+            log(message, level: .error)
             // Usage errors are EX_USAGE (64); a runtime failure (cannot listen, ...) is 1.
             exit(code == .validationFailure || isUsageError(error) ? 64 : 1)
         }

@@ -29,8 +29,13 @@ struct DevCommand: ParsableCommand {
     @Option(help: "The etcd executable to start.")
     var etcdBinary: String = "/usr/bin/etcd"
 
-    @Option(help: "Address of the stats page, or off.")
-    var stats: String = "127.0.0.1:1936"
+    static let environment = EnvironmentFlags(command: "dev", flags: LoggingOptions.environment)
+
+    @Option(help: "Address of the stats page, or off (default: 127.0.0.1:1936, or a free port when 1936 is taken).")
+    var stats: String?
+
+    @OptionGroup(title: "Logging")
+    var logging: LoggingOptions
 
     func validate() throws {
         if port == 0 { throw invalid("--port", "0", "a port from 1 to 65535") }
@@ -64,7 +69,10 @@ struct DevCommand: ParsableCommand {
             health: try HealthOptions.parse(["--check", "http:/", "--check-interval", "1s", "--rise", "2", "--fall", "2"]))
         let registration = try RegistrationOptions.parse(statics.flatMap { ["--static", $0] } + ["--no-docker", "--ttl", "5s"])
         let registrar = try registration.makeRegistrar(client: running!.client, prefix: etcdOptions.prefix)
-        server = try running!.startStats(try StatsOptions.parse(["--stats", stats]), registrar: registrar)
+        // The default port may be taken (another Berth, a second `berth dev`): then any free one.
+        let statsAddress = stats ?? (Self.canBind(port: 1936) ? "127.0.0.1:1936" : "127.0.0.1:0")
+        server = try running!.startStats(try StatsOptions.parse(["--stats", statsAddress]), registrar: registrar)
+        let statsShown = server?.boundAddress.map { "http://\($0)/  (also /;csv, /stats.json, /metrics)" } ?? "off"
         registering = RegistrarTask(registrar)
         guard waitForListener(port: port, seconds: 10) else {
             throw ValidationErrorText("the whoami service did not open 127.0.0.1:\(port) within 10 s (port in use?)")
@@ -74,7 +82,7 @@ struct DevCommand: ParsableCommand {
               etcd        \(etcd.clientURL) (data in \(etcd.directory))
               backends    \(servers.map { "\($0.identity) on \($0.address)" }.joined(separator: ", "))
               service     whoami on 127.0.0.1:\(port), round-robin, HTTP checks every 1s
-              stats       \(stats == "off" ? "off" : "http://\(stats)/  (also /;csv, /stats.json, /metrics)")
+              stats       \(statsShown)
             try:
               curl http://127.0.0.1:\(port)/          (again and again: the answers rotate)
               etcdctl --endpoints \(etcd.clientURL) get --prefix /backends
@@ -95,6 +103,14 @@ struct DevCommand: ParsableCommand {
             usleep(20_000)
         }
         return false
+    }
+
+    /// Whether a listener could bind 127.0.0.1:`port` now.
+    private static func canBind(port: UInt16) -> Bool {
+        guard let address = try? SocketAddress(parsing: "127.0.0.1:\(port)"),
+              var socket = try? Sockets.listen(on: address, reusePort: false) else { return false }
+        socket.close()
+        return true
     }
 
     private static func accepts(_ address: SocketAddress) -> Bool {

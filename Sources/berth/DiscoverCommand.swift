@@ -27,7 +27,7 @@ struct DiscoverCommand: ParsableCommand {
     static let environment = EnvironmentFlags(
         command: "discover",
         flags: EtcdOptions.environment + DiscoveryOptions.environment + ProxyOptions.environment + HealthOptions.environment
-            + StatsOptions.environment)
+            + StatsOptions.environment + LoggingOptions.environment)
 
     @OptionGroup(title: "etcd")
     var etcd: EtcdOptions
@@ -43,6 +43,9 @@ struct DiscoverCommand: ParsableCommand {
 
     @OptionGroup(title: "Stats and admin")
     var stats: StatsOptions
+
+    @OptionGroup(title: "Logging")
+    var logging: LoggingOptions
 
     func run() throws {
         ProcessSignals.block([SIGTERM, SIGINT])

@@ -21,7 +21,7 @@ struct ProxyCommand: ParsableCommand {
 
     static let environment = EnvironmentFlags(command: "proxy", flags: [
         ("--listen", "BERTH_LISTEN"), ("--backend", "BERTH_BACKENDS"), ("--name", "BERTH_NAME"),
-    ] + ProxyOptions.environment + HealthOptions.environment + StatsOptions.environment)
+    ] + ProxyOptions.environment + HealthOptions.environment + StatsOptions.environment + LoggingOptions.environment)
 
     @Option(help: EnvironmentFlags.help("Address to listen on, HOST:PORT ([::1]:8000 for IPv6, *:8000 for all).", "BERTH_LISTEN"), transform: AddressArgument.parse)
     var listen: AddressArgument?
@@ -40,6 +40,9 @@ struct ProxyCommand: ParsableCommand {
 
     @OptionGroup(title: "Stats and admin")
     var stats: StatsOptions
+
+    @OptionGroup(title: "Logging")
+    var logging: LoggingOptions
 
     func validate() throws {
         if listen == nil { throw ValidationError("--listen HOST:PORT is required") }

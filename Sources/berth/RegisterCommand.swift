@@ -22,7 +22,7 @@ struct RegisterCommand: ParsableCommand {
             lease (every key goes at once) and exits 0.
             """)
 
-    static let environment = EnvironmentFlags(command: "register", flags: EtcdOptions.environment + RegistrationOptions.environment,
+    static let environment = EnvironmentFlags(command: "register", flags: EtcdOptions.environment + RegistrationOptions.environment + LoggingOptions.environment,
                                               switches: RegistrationOptions.switches)
 
     @OptionGroup(title: "etcd")
@@ -30,6 +30,9 @@ struct RegisterCommand: ParsableCommand {
 
     @OptionGroup(title: "Registration")
     var registration: RegistrationOptions
+
+    @OptionGroup(title: "Logging")
+    var logging: LoggingOptions
 
     func run() throws {
         ProcessSignals.block([SIGTERM, SIGINT])

@@ -23,7 +23,7 @@ struct RunCommand: ParsableCommand {
     static let environment = EnvironmentFlags(
         command: "run",
         flags: EtcdOptions.environment + RegistrationOptions.environment + DiscoveryOptions.environment
-            + ProxyOptions.environment + HealthOptions.environment + StatsOptions.environment,
+            + ProxyOptions.environment + HealthOptions.environment + StatsOptions.environment + LoggingOptions.environment,
         switches: RegistrationOptions.switches)
 
     @OptionGroup(title: "etcd")
@@ -43,6 +43,9 @@ struct RunCommand: ParsableCommand {
 
     @OptionGroup(title: "Stats and admin")
     var stats: StatsOptions
+
+    @OptionGroup(title: "Logging")
+    var logging: LoggingOptions
 
     func run() throws {
         ProcessSignals.block([SIGTERM, SIGINT])

@@ -15,7 +15,7 @@ struct WhoamiCommand: ParsableCommand {
 
     static let environment = EnvironmentFlags(command: "whoami", flags: [
         ("--listen", "BERTH_LISTEN"), ("--id", "BERTH_ID"), ("--threads", "BERTH_THREADS"),
-    ])
+    ] + LoggingOptions.environment)
 
     @Option(help: EnvironmentFlags.help("Address to listen on, HOST:PORT.", "BERTH_LISTEN"), transform: AddressArgument.parse)
     var listen: AddressArgument?
@@ -25,6 +25,9 @@ struct WhoamiCommand: ParsableCommand {
 
     @Option(help: EnvironmentFlags.help("Server threads.", "BERTH_THREADS"))
     var threads: Int = 1
+
+    @OptionGroup(title: "Logging")
+    var logging: LoggingOptions
 
     func validate() throws {
         if listen == nil { throw ValidationError("--listen HOST:PORT is required") }
