@@ -1,7 +1,7 @@
 // swift-tools-version:6.0
 import PackageDescription
 
-// Import direction (DESIGN.md §7): berth → {BerthRegistrar → BerthDiscovery → BerthEtcd, BerthStats,
+// Import direction (docs/ARCHITECTURE.md): berth → {BerthRegistrar → BerthDiscovery → BerthEtcd, BerthStats,
 // BerthHealth, BerthWhoami} → BerthEngine → CBerthShims.
 // BerthEngine imports nothing of ours but the C shim, and no SwiftNIO: the data plane is Glibc only.
 // Extension members are visible only from modules a file imports itself, so that, say,
@@ -172,6 +172,12 @@ let package = Package(
         .testTarget(
             name: "BerthCLITests",
             dependencies: ["BerthTestSupport", "BerthEngine", "CBerthShims"]
+        ),
+        .testTarget(
+            // The failure matrix: berth processes on hosts made of network namespaces
+            // (NetworkTestBed), under partitions, dead links, silent backends, delay and loss.
+            name: "NetworkTests",
+            dependencies: ["BerthTestSupport", "BerthEngine"]
         ),
     ],
     swiftLanguageModes: [.v6]
