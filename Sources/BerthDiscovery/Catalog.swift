@@ -99,6 +99,19 @@ public struct Catalog: Sendable {
     @discardableResult
     public mutating func apply(delete key: String, revision: Int64) -> EventOutcome {
         guard admit(key: key, revision: revision) else { return .stale }
+        return remove(key: key)
+    }
+
+    /// Whether `key` is an instance of the catalog now.
+    public func holdsInstance(_ key: String) -> Bool {
+        guard case .instance(let service, let instance) = options.layout.classify(key) else { return false }
+        return services[service]?.instances[instance] != nil
+    }
+
+    /// Removes what `key` means, outside the revision order: a delete the watch loop held back
+    /// (see `DiscoverySettings.outageHold`) and whose key was not put again since.
+    @discardableResult
+    public mutating func remove(key: String) -> EventOutcome {
         malformedKeys.removeValue(forKey: key)
         switch options.layout.classify(key) {
         case .ignored(let reason):

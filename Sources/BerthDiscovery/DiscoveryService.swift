@@ -15,6 +15,14 @@ public struct DiscoverySettings: Sendable {
     public var checkDefaults: CheckSettings?
     /// A service whose listener could not open (port in use) is tried again this often.
     public var listenRetryInterval: Duration = .seconds(5)
+    /// Deletions of leased instances that arrive right after an etcd outage
+    /// (`WatchBatch.afterOutage`) take effect this long later (ms), unless their key is put
+    /// again meanwhile: when this host
+    /// or the registrars were cut off from etcd for longer than the lease TTL, etcd expired every
+    /// registrar's lease, and each registrar puts its keys back under a new lease as soon as it
+    /// reaches etcd again. Applied at once, those expiries would empty services of working
+    /// backends until then (HAProxy's `hold obsolete` for the same reason). 0: no hold.
+    public var outageHold: Int64 = 5_000
 
     public init(catalog: Catalog.Options = .init(), bind: SocketAddress, defaults: FrontendSettings = .init(), checkDefaults: CheckSettings? = nil) {
         self.catalog = catalog
@@ -75,6 +83,8 @@ public final class DiscoveryService: Sendable {
         var lastSkipped: UInt64 = 0
         /// Revisions of the events applied, oldest first (bounded), for tests and debugging.
         var history: [Int64] = []
+        /// Deletions held after an outage (`DiscoverySettings.outageHold`): key → when to apply.
+        var heldDeletes: [String: Int64] = [:]
     }
 
     static let historyLimit = 100_000
@@ -160,6 +170,8 @@ public final class DiscoveryService: Sendable {
 
     private func reset(with listing: RangeResult) {
         state.withLock { state in
+            // A full listing is what etcd holds now: nothing is held against it.
+            state.heldDeletes = [:]
             let diff = state.catalog.reset(entries: listing.keyValues.map { ($0.key, $0.value) }, revision: listing.revision)
             state.listings += 1
             if state.listings > 1 {
@@ -174,11 +186,30 @@ public final class DiscoveryService: Sendable {
 
     private func apply(_ batch: WatchBatch) {
         state.withLock { state in
-            let events: [Catalog.Event] = batch.events.map { event in
+            let holdUntil = MonotonicClock.milliseconds() + settings.outageHold
+            var events: [Catalog.Event] = []
+            var held = 0
+            for event in batch.events {
+                let key = event.keyValue.key
                 switch event.kind {
-                case .put: .put(key: event.keyValue.key, value: event.keyValue.value, revision: event.keyValue.modRevision)
-                case .delete: .delete(key: event.keyValue.key, revision: event.keyValue.modRevision)
+                case .put:
+                    state.heldDeletes.removeValue(forKey: key)
+                    events.append(.put(key: key, value: event.keyValue.value, revision: event.keyValue.modRevision))
+                case .delete:
+                    // Only keys that lived under a lease: an expiry looks like that, while a
+                    // key deleted by hand (or written without a lease) goes at once.
+                    let leased = (event.previous?.lease ?? 0) != 0
+                    if batch.afterOutage && leased && settings.outageHold > 0 && state.catalog.holdsInstance(key) {
+                        state.heldDeletes[key] = holdUntil
+                        held += 1
+                    } else {
+                        state.heldDeletes.removeValue(forKey: key)
+                        events.append(.delete(key: key, revision: event.keyValue.modRevision))
+                    }
                 }
+            }
+            if held > 0 {
+                logger.info("registry: \(held) instance deletion(s) right after an etcd outage (lease expiries?) held for \(settings.outageHold) ms, unless put again")
             }
             let changed = state.catalog.apply(events)
             state.lastEvent = .now
@@ -239,7 +270,18 @@ public final class DiscoveryService: Sendable {
         while !Task.isCancelled {
             try? await Task.sleep(for: .milliseconds(200))
             let (due, failing) = state.withLock { state in
-                ((state.nextEvaluation.map { MonotonicClock.milliseconds() >= $0 } ?? false), !state.listenerFailures.isEmpty)
+                let now = MonotonicClock.milliseconds()
+                // Held deletions whose keys did not come back take effect now.
+                let expired = state.heldDeletes.filter { $0.value <= now }.map(\.key)
+                var removed = false
+                for key in expired {
+                    state.heldDeletes.removeValue(forKey: key)
+                    removed = state.catalog.remove(key: key).changesCatalog || removed
+                }
+                if !expired.isEmpty {
+                    logger.info("registry: \(expired.count) held deletion(s) applied (their keys did not come back)")
+                }
+                return (removed || (state.nextEvaluation.map { now >= $0 } ?? false), !state.listenerFailures.isEmpty)
             }
             if due || (failing && ContinuousClock.now - lastRetry >= settings.listenRetryInterval) {
                 lastRetry = .now

@@ -52,6 +52,10 @@ public struct WatchBatch: Sendable {
     public var isProgressNotification: Bool { events.isEmpty }
     /// The endpoint that delivered it.
     public var endpoint: EtcdEndpoint
+    /// It came right after an outage of the watch (a stream that went silent for longer than a
+    /// progress interval and then resumed, or a new stream after a broken one): its events may
+    /// be what happened during the outage, lease expiries among them.
+    public var afterOutage = false
 }
 
 public enum EtcdError: Error, CustomStringConvertible, Sendable, Equatable {

@@ -141,12 +141,17 @@ extension EtcdClient {
             },
             onResponse: { response in
                 for try await message in response.messages {
+                    // A quiet stream still answers a progress request every interval; silent
+                    // for half as long again, then back: an outage ended.
+                    if progress.silence > interval * 3 / 2 { progress.markRecovered() }
                     progress.touch()
                     if message.compactRevision != 0 { throw EtcdError.compacted(message.compactRevision) }
                     if message.canceled {
                         throw RPCError(code: .unavailable, message: "cancelled by the server: \(message.cancelReason)")
                     }
                     if message.created {
+                        // A stream after one that broke: whatever it replays may be an outage's.
+                        if progress.hadStream { progress.markRecovered() }
                         progress.markCreated()
                         self.markHealthy(connection)
                         onConnected(endpoint)
@@ -159,8 +164,10 @@ extension EtcdClient {
                     let events = message.events.map(WatchEvent.init)
                     let last = events.last!.keyValue.modRevision
                     guard last >= progress.next else { continue }  // replayed: already delivered
-                    try await onBatch(WatchBatch(events: events.filter { $0.keyValue.modRevision >= progress.next },
-                                                 revision: last, endpoint: endpoint))
+                    var batch = WatchBatch(events: events.filter { $0.keyValue.modRevision >= progress.next },
+                                           revision: last, endpoint: endpoint)
+                    batch.afterOutage = progress.recoveredRecently
+                    try await onBatch(batch)
                     progress.delivered(through: last)
                 }
                 throw RPCError(code: .unavailable, message: "the watch stream ended")
@@ -169,15 +176,38 @@ extension EtcdClient {
 
 }
 
-/// The resume point of a watch, and when its stream last said anything.
+/// The resume point of a watch, when its stream last said anything, and when it last came back
+/// from an outage.
 final class WatchProgress: Sendable {
-    private let state: Mutex<(next: Int64, lastMessage: ContinuousClock.Instant, created: Bool)>
-
-    init(next: Int64) {
-        state = Mutex((next, .now, false))
+    private struct State {
+        var next: Int64
+        var lastMessage: ContinuousClock.Instant = .now
+        var created = false
+        var hadStream = false
+        var recovered: ContinuousClock.Instant?
     }
 
-    func markCreated() { state.withLock { $0.created = true } }
+    /// How long after an outage ends its replayed events are still flagged `afterOutage`.
+    static let recoveryWindow: Duration = .seconds(2)
+
+    private let state: Mutex<State>
+
+    init(next: Int64) {
+        state = Mutex(State(next: next))
+    }
+
+    func markCreated() {
+        state.withLock {
+            $0.created = true
+            $0.hadStream = true
+        }
+    }
+    /// Whether an earlier stream was established (the one being created replaces it).
+    var hadStream: Bool { state.withLock { $0.hadStream && !$0.created } }
+    func markRecovered() { state.withLock { $0.recovered = .now } }
+    var recoveredRecently: Bool {
+        state.withLock { state in state.recovered.map { .now - $0 < Self.recoveryWindow } ?? false }
+    }
     /// Whether the current stream was established.
     var isCreated: Bool { state.withLock { $0.created } }
     /// Whether a stream was established since the last call.
