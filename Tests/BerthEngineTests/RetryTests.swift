@@ -117,4 +117,39 @@ final class RetryTests: DataPlaneTestCase {
         XCTAssertTrue(answer.hasSuffix("I'm good\n"), answer)
         XCTAssertEqual(engine.statistics().frontends["web"]!.traffic.redispatches, 1)
     }
+
+    /// A listener on `host` whose accept queue is full: SYNs to it are dropped, as by a dead host.
+    private func synDroppingListener(host: String) throws -> SocketAddress {
+        var listener = try Sockets.listen(on: try SocketAddress(parsing: "\(host):0"), reusePort: false, backlog: 0)
+        let address = try Sockets.localAddress(listener.raw)
+        var fds = [listener.release()]
+        for _ in 0..<3 {
+            var connected = false
+            var filler = try Sockets.connect(to: address, connected: &connected)
+            fds.append(filler.release())
+        }
+        addTeardownBlock { for fd in fds { close(fd) } }
+        usleep(50_000)
+        return address
+    }
+
+    /// After a connect timed out (the host says nothing: maybe dead as a whole), the retry goes
+    /// to a backend on another host, not to the next port of the same silent host.
+    func testARetryAfterAConnectTimeoutAvoidsTheSilentHost() throws {
+        let first = try synDroppingListener(host: "127.0.0.2")
+        let second = try synDroppingListener(host: "127.0.0.2")
+        let good = try whoami("good")
+        let (engine, listening) = try startEngine(
+            [Frontend(name: "web", listen: loopbackAnyPort,
+                      backends: [Backend(first), Backend(second), Backend(good.address)],
+                      settings: FrontendSettings(retries: 3, connectTimeout: 300))],
+            configure: { $0.workers = 1 })
+        let started = Date()
+        XCTAssertEqual(try TestSocket.httpGet(listening["web"]!), "I'm good\n")
+        let waited = Date().timeIntervalSince(started)
+        let stats = engine.statistics().frontends["web"]!
+        XCTAssertEqual(stats.backends[first.description]?.connectErrors, 1)
+        XCTAssertEqual(stats.backends[second.description]?.connectErrors ?? 0, 0, "retried on the same silent host")
+        XCTAssertLessThan(waited, 0.55, "one connect timeout, not two")
+    }
 }

@@ -18,7 +18,11 @@ extension Worker {
                 closeSession(session)
                 return
             }
-            let server = backends[RoundRobin.index(position: session.rotation, attempt: session.attempt, count: backends.count)]
+            var index = RoundRobin.index(position: session.rotation, attempt: session.attempt, count: backends.count)
+            if let silent = session.silentHost, backends[index].backend.address.withPort(0) == silent {
+                index = Self.nextOnAnotherHost(backends, after: index, avoiding: silent) ?? index
+            }
+            let server = backends[index]
             session.server = server
             do throws(SystemError) {
                 var connected = false
@@ -53,6 +57,15 @@ extension Worker {
         }
     }
 
+    /// The first backend after `index` in rotation order whose host is not `host`.
+    static func nextOnAnotherHost(_ backends: [BackendRuntime], after index: Int, avoiding host: SocketAddress) -> Int? {
+        for step in 1..<max(1, backends.count) {
+            let candidate = (index + step) % backends.count
+            if backends[candidate].backend.address.withPort(0) != host { return candidate }
+        }
+        return nil
+    }
+
     /// Passive health: report a backend after `observeErrors` failed connects in a row.
     private func observeFailure(frontend: FrontendRuntime, server: BackendRuntime) {
         server.consecutiveFailures += 1
@@ -68,6 +81,7 @@ extension Worker {
     func connectFailed(_ session: Session, error: CInt) {
         session.backend.close()  // no EPOLL_CTL_DEL needed: see `closeSession`
         session.connectDeadline = .max
+        if error == ETIMEDOUT, let server = session.server { session.silentHost = server.backend.address.withPort(0) }
         if let server = session.server, let frontend = session.frontend {
             observeFailure(frontend: frontend, server: server)
             server.counters.add(server.counters.connectErrors, 1)

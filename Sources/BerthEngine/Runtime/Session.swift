@@ -27,6 +27,9 @@ final class Session {
     /// The rotation position this connection drew, and how many connects it has tried.
     var rotation: UInt64 = 0
     var attempt = 0
+    /// The address (port 0) of a backend whose connect timed out: a host that says nothing may
+    /// be dead as a whole, so retries go to backends on other hosts while there are any.
+    var silentHost: SocketAddress?
 
     /// client → backend.
     var request = Flow()
@@ -66,6 +69,7 @@ final class Session {
         frontend = nil
         server = nil
         attempt = 0
+        silentHost = nil
         request = Flow()
         response = Flow()
         clientSide = Side()
