@@ -136,7 +136,7 @@ let package = Package(
         ),
         .testTarget(
             name: "BerthEngineTests",
-            dependencies: ["BerthEngine", "BerthWhoami", "CBerthShims"]
+            dependencies: ["BerthEngine", "BerthWhoami", "CBerthShims", "BerthTestSupport"]
         ),
         .testTarget(
             name: "BerthHealthTests",

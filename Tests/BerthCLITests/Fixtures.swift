@@ -260,13 +260,7 @@ class BerthTestCase: XCTestCase {
     private var openAtStart: [String: String] = [:]
 
     /// fd number → what it points to, from /proc/self/fd.
-    static func openDescriptors() -> [String: String] {
-        var result: [String: String] = [:]
-        for name in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? [] {
-            result[name] = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(name)")) ?? "?"
-        }
-        return result
-    }
+    static func openDescriptors() -> [String: String] { openDescriptorMap() }
 
     /// What the process opens once for its lifetime on first use (Foundation's Process and
     /// /dev/null handle, a first child reaped, temporary files) is opened here, before any

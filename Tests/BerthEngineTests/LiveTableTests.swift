@@ -1,4 +1,5 @@
 import BerthEngine
+import BerthTestSupport
 import Foundation
 import XCTest
 
@@ -108,16 +109,9 @@ final class LiveTableTests: DataPlaneTestCase {
     /// A backend removed while a session is still connecting to it keeps its counters until
     /// that session ends: the connect error it then meets is counted on it, not lost.
     func testCountersOfASessionStillConnectingOutliveItsBackendsRemoval() throws {
-        var listener = try Sockets.listen(on: try SocketAddress(parsing: "127.0.0.1:0"), reusePort: false, backlog: 0)
-        defer { listener.close() }
-        let silent = try Sockets.localAddress(listener.raw)
-        var fillers: [CInt] = []
-        defer { for fd in fillers { close(fd) } }
-        for _ in 0..<3 {
-            var connected = false
-            var filler = try Sockets.connect(to: silent, connected: &connected)
-            fillers.append(filler.release())
-        }
+        let dropping = try SynDroppingListener()
+        defer { dropping.close() }
+        let silent = dropping.address
         let other = try echoBackend(tag: 2)
         let (engine, listening) = try startEngine(
             [Frontend(name: "svc", listen: loopbackAnyPort, backends: [Backend(silent)],

@@ -1,5 +1,6 @@
 import BerthEngine
 import BerthHealth
+import BerthTestSupport
 import Foundation
 import XCTest
 
@@ -54,23 +55,14 @@ final class CheckerTests: XCTestCase {
     /// host that died or is cut off) has not passed a TCP check: the connect is still in progress
     /// at the timeout, which is L4TOUT. (SO_ERROR read before the socket is writable is 0.)
     func testTCPCheckOfAPeerThatNeverAnswersTheSYNTimesOut() throws {
-        var listener = try Sockets.listen(on: try SocketAddress(parsing: "127.0.0.1:0"), reusePort: false, backlog: 0)
-        defer { listener.close() }
-        let address = try Sockets.localAddress(listener.raw)
-        // Never accepted: the first connection fills the queue, later SYNs are dropped.
-        var fillers: [CInt] = []
-        defer { for fd in fillers { close(fd) } }
-        for _ in 0..<3 {
-            var connected = false
-            var filler = try Sockets.connect(to: address, connected: &connected)
-            fillers.append(filler.release())
-        }
-        usleep(100_000)
+        let silent = try SynDroppingListener()
+        defer { silent.close() }
+        let address = silent.address
         for kind in [CheckKind.tcp, .http(HTTPCheck(path: "/"))] {
-            let silent = verdict(address, settings(kind, timeout: 300), name: "syn-dropped-\(kind)")
-            XCTAssertEqual(silent?.status, .down, "\(kind): \(String(describing: silent?.lastResult))")
-            XCTAssertEqual(silent?.lastResult?.detail, "timeout connecting after 300 ms")
-            XCTAssertGreaterThanOrEqual(silent?.lastResult?.duration ?? 0, 300)
+            let health = verdict(address, settings(kind, timeout: 300), name: "syn-dropped-\(kind)")
+            XCTAssertEqual(health?.status, .down, "\(kind): \(String(describing: health?.lastResult))")
+            XCTAssertEqual(health?.lastResult?.detail, "timeout connecting after 300 ms")
+            XCTAssertGreaterThanOrEqual(health?.lastResult?.duration ?? 0, 300)
         }
     }
 

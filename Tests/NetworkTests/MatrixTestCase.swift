@@ -10,13 +10,7 @@ class MatrixTestCase: XCTestCase {
     private(set) var scene: Scene?
     private var openAtStart: [String: String] = [:]
 
-    static func openDescriptors() -> [String: String] {
-        var result: [String: String] = [:]
-        for name in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? [] {
-            result[name] = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(name)")) ?? "?"
-        }
-        return result
-    }
+    static func openDescriptors() -> [String: String] { openDescriptorMap() }
 
     /// What the process opens once in its life (a first child, Foundation's JSON, the bed's
     /// availability probe, libdispatch's timers) is opened before any test counts descriptors.
