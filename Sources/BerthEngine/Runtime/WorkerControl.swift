@@ -1,0 +1,121 @@
+import Glibc
+
+/// A worker's control messages: tables to install, listeners to adopt, the stop.
+extension Worker {
+    // MARK: Control messages
+
+    func processMailbox() {
+        let commands = handle.mailbox.withLock { mailbox in
+            let taken = mailbox
+            mailbox.removeAll()
+            return taken
+        }
+        for command in commands {
+            switch command {
+            case .install(let published, let listeners):
+                install(published, listeners: listeners)
+            case .stop(let deadline):
+                beginStopping(deadline: deadline)
+            }
+        }
+    }
+
+    func install(_ published: PublishedTable, listeners: [String: CInt]) {
+        assertOnLoop()
+        var next: [String: FrontendRuntime] = [:]
+        var live = Set<CounterRegistry.Key>()
+        for spec in published.table.frontends {
+            let runtime = frontends[spec.name] ?? FrontendRuntime(
+                name: spec.name,
+                cursor: published.cursors[spec.name] ?? RoundRobinCursor(),
+                counters: handle.registry.counters(frontend: spec.name, backend: nil),
+                settings: spec.settings)
+            runtime.settings = spec.settings
+            live.insert(.init(frontend: spec.name, backend: nil))
+            var existing: [String: BackendRuntime] = [:]
+            for backend in runtime.backends { existing[backend.backend.name] = backend }
+            runtime.backends = spec.backends.map { backend in
+                live.insert(.init(frontend: spec.name, backend: backend.name))
+                // Kept only at the same address: one that moved under the same name stays in
+                // `existing` and is drained below like any removed backend.
+                if let kept = existing[backend.name], kept.backend.address == backend.address {
+                    existing.removeValue(forKey: backend.name)
+                    kept.backend = backend
+                    return kept
+                }
+                return BackendRuntime(
+                    backend: backend,
+                    counters: handle.registry.counters(frontend: spec.name, backend: backend.name))
+            }
+            runtime.candidates = runtime.backends.filter { $0.backend.enabled }
+            for gone in existing.values { gone.removed = true }
+            if let fd = listeners[spec.name] {
+                closeListener(runtime)
+                runtime.listener.adopt(fd)
+                registerListener(runtime)
+            }
+            next[spec.name] = runtime
+        }
+        for (name, runtime) in frontends where next[name] == nil {
+            runtime.removed = true
+            for backend in runtime.backends { backend.removed = true }
+            closeListener(runtime)
+        }
+        // Sockets for frontends this table does not contain (raced with a newer table): close.
+        for (name, fd) in listeners where next[name] == nil { closeDescriptor(fd) }
+        frontends = next
+        // Counters of a backend that left the table are still those of its open sessions,
+        // connecting ones included (they count only once connected): kept while any is.
+        for session in sessions where session.state != .free {
+            if let frontend = session.frontend { live.insert(.init(frontend: frontend.name, backend: nil)) }
+            if let frontend = session.frontend, let server = session.server {
+                live.insert(.init(frontend: frontend.name, backend: server.backend.name))
+            }
+        }
+        handle.registry.prune(keeping: live)
+        // Removed backends and frontends: their open connections drain.
+        let drainDeadline = Deadline.after(configuration.drainTimeout, from: now)
+        for session in sessions where session.state != .free {
+            if session.frontend?.removed == true || session.server?.removed == true {
+                session.drainDeadline = min(session.drainDeadline, drainDeadline)
+                arm(session, at: session.nextDeadline())
+            }
+        }
+    }
+
+    func registerListener(_ frontend: FrontendRuntime) {
+        guard frontend.listener.isOpen, !stopping else { return }
+        var slot = listenerFrontends.firstIndex { $0 === frontend } ?? listenerFrontends.firstIndex { $0 == nil }
+        if slot == nil {
+            listenerFrontends.append(nil)
+            slot = listenerFrontends.count - 1
+        }
+        listenerFrontends[slot!] = frontend
+        guard !acceptPaused else { return }
+        do {
+            try epoll.add(frontend.listener.raw, events: Epoll.readable,
+                          token: EventToken.make(kind: EventToken.listener, index: Int32(slot!), generation: 0))
+            frontend.listenerRegistered = true
+        } catch {
+            // ENOSPC (max_user_watches) or ENOMEM: counted; accepting pauses and
+            // `resumeAccepting` registers the listener again after `acceptRetryDelay`.
+            handle.registry.loopErrors.add(1, ordering: .relaxed)
+            pauseAccepting()
+        }
+    }
+
+    func closeListener(_ frontend: FrontendRuntime) {
+        if frontend.listenerRegistered {
+            epoll.remove(frontend.listener.raw)
+            frontend.listenerRegistered = false
+        }
+        frontend.listener.close()
+        if let slot = listenerFrontends.firstIndex(where: { $0 === frontend }) { listenerFrontends[slot] = nil }
+    }
+
+    func beginStopping(deadline: Int64) {
+        stopping = true
+        stopDeadline = deadline
+        for frontend in frontends.values { closeListener(frontend) }
+    }
+}

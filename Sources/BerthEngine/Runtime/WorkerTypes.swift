@@ -1,0 +1,99 @@
+import Glibc
+import Synchronization
+
+/// A frontend as one worker sees it: the backends it may pick from now, its shared rotation and
+/// its counters. Rebuilt fields are replaced in place when a new table is installed, so open
+/// sessions keep pointing at a live object.
+final class FrontendRuntime {
+    let name: String
+    let cursor: RoundRobinCursor
+    let counters: TrafficCounters
+    var settings: FrontendSettings
+    /// Every backend of the table (identity and counters of open sessions).
+    var backends: [BackendRuntime] = []
+    /// The enabled ones: the round-robin rotation runs over these.
+    var candidates: [BackendRuntime] = []
+    var listener = Descriptor.none
+    var listenerRegistered = false
+    var removed = false
+
+    init(name: String, cursor: RoundRobinCursor, counters: TrafficCounters, settings: FrontendSettings) {
+        self.name = name
+        self.cursor = cursor
+        self.counters = counters
+        self.settings = settings
+    }
+}
+
+final class BackendRuntime {
+    /// Replaced in place when only `enabled` changes.
+    var backend: Backend
+    let counters: TrafficCounters
+    /// Left the table: no new connections; open ones drain.
+    var removed = false
+    /// Failed connects in a row on this worker (passive health, `observeErrors`).
+    var consecutiveFailures = 0
+
+    init(backend: Backend, counters: TrafficCounters) {
+        self.backend = backend
+        self.counters = counters
+    }
+}
+
+/// What the control plane sends a worker (through `WorkerHandle.post`).
+enum WorkerCommand: Sendable {
+    /// Serve `table`; `listeners` are freshly bound sockets (raw fds, owned by the message
+    /// until the worker adopts them) for frontends that are new or moved to another address.
+    case install(PublishedTable, listeners: [String: CInt])
+    /// Stop accepting, let connections finish until `deadline` (monotonic ms), then exit.
+    case stop(deadline: Int64)
+}
+
+/// The immutable table a worker installs: the routing table plus the shared rotation cursors.
+final class PublishedTable: Sendable {
+    let table: RoutingTable
+    let cursors: [String: RoundRobinCursor]
+
+    init(table: RoutingTable, cursors: [String: RoundRobinCursor]) {
+        self.table = table
+        self.cursors = cursors
+    }
+}
+
+/// The part of a worker other threads may touch: its mailbox, its wake-up eventfd, its counters.
+final class WorkerHandle: Sendable {
+    let index: Int
+    let wakeup: WakeupSignal
+    let mailbox = Mutex<[WorkerCommand]>([])
+    let registry = CounterRegistry()
+
+    init(index: Int) throws(SystemError) {
+        self.index = index
+        wakeup = try WakeupSignal()
+    }
+
+    /// Queues a command and wakes the worker. Callable from any thread.
+    func post(_ command: WorkerCommand) {
+        mailbox.withLock { $0.append(command) }
+        wakeup.wake()
+    }
+}
+
+/// State shared by all workers of an engine.
+final class EngineShared: Sendable {
+    /// Client connections open across all workers (for `maxConnections`).
+    let connections = Atomic<Int>(0)
+}
+
+/// Epoll registration tokens: `generation << 32 | index << 2 | kind`. The generation makes an
+/// event for a slot that was freed and reused unrecognisable, so it is dropped.
+enum EventToken {
+    static let wakeup: UInt64 = 0
+    static let listener: UInt64 = 1
+    static let client: UInt64 = 2
+    static let backend: UInt64 = 3
+
+    @inline(__always) static func make(kind: UInt64, index: Int32, generation: UInt32) -> UInt64 {
+        UInt64(generation) << 32 | UInt64(UInt32(bitPattern: index)) << 2 | kind
+    }
+}
