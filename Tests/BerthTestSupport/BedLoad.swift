@@ -1,28 +1,27 @@
 // The failure matrix's client: sequential HTTP/1.0 GETs, one connection each, read to EOF, each
 // bounded by a client-side timeout, made from inside a bed host. Every request is kept as a
 // sample (when it started, how long it took, who answered or why it failed).
-import BerthTestSupport
 import BerthEngine
 import Foundation
 import Glibc
 import Synchronization
 
 /// One request.
-struct Sample: Sendable {
+public struct Sample: Sendable {
     /// Monotonic seconds when it started.
-    let start: Double
-    let seconds: Double
+    public let start: Double
+    public let seconds: Double
     /// The backend's name ("I'm NAME"), nil when it failed.
-    let answer: String?
-    let failure: String?
-    var failed: Bool { answer == nil }
+    public let answer: String?
+    public let failure: String?
+    public var failed: Bool { answer == nil }
 }
 
-enum BedHTTP {
+public enum BedHTTP {
     /// GET / on address:port over a new connection (HTTP/1.0, read to EOF); the name whoami
     /// answered with. Throws on refusal, reset, an empty or non-HTTP answer, or `timeout`
     /// seconds in all. Uses the calling thread's network namespace.
-    static func get(_ address: String, _ port: Int, path: String = "/", timeout: Double) throws -> String {
+    public static func get(_ address: String, _ port: Int, path: String = "/", timeout: Double) throws -> String {
         let text = try exchange(address, port, request: "GET \(path) HTTP/1.0\r\nHost: bed\r\n\r\n", timeout: timeout)
         guard text.hasPrefix("HTTP/1."), let split = text.range(of: "\r\n\r\n") else {
             throw FixtureFailure(text.isEmpty ? "empty response" : "not HTTP: \(text.prefix(80).debugDescription)")
@@ -35,7 +34,7 @@ enum BedHTTP {
     }
 
     /// The body of a GET (the stats server's JSON), same rules.
-    static func body(_ address: String, _ port: Int, path: String, timeout: Double = 3) throws -> String {
+    public static func body(_ address: String, _ port: Int, path: String, timeout: Double = 3) throws -> String {
         let text = try exchange(address, port, request: "GET \(path) HTTP/1.0\r\nHost: bed\r\n\r\n", timeout: timeout)
         guard text.hasPrefix("HTTP/1.1 200") || text.hasPrefix("HTTP/1.0 200"), let split = text.range(of: "\r\n\r\n") else {
             throw FixtureFailure("GET \(path) from \(address):\(port): \(text.prefix(120).debugDescription)")
@@ -86,19 +85,19 @@ enum BedHTTP {
 
 /// Sequential requests on a thread of its own, inside a bed host, until stop() or a bound:
 /// `maximumRequests` requests or `maximumSeconds` seconds.
-final class RequestLoad: @unchecked Sendable {
-    let address: String
-    let port: Int
-    let timeout: Double
-    let pause: Double
-    static let maximumRequests = 100_000
-    static let maximumSeconds = 150.0
+public final class RequestLoad: @unchecked Sendable {
+    public let address: String
+    public let port: Int
+    public let timeout: Double
+    public let pause: Double
+    public static let maximumRequests = 100_000
+    public static let maximumSeconds = 150.0
     private let recorded = Mutex<[Sample]>([])
     private let stopping = Atomic<Bool>(false)
     private var thread: OSThread?
 
     /// Starts at once: GETs to address:port from `host` of `bed`, `pause` seconds apart.
-    init(bed: NetworkTestBed, host: String, address: String, port: Int, timeout: Double = 5, pause: Double = 0.01) {
+    public init(bed: NetworkTestBed, host: String, address: String, port: Int, timeout: Double = 5, pause: Double = 0.01) {
         self.address = address
         self.port = port
         self.timeout = timeout
@@ -132,11 +131,11 @@ final class RequestLoad: @unchecked Sendable {
     }
 
     /// The samples so far.
-    var samples: [Sample] { recorded.withLock { $0 } }
+    public var samples: [Sample] { recorded.withLock { $0 } }
 
     /// Stops (after the request in flight) and returns every sample. Idempotent.
     @discardableResult
-    func stop() -> [Sample] {
+    public func stop() -> [Sample] {
         stopping.store(true, ordering: .relaxed)
         thread?.join()
         thread = nil
@@ -145,15 +144,15 @@ final class RequestLoad: @unchecked Sendable {
 }
 
 /// Figures of a set of samples, for the test output and the assertions.
-struct LoadSummary: CustomStringConvertible {
-    let count: Int
-    let failed: [Sample]
-    let answers: [String: Int]
-    let p50: Double
-    let p99: Double
-    let maximum: Double
+public struct LoadSummary: CustomStringConvertible {
+    public let count: Int
+    public let failed: [Sample]
+    public let answers: [String: Int]
+    public let p50: Double
+    public let p99: Double
+    public let maximum: Double
 
-    init(_ samples: [Sample]) {
+    public init(_ samples: [Sample]) {
         count = samples.count
         failed = samples.filter(\.failed)
         var answers: [String: Int] = [:]
@@ -168,7 +167,7 @@ struct LoadSummary: CustomStringConvertible {
         maximum = sorted.last ?? 0
     }
 
-    var description: String {
+    public var description: String {
         let failures = failed.prefix(3).map { "\($0.failure ?? "?") after \(milliseconds($0.seconds))" }
         return "\(count) requests, \(failed.count) failed\(failures.isEmpty ? "" : " \(failures)"), "
             + "p50 \(milliseconds(p50)), p99 \(milliseconds(p99)), max \(milliseconds(maximum)), "
@@ -176,4 +175,4 @@ struct LoadSummary: CustomStringConvertible {
     }
 }
 
-func milliseconds(_ seconds: Double) -> String { "\(Int((seconds * 1000).rounded())) ms" }
+public func milliseconds(_ seconds: Double) -> String { "\(Int((seconds * 1000).rounded())) ms" }

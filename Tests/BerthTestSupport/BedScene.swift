@@ -3,35 +3,38 @@
 // the service `whoami` (listen port 8000) by one `berth register --static … --ttl 3s` per host.
 // The client host runs `berth discover` (started by each test, with its flags), whose stats are
 // read from /stats.json. Every process is spawned in the bed and killed by PID when it goes.
-import BerthTestSupport
 import Foundation
 import Glibc
-import XCTest
 
-final class Scene {
-    struct Options {
+public final class Scene {
+    public struct Options {
         /// a2 is a SilentListener (accepts, never answers) instead of a whoami.
-        var silentA2 = false
+        public var silentA2 = false
         /// b3 and b4: whoami on b (8003, 8004) that b's registrar does not register; the test
         /// writes their keys with etcdctl.
-        var spares = false
+        public var spares = false
+
+        public init(silentA2: Bool = false, spares: Bool = false) {
+            self.silentA2 = silentA2
+            self.spares = spares
+        }
     }
 
-    static let service = "whoami"
-    static let prefix = "/backends/whoami/"
-    static let listenPort = 8000
-    static let statsPort = 1936
-    static let ttl = 3.0
+    public static let service = "whoami"
+    public static let prefix = "/backends/whoami/"
+    public static let listenPort = 8000
+    public static let statsPort = 1936
+    public static let ttl = 3.0
 
-    let bed: NetworkTestBed
-    let etcd: BedEtcd
-    var clientAddress: String { bed.host("client").address }
+    public let bed: NetworkTestBed
+    public let etcd: BedEtcd
+    public var clientAddress: String { bed.host("client").address }
     /// Instance name (a1, b2, …) → HOST:PORT.
-    private(set) var backends: [String: String] = [:]
-    private(set) var silent: SilentListener?
+    public private(set) var backends: [String: String] = [:]
+    public private(set) var silent: SilentListener?
     private var processes: [(label: String, process: SpawnedProcess)] = []
 
-    init() throws {
+    public init() throws {
         bed = try NetworkTestBed(hosts: ["etcd", "client", "a", "b"])
         do {
             etcd = try BedEtcd(bed: bed)
@@ -42,7 +45,7 @@ final class Scene {
     }
 
     /// Starts the backends and the registrars; returns once every registered key is in etcd.
-    func startBackends(_ options: Options) throws {
+    public func startBackends(_ options: Options) throws {
         for host in ["a", "b"] {
             let address = bed.host(host).address
             var registered: [String] = []
@@ -77,7 +80,7 @@ final class Scene {
     /// `retry` (by default empty-response and response-timeout with a 1 s first-byte timeout).
     /// Returns once routing serves every name in `ready`.
     @discardableResult
-    func startDiscover(label: String = "discover", bind: String? = nil, statsPort: Int = statsPort,
+    public func startDiscover(label: String = "discover", bind: String? = nil, statsPort: Int = statsPort,
                        checkTimeout: String = "300ms",
                        retry: [String] = ["--retry-on", "empty-response,response-timeout", "--first-byte-timeout", "1s"],
                        extra: [String] = [], ready: [String] = ["a1", "a2", "b1", "b2"]) throws -> SpawnedProcess {
@@ -103,16 +106,16 @@ final class Scene {
     }
 
     /// Instance address → name.
-    var names: [String: String] { Dictionary(uniqueKeysWithValues: backends.map { ($0.value, $0.key) }) }
+    public var names: [String: String] { Dictionary(uniqueKeysWithValues: backends.map { ($0.value, $0.key) }) }
 
     /// The service's stats from a berth stats server on the client host.
-    func stats(_ address: String? = nil, _ port: Int = statsPort) throws -> StatsView {
+    public func stats(_ address: String? = nil, _ port: Int = statsPort) throws -> StatsView {
         let body = try bed.withNetwork(of: "client") { try BedHTTP.body(address ?? clientAddress, port, path: "/stats.json") }
         return try StatsView(json: body)
     }
 
     /// Makes requests from the client host until every name in `names` answered (20 s at most).
-    func waitForAnswers(from names: Set<String>, address: String? = nil) throws {
+    public func waitForAnswers(from names: Set<String>, address: String? = nil) throws {
         var seen: Set<String> = []
         let done = try bed.withNetwork(of: "client") {
             waitUntil(timeout: 20, interval: 0.02) {
@@ -124,18 +127,18 @@ final class Scene {
     }
 
     /// Writes an instance's key with etcdctl on the etcd host (no lease: it stays until deleted).
-    func putInstance(_ name: String) throws {
+    public func putInstance(_ name: String) throws {
         let address = backends[name]!
         let host = address.split(separator: ":")[0], port = address.split(separator: ":")[1]
         try etcd.etcdctl(["put", Self.prefix + address, "{\"host\":\"\(host)\",\"port\":\(port),\"listen\":\(Self.listenPort)}"])
     }
 
-    func deleteInstance(_ name: String) throws {
+    public func deleteInstance(_ name: String) throws {
         try etcd.etcdctl(["del", Self.prefix + backends[name]!])
     }
 
     /// The tail of every process' stderr, for a failed test's log.
-    func logs(tail: Int = 3000) -> String {
+    public func logs(tail: Int = 3000) -> String {
         var text = ""
         for (label, process) in processes {
             let state = process.exitCode.map { "exit \($0)" } ?? "running"
@@ -145,7 +148,7 @@ final class Scene {
     }
 
     /// Stops everything (listener, processes, etcd and its data, the namespaces).
-    func remove() {
+    public func remove() {
         silent?.stop()
         bed.remove()
         etcd.remove()
@@ -153,25 +156,25 @@ final class Scene {
 }
 
 /// The parts of /stats.json the matrix reads: the `whoami` service's rows.
-struct StatsView {
-    struct Backend {
-        let name: String
-        let address: String
-        let status: String
-        let checkCode: String?
-        let checkDetail: String?
-        let checkMilliseconds: Int?
-        let totalSessions: Int
-        let timeouts: Int
+public struct StatsView {
+    public struct Backend {
+        public let name: String
+        public let address: String
+        public let status: String
+        public let checkCode: String?
+        public let checkDetail: String?
+        public let checkMilliseconds: Int?
+        public let totalSessions: Int
+        public let timeouts: Int
     }
 
-    let backends: [Backend]
-    let frontendTimeouts: Int
-    let totalTimeouts: Int
+    public let backends: [Backend]
+    public let frontendTimeouts: Int
+    public let totalTimeouts: Int
     /// discovery.connected: the etcd watch is established.
-    let connected: Bool?
+    public let connected: Bool?
 
-    init(json: String) throws {
+    public init(json: String) throws {
         guard let root = try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any] else {
             throw FixtureFailure("stats.json is not an object")
         }
@@ -190,10 +193,10 @@ struct StatsView {
         }
     }
 
-    func backend(_ address: String) -> Backend? { backends.first { $0.address == address } }
+    public func backend(_ address: String) -> Backend? { backends.first { $0.address == address } }
 
     /// "a1 UP L4OK 1 ms, …" with instance names for addresses.
-    func summary(names: [String: String]) -> String {
+    public func summary(names: [String: String]) -> String {
         backends.map { row in
             "\(names[row.address] ?? row.address) \(row.status) \(row.checkCode ?? "-")"
                 + "\(row.checkMilliseconds.map { " \($0) ms" } ?? "")\(row.checkDetail.map { " (\($0))" } ?? "")"
