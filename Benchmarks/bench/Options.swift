@@ -158,20 +158,22 @@ let benchUsage = """
     Measures Berth against a direct connection and against HAProxy on this machine, all in one
     run: keep-alive requests/s, new connections/s, bulk Gbit/s with 1 and 4 streams, latency
     percentiles at a fixed request rate, and the proxy's CPU time and peak RSS. The proxy runs
-    pinned to CPU 0; the load generator and the backends run on CPU 1. Then four scenarios through
+    pinned to CPU 0; the load generator and the backends run on CPU 1. Then five scenarios through
     the berth binary: failover (a backend SIGKILLed and restarted under load), checks (throughput
     with and without 1,000 checked backends, and the checks' CPU cost), discovery (berth
     discover on a real etcd, /usr/bin/etcd: put-to-routable latency, the first sync of 1,000
-    services x 10 instances and its memory; skipped without etcd) and stats-fuzz (throughput
-    while the stats port takes bad and oversized requests, against quiet windows).
+    services x 10 instances and its memory; skipped without etcd), stats-fuzz (throughput
+    while the stats port takes bad and oversized requests, against quiet windows) and hosts
+    (the failure matrix on hosts in network namespaces: partitions, a dead host, a silent
+    backend, delay, loss, etcd cut off; Berth beside HAProxy; needs root, ip and iptables).
 
       --quick          1 s per phase instead of 5 s
       --json           print the figures as JSON instead of tables (progress still goes to stderr)
       --phases LIST    comma-separated, from: keepalive, connect, bulk1, bulk4, latency and the
-                       scenarios failover, checks, discovery, stats-fuzz (bulk means
-                       bulk1,bulk4; phases the five phases; scenarios the four scenarios);
+                       scenarios failover, checks, discovery, stats-fuzz, hosts (bulk means
+                       bulk1,bulk4; phases the five phases; scenarios the five scenarios);
                        only what is named runs (default: all)
-      --scenarios LIST the same, for scenarios only: failover, checks, discovery, stats-fuzz
+      --scenarios LIST the same, for scenarios only: failover, checks, discovery, stats-fuzz, hosts
                        (with no --phases, no phase runs)
       --setups LIST    comma-separated, from: direct, berth-splice, berth-copy, berth-auto,
                        haproxy, haproxy-splice-auto (berth means its three modes;

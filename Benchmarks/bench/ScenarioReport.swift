@@ -30,6 +30,7 @@ struct ScenarioReport {
         if let checks = results.checks { out += checksText(checks) }
         if let discovery = results.discovery { out += discoveryText(discovery) }
         if let statsFuzz = results.statsFuzz { out += statsFuzzText(statsFuzz) }
+        if let hosts = results.hosts { out += hostsText(hosts) }
         return out
     }
 
@@ -257,6 +258,7 @@ struct ScenarioReport {
         if let checks = results.checks { members.append(("checks", checksJSON(checks))) }
         if let discovery = results.discovery { members.append(("discovery", discoveryJSON(discovery))) }
         if let statsFuzz = results.statsFuzz { members.append(("statsFuzz", statsFuzzJSON(statsFuzz))) }
+        if let hosts = results.hosts { members.append(("hosts", hostsJSON(hosts))) }
         return .object(members)
     }
 

@@ -18,6 +18,9 @@ enum Scenario: String, CaseIterable, Sendable {
     /// Keep-alive throughput through `berth proxy` while its stats port is fuzzed (100k+ bad
     /// and oversized requests, slowloris), against quiet windows in the same run.
     case statsFuzz = "stats-fuzz"
+    /// The failure matrix on hosts in network namespaces (HostsScenario.swift): a partition, a
+    /// dead host, a silent backend, delay, loss, etcd cut off; `berth discover` beside HAProxy.
+    case hosts
 }
 
 /// The order of a scenario's windows without (false) and with (true) what it measures:
@@ -204,6 +207,7 @@ struct ScenarioResults {
     var checks: ChecksResult?
     var discovery: DiscoveryResult?
     var statsFuzz: StatsFuzzResult?
+    var hosts: HostsResult?
     var notes: [String] = []
 }
 
@@ -244,6 +248,8 @@ struct ScenarioRunner {
                 results.discovery = DiscoveryScenario(options: options, proxyCPU: proxyCPU, loadCPU: loadCPU, web: web, berth: berth).run()
             case .statsFuzz:
                 results.statsFuzz = StatsFuzzScenario(options: options, proxyCPU: proxyCPU, loadCPU: loadCPU, berth: berth).run()
+            case .hosts:
+                results.hosts = HostsScenario(options: options, berth: berth, haproxy: Launcher.locateHAProxy(options.haproxyPath)).run()
             }
         }
         return results

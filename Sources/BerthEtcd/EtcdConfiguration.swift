@@ -11,7 +11,9 @@ public struct EtcdConfiguration: Sendable, Equatable {
     public var backoff = Backoff.Settings()
     /// A watch stream that delivers nothing (not even an answer to a progress request) for this
     /// long is taken for dead and reopened, on the next endpoint.
-    public var watchProgressInterval: Duration = .seconds(5)
+    /// Short, so that a cut is told from a quiet stream within seconds (a progress request is
+    /// one small message each way).
+    public var watchProgressInterval: Duration = .seconds(2)
 
     public struct Credentials: Sendable, Equatable {
         public var username: String

@@ -31,9 +31,10 @@ extension EtcdClient {
                                                 onConnected: onConnected, onBatch: onBatch)
                 }
             } catch is EndpointRecovered {
-                // The attempt was stuck behind a cut that has just healed: a fresh connection now,
-                // no backoff (see EndpointProbe).
+                // The attempt (or the stream) was stuck behind a cut that has just healed: a fresh
+                // connection now, no backoff (see EndpointProbe); what it replays follows an outage.
                 failover(from: connection, reason: "\(connection.endpoint): reachable again; reconnecting")
+                if progress.takeCreated() { progress.markRecovered() }
                 continue
             } catch let error as RPCError {
                 switch Self.classify(error) {
@@ -69,12 +70,16 @@ extension EtcdClient {
         }
     }
 
-    /// Runs one watch attempt; when it has not been established after
-    /// `EndpointProbe.stallThreshold` and its endpoint is then seen to come back, it is cancelled
-    /// and `EndpointRecovered` thrown.
+    /// Runs one watch attempt under a watchdog: while the stream is not established (after
+    /// `EndpointProbe.stallThreshold`), or is established but has missed a progress answer, the
+    /// endpoint is probed; when it is seen to come back, the attempt is cancelled and
+    /// `EndpointRecovered` thrown, so that a fresh connection replaces one stuck behind a cut
+    /// (TCP would retransmit into it only after its backoff, seconds later).
     private func untilEndpointRecovers(
         _ endpoint: EtcdEndpoint, progress: WatchProgress, _ attempt: @escaping @Sendable () async throws -> Void
     ) async throws {
+        let interval = configuration.watchProgressInterval
+        let healthy: @Sendable () -> Bool = { progress.isCreated && progress.silence <= interval + EndpointProbe.stallThreshold }
         try await withThrowingTaskGroup(of: Bool.self) { group in
             group.addTask {
                 try await attempt()
@@ -82,10 +87,15 @@ extension EtcdClient {
             }
             group.addTask {
                 try await Task.sleep(for: EndpointProbe.stallThreshold)
-                if try await EndpointProbe.waitForRecovery(of: endpoint, stop: { progress.isCreated }) {
-                    throw EndpointRecovered()
+                while true {
+                    if healthy() {
+                        try await Task.sleep(for: .milliseconds(500))
+                        continue
+                    }
+                    if try await EndpointProbe.waitForRecovery(of: endpoint, stop: healthy) {
+                        throw EndpointRecovered()
+                    }
                 }
-                return false  // established: nothing to watch over
             }
             while let attemptEnded = try await group.next() {
                 if attemptEnded {
@@ -142,8 +152,8 @@ extension EtcdClient {
             onResponse: { response in
                 for try await message in response.messages {
                     // A quiet stream still answers a progress request every interval; silent
-                    // for half as long again, then back: an outage ended.
-                    if progress.silence > interval * 3 / 2 { progress.markRecovered() }
+                    // for a second more, then back: an outage ended.
+                    if progress.silence > interval + EndpointProbe.stallThreshold { progress.markRecovered() }
                     progress.touch()
                     if message.compactRevision != 0 { throw EtcdError.compacted(message.compactRevision) }
                     if message.canceled {

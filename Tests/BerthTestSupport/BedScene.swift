@@ -34,7 +34,11 @@ public final class Scene {
     public private(set) var silent: SilentListener?
     private var processes: [(label: String, process: SpawnedProcess)] = []
 
-    public init() throws {
+    /// The berth executable every process of the scene runs.
+    public let berth: String
+
+    public init(berth: String = BerthBinary.path) throws {
+        self.berth = berth
         bed = try NetworkTestBed(hosts: ["etcd", "client", "a", "b"])
         do {
             etcd = try BedEtcd(bed: bed)
@@ -56,12 +60,12 @@ public final class Scene {
                 if name == "a2" && options.silentA2 {
                     silent = try bed.withNetwork(of: host) { try SilentListener(host: address, port: port) }
                 } else {
-                    processes.append((name, try bed.spawn(in: host, BerthBinary.path, [
+                    processes.append((name, try bed.spawn(in: host, berth, [
                         "whoami", "--listen", "\(address):\(port)", "--id", name, "--threads", "1",
                     ])))
                 }
             }
-            processes.append(("register-\(host)", try bed.spawn(in: host, BerthBinary.path, [
+            processes.append(("register-\(host)", try bed.spawn(in: host, berth, [
                 "register", "--etcd", etcd.clientURL, "--static", registered.joined(separator: ","),
                 "--ttl", "\(Int(Self.ttl))s", "--no-docker",
             ])))
@@ -85,7 +89,7 @@ public final class Scene {
                        retry: [String] = ["--retry-on", "empty-response,response-timeout", "--first-byte-timeout", "1s"],
                        extra: [String] = [], ready: [String] = ["a1", "a2", "b1", "b2"]) throws -> SpawnedProcess {
         let bind = bind ?? clientAddress
-        let process = try bed.spawn(in: "client", BerthBinary.path, [
+        let process = try bed.spawn(in: "client", berth, [
             "discover", "--etcd", etcd.clientURL, "--bind", bind,
             "--check", "tcp", "--check-interval", "500ms", "--check-timeout", checkTimeout, "--rise", "2", "--fall", "2",
             "--observe-errors", "1", "--connect-timeout", "1s", "--stats", "\(bind):\(statsPort)",
