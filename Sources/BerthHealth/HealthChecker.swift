@@ -260,7 +260,10 @@ private final class CheckLoop: @unchecked Sendable {
         shared.record(scheduled.target.key, settings: scheduled.target.settings, result: result, now: now)
         let settings = scheduled.target.settings
         let jitter = Int64(Double(settings.interval) * settings.jitter)
-        scheduled.nextRun = now + settings.interval + (jitter > 0 ? Int64.random(in: -jitter...jitter, using: &random) : 0)
+        // HAProxy's `inter`: from one check's start to the next one's. A check that ran longer
+        // (a silent host, up to the timeout) is followed by the next one at once.
+        let started = now - result.duration
+        scheduled.nextRun = max(now, started + settings.interval + (jitter > 0 ? Int64.random(in: -jitter...jitter, using: &random) : 0))
         scheduled.generation &+= 1
         timers.insert(.init(deadline: scheduled.nextRun, slot: scheduled.slot, generation: scheduled.generation))
     }

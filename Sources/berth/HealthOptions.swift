@@ -17,7 +17,7 @@ struct HealthOptions: ParsableArguments {
     @Option(help: EnvironmentFlags.help("Active check of every backend: tcp (connect), http:/path (status 2xx-3xx), tls (handshake), https:/path, or none.", "BERTH_CHECK"))
     var check: String = "none"
 
-    @Option(help: EnvironmentFlags.help("Time between two checks of a backend (jittered by 10%).", "BERTH_CHECK_INTERVAL"), transform: DurationArgument.parse)
+    @Option(help: EnvironmentFlags.help("Time from the start of one check of a backend to the start of the next (HAProxy's inter, jittered by 10%); after a check that ran longer, the next starts at once.", "BERTH_CHECK_INTERVAL"), transform: DurationArgument.parse)
     var checkInterval = DurationArgument(milliseconds: 2_000)
 
     @Option(help: EnvironmentFlags.help("A check not finished by then has failed.", "BERTH_CHECK_TIMEOUT"), transform: DurationArgument.parse)
