@@ -91,7 +91,7 @@ public final class RequestLoad: @unchecked Sendable {
     public let timeout: Double
     public let pause: Double
     public static let maximumRequests = 100_000
-    public static let maximumSeconds = 150.0
+    public static let maximumSeconds = 300.0
     private let recorded = Mutex<[Sample]>([])
     private let stopping = Atomic<Bool>(false)
     private var thread: OSThread?
