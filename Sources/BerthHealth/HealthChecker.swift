@@ -194,7 +194,15 @@ private final class CheckLoop: @unchecked Sendable {
                 guard Int(entry.slot) < slots.count, let scheduled = slots[Int(entry.slot)],
                       scheduled.generation == entry.generation else { continue }
                 if let probe = scheduled.probe {
-                    finish(scheduled, probe.timedOut(now: now, after: scheduled.target.settings.timeout), now: now)
+                    // Past the connect's own limit but connected: the rest of the timeout.
+                    let deadline = probe.started + scheduled.target.settings.timeout
+                    if !probe.isConnecting && now < deadline {
+                        timers.insert(.init(deadline: deadline, slot: scheduled.slot, generation: scheduled.generation))
+                        continue
+                    }
+                    let settings = scheduled.target.settings
+                    let limit = probe.isConnecting ? min(settings.timeout, settings.interval) : settings.timeout
+                    finish(scheduled, probe.timedOut(now: now, after: limit), now: now)
                 } else {
                     start(scheduled, now: now)
                 }
@@ -234,7 +242,10 @@ private final class CheckLoop: @unchecked Sendable {
         let probe = Probe(address: scheduled.target.address, kind: scheduled.target.settings.kind, now: now)
         scheduled.probe = probe
         scheduled.generation &+= 1
-        timers.insert(.init(deadline: now + scheduled.target.settings.timeout, slot: scheduled.slot, generation: scheduled.generation))
+        // HAProxy's rule: a check's connect must complete within the smaller of the timeout and
+        // the interval (a host that drops SYNs is found in fall × inter, not fall × timeout).
+        let settings = scheduled.target.settings
+        timers.insert(.init(deadline: now + min(settings.timeout, settings.interval), slot: scheduled.slot, generation: scheduled.generation))
         if probe.socket.isOpen {
             do {
                 try epoll.add(probe.socket.raw, events: Epoll.writable, token: token(scheduled))

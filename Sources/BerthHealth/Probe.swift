@@ -31,6 +31,8 @@ final class Probe {
     let started: Int64
     private(set) var socket: Descriptor
     private var stage = Stage.connecting
+    /// Still waiting for the connect to complete.
+    var isConnecting: Bool { stage == .connecting && failure == nil }
     private let kind: CheckKind
     private let address: SocketAddress
     private var tls: TLSClient?

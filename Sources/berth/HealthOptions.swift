@@ -20,7 +20,7 @@ struct HealthOptions: ParsableArguments {
     @Option(help: EnvironmentFlags.help("Time from the start of one check of a backend to the start of the next (HAProxy's inter, jittered by 10%); after a check that ran longer, the next starts at once.", "BERTH_CHECK_INTERVAL"), transform: DurationArgument.parse)
     var checkInterval = DurationArgument(milliseconds: 2_000)
 
-    @Option(help: EnvironmentFlags.help("A check not finished by then has failed.", "BERTH_CHECK_TIMEOUT"), transform: DurationArgument.parse)
+    @Option(help: EnvironmentFlags.help("A check not finished by then has failed; its connect must complete within the smaller of this and --check-interval (HAProxy's rule), so that a host that drops SYNs is found within fall x interval.", "BERTH_CHECK_TIMEOUT"), transform: DurationArgument.parse)
     var checkTimeout = DurationArgument(milliseconds: 1_000)
 
     @Option(help: EnvironmentFlags.help("Successful checks in a row that bring a down backend up.", "BERTH_RISE"))

@@ -26,8 +26,8 @@ final class CheckerTests: XCTestCase {
         return server
     }
 
-    private func settings(_ kind: CheckKind, timeout: Int64 = 300) -> CheckSettings {
-        CheckSettings(kind: kind, interval: 100, timeout: timeout, rise: 1, fall: 1)
+    private func settings(_ kind: CheckKind, timeout: Int64 = 300, interval: Int64 = 100) -> CheckSettings {
+        CheckSettings(kind: kind, interval: interval, timeout: timeout, rise: 1, fall: 1)
     }
 
     /// Checks `address` until its first verdict arrives; returns the health.
@@ -59,11 +59,15 @@ final class CheckerTests: XCTestCase {
         defer { silent.close() }
         let address = silent.address
         for kind in [CheckKind.tcp, .http(HTTPCheck(path: "/"))] {
-            let health = verdict(address, settings(kind, timeout: 300), name: "syn-dropped-\(kind)")
+            let health = verdict(address, settings(kind, timeout: 300, interval: 1_000), name: "syn-dropped-\(kind)")
             XCTAssertEqual(health?.status, .down, "\(kind): \(String(describing: health?.lastResult))")
             XCTAssertEqual(health?.lastResult?.detail, "timeout connecting after 300 ms")
             XCTAssertGreaterThanOrEqual(health?.lastResult?.duration ?? 0, 300)
         }
+        // HAProxy's rule: the connect must complete within the smaller of timeout and interval.
+        let quick = verdict(address, settings(.tcp, timeout: 1_000, interval: 200), name: "syn-dropped-inter")
+        XCTAssertEqual(quick?.lastResult?.detail, "timeout connecting after 200 ms")
+        XCTAssertLessThan(quick?.lastResult?.duration ?? 0, 1_000)
     }
 
     func testHTTPCheckJudgesTheStatus() throws {
