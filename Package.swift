@@ -4,7 +4,8 @@ import PackageDescription
 // Import direction (docs/ARCHITECTURE.md): berth → {BerthRegistrar → BerthDiscovery → BerthEtcd, BerthStats,
 // BerthHealth, BerthWhoami} → BerthEngine → CBerthShims.
 // BerthEngine imports nothing of ours but the C shim, and no SwiftNIO: the data plane is Glibc only.
-// Extension members are visible only from modules a file imports itself, so that, say,
+// Extension members are visible only from modules a file imports itself (MemberImportVisibility on
+// every target, and every module a target imports is declared here), so that, say,
 // `String.contains` is the standard library's and not Foundation's (reached through a
 // dependency): the binary links FoundationEssentials only, not Foundation and its ICU data.
 let memberImports: SwiftSetting = .enableUpcomingFeature("MemberImportVisibility")
@@ -37,6 +38,7 @@ let package = Package(
                 // event; runtime exclusivity checks cost more instructions than the syscalls'
                 // user-space side (callgrind: ~60%). Debug builds, which run the tests, keep them.
                 .unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release)),
+                memberImports,
             ]
         ),
         .systemLibrary(
@@ -84,6 +86,7 @@ let package = Package(
             name: "BerthRegistrar",
             dependencies: [
                 .product(name: "Logging", package: "swift-log"),
+                "BerthEngine",
                 "BerthDiscovery",
                 "BerthEtcd",
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -132,52 +135,66 @@ let package = Package(
                 "BerthTestSupport",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ],
-            path: "Benchmarks/bench"
+            path: "Benchmarks/bench",
+            swiftSettings: [memberImports]
         ),
         .testTarget(
             name: "BerthEngineTests",
-            dependencies: ["BerthEngine", "BerthWhoami", "CBerthShims", "BerthTestSupport"]
+            dependencies: ["BerthEngine", "BerthWhoami", "CBerthShims", "BerthTestSupport"],
+            swiftSettings: [memberImports]
         ),
         .testTarget(
             name: "BerthHealthTests",
-            dependencies: ["BerthTestSupport", "BerthHealth", "BerthEngine", "BerthWhoami"]
+            dependencies: ["BerthTestSupport", "BerthHealth", "BerthEngine", "BerthWhoami"],
+            swiftSettings: [memberImports]
         ),
         .target(
             // Fixtures for tests only: a real etcd (one member or a cluster), a real dockerd.
             name: "BerthTestSupport",
             dependencies: ["BerthEngine", "CBerthShims"],
-            path: "Tests/BerthTestSupport"
+            path: "Tests/BerthTestSupport",
+            swiftSettings: [memberImports]
         ),
         .testTarget(
             name: "BerthEtcdTests",
-            dependencies: ["BerthEtcd", "BerthTestSupport"]
+            dependencies: ["BerthEtcd", "BerthTestSupport"],
+            swiftSettings: [memberImports]
         ),
         .testTarget(
             name: "BerthDiscoveryTests",
-            dependencies: ["BerthTestSupport", "BerthDiscovery", "BerthEtcd", "BerthEngine", "BerthHealth", "BerthWhoami"]
+            dependencies: ["BerthTestSupport", "BerthDiscovery", "BerthEtcd", "BerthEngine", "BerthHealth", "BerthWhoami"],
+            swiftSettings: [memberImports]
         ),
         .testTarget(
             name: "BerthRegistrarTests",
-            dependencies: ["BerthTestSupport", "BerthRegistrar", "BerthDiscovery", "BerthEtcd"]
+            dependencies: [
+                "BerthTestSupport", "BerthRegistrar", "BerthDiscovery", "BerthEtcd",
+                .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            swiftSettings: [memberImports]
         ),
         .testTarget(
             name: "BerthStatsTests",
-            dependencies: ["BerthTestSupport", "BerthStats", "BerthEngine", "BerthHealth", "BerthWhoami"]
+            dependencies: ["BerthTestSupport", "BerthStats", "BerthEngine", "BerthHealth", "BerthWhoami"],
+            swiftSettings: [memberImports]
         ),
         .testTarget(
             // The seed's walkthrough on one machine: real etcd, two real dockerds, berth processes.
             name: "EndToEndTests",
-            dependencies: ["BerthTestSupport"]
+            dependencies: ["BerthTestSupport"],
+            swiftSettings: [memberImports]
         ),
         .testTarget(
             name: "BerthCLITests",
-            dependencies: ["BerthTestSupport", "BerthEngine", "CBerthShims"]
+            dependencies: ["BerthTestSupport", "BerthEngine", "CBerthShims"],
+            swiftSettings: [memberImports]
         ),
         .testTarget(
             // The failure matrix: berth processes on hosts made of network namespaces
             // (NetworkTestBed), under partitions, dead links, silent backends, delay and loss.
             name: "NetworkTests",
-            dependencies: ["BerthTestSupport", "BerthEngine"]
+            dependencies: ["BerthTestSupport", "BerthEngine"],
+            swiftSettings: [memberImports]
         ),
     ],
     swiftLanguageModes: [.v6]

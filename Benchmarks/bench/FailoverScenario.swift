@@ -1,5 +1,6 @@
 import BerthEngine
 import Glibc
+import Histogram
 
 /// The failover scenario: three whoami backends (separate processes on the load CPU) behind a
 /// proxy with health checks; new-connection load (`FailoverLoad`); at `killAt` one backend gets

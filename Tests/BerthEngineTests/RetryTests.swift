@@ -1,5 +1,6 @@
 import BerthEngine
 import BerthTestSupport
+import BerthWhoami
 import Foundation
 import XCTest
 

@@ -1,4 +1,5 @@
 import BerthEngine
+import BerthWhoami
 import Foundation
 import Glibc
 import XCTest

@@ -1,4 +1,5 @@
 import Glibc
+import Synchronization
 
 /// The relaying half of a worker's connection path (Connecting.swift has the other): readiness
 /// events, and bytes moved both ways.

@@ -1,4 +1,5 @@
 import Glibc
+import Synchronization
 
 /// A worker's control messages: tables to install, listeners to adopt, the stop.
 extension Worker {
