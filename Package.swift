@@ -136,7 +136,9 @@ let package = Package(
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ],
             path: "Benchmarks/bench",
-            swiftSettings: [memberImports]
+            // No MemberImportVisibility here: in release builds it takes Glibc's C structs
+            // (stat, timespec) for the copies in CoreFoundation's and CBerthShims' clang modules
+            // and then asks for those imports (Swift 6.3.1); debug builds accept them.
         ),
         .testTarget(
             name: "BerthEngineTests",
