@@ -125,13 +125,21 @@ final class HAProxyBed {
 
             """
         let file = "\(directory.path)/haproxy.cfg"
-        guard let handle = fopen(file, "w") else { throw FixtureFailure("cannot write \(file)") }
-        fputs(configuration, handle)
-        fclose(handle)
-        process = try scene.bed.spawn(in: "client", binary, ["-f", file, "-db"])
+        let directory = self.directory
+        do {
+            guard let handle = fopen(file, "w") else { throw FixtureFailure("cannot write \(file)") }
+            fputs(configuration, handle)
+            fclose(handle)
+            process = try scene.bed.spawn(in: "client", binary, ["-f", file, "-db"])
+        } catch {
+            directory.remove()
+            throw error
+        }
         let ready = waitUntil(timeout: 10, interval: 0.05) { !self.process.isRunning || (try? self.command("show info")) != nil }
         guard ready != nil, process.isRunning else {
-            throw FixtureFailure("haproxy did not start: \(process.standardError.suffix(1000))")
+            let output = process.standardError.suffix(1000)
+            stop()
+            throw FixtureFailure("haproxy did not start: \(output)")
         }
     }
 

@@ -31,7 +31,6 @@ final class PacketDelayer: @unchecked Sendable {
     private let socket: CInt
     private let delayNanoseconds: Atomic<Int>
     private let stopping = Atomic<Bool>(false)
-    private let stopped = Mutex<Bool>(false)
     private var thread: OSThread?
 
     // Netlink constants (linux/netlink.h, linux/netfilter/nfnetlink_queue.h).
@@ -62,6 +61,9 @@ final class PacketDelayer: @unchecked Sendable {
         do {
             try configure()
         } catch {
+            // Fully initialised, so deinit will run `stop()`: mark it stopped, or it would close
+            // the fd a second time (by then maybe another file's).
+            stopping.store(true, ordering: .relaxed)
             close(fd)
             throw error
         }
@@ -76,12 +78,8 @@ final class PacketDelayer: @unchecked Sendable {
 
     /// Stops the thread, accepts every packet still held, unbinds and closes. Idempotent.
     func stop() {
-        let first = stopped.withLock { done in
-            defer { done = true }
-            return !done
-        }
-        guard first else { return }
-        stopping.store(true, ordering: .relaxed)
+        // The first call flips `stopping` (what the thread polls) and does the rest.
+        guard stopping.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged else { return }
         thread?.join()
         thread = nil
         _ = try? request(config(command: Self.commandUnbind))

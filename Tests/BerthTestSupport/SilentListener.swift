@@ -15,7 +15,6 @@ public final class SilentListener: @unchecked Sendable {
     private let listener: CInt
     private let held = Mutex<[CInt]>([])
     private let stopping = Atomic<Bool>(false)
-    private let stopped = Mutex<Bool>(false)
     private var thread: OSThread?
 
     /// Listens on `host:port` (IPv4; port 0: any free port) in the calling thread's network
@@ -57,12 +56,8 @@ public final class SilentListener: @unchecked Sendable {
 
     /// Stops accepting, closes the listener and every held connection. Idempotent.
     public func stop() {
-        let first = stopped.withLock { done in
-            defer { done = true }
-            return !done
-        }
-        guard first else { return }
-        stopping.store(true, ordering: .relaxed)
+        // The first call flips `stopping` (what the thread polls) and does the rest.
+        guard stopping.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged else { return }
         thread?.join()
         thread = nil
         close(listener)

@@ -65,23 +65,18 @@ extension Worker {
         // Sockets for frontends this table does not contain (raced with a newer table): close.
         for (name, fd) in listeners where next[name] == nil { closeDescriptor(fd) }
         frontends = next
-        // Counters of a backend that left the table are still those of its open sessions,
-        // connecting ones included (they count only once connected): kept while any is.
-        for session in sessions where session.state != .free {
-            if let frontend = session.frontend { live.insert(.init(frontend: frontend.name, backend: nil)) }
-            if let frontend = session.frontend, let server = session.server {
-                live.insert(.init(frontend: frontend.name, backend: server.backend.name))
-            }
-        }
-        handle.registry.prune(keeping: live)
-        // Removed backends and frontends: their open connections drain.
+        // Removed backends and frontends: their open connections drain, and their counters
+        // (those of these sessions, connecting ones included: they count only once connected)
+        // are kept while any is open. The table's own are live already.
         let drainDeadline = Deadline.after(configuration.drainTimeout, from: now)
         for session in sessions where session.state != .free {
-            if session.frontend?.removed == true || session.server?.removed == true {
-                session.drainDeadline = min(session.drainDeadline, drainDeadline)
-                arm(session, at: session.nextDeadline())
-            }
+            guard let frontend = session.frontend, frontend.removed || session.server?.removed == true else { continue }
+            live.insert(.init(frontend: frontend.name, backend: nil))
+            if let server = session.server { live.insert(.init(frontend: frontend.name, backend: server.backend.name)) }
+            session.drainDeadline = min(session.drainDeadline, drainDeadline)
+            arm(session, at: session.nextDeadline())
         }
+        handle.registry.prune(keeping: live)
     }
 
     func registerListener(_ frontend: FrontendRuntime) {
