@@ -1,9 +1,12 @@
 // swift-tools-version:6.0
 import PackageDescription
 
-// Import direction (docs/ARCHITECTURE.md): berth → {BerthRegistrar → BerthDiscovery → BerthEtcd, BerthStats,
-// BerthHealth, BerthWhoami} → BerthEngine → CBerthShims.
-// BerthEngine imports nothing of ours but the C shim, and no SwiftNIO: the data plane is Glibc only.
+// Import direction (docs/ARCHITECTURE.md): berth → {BerthDiscovery, BerthRegistrar, BerthStats, BerthWhoami};
+// BerthDiscovery → {BerthEngine, BerthHealth, BerthRegistry, BerthEtcd}; BerthRegistrar → {BerthRegistry,
+// BerthEtcd}; every module of ours → BerthSystem → CBerthShims.
+// BerthSystem is the OS (syscalls, descriptors, epoll, sockets, threads, the event-loop core);
+// BerthEngine is the data plane alone. Neither imports SwiftNIO: the data plane is Glibc only.
+// BerthRegistry is the key schema and its values: pure, so the registrar needs no engine.
 // Extension members are visible only from modules a file imports itself (MemberImportVisibility on
 // every target, and every module a target imports is declared here), so that, say,
 // `String.contains` is the standard library's and not Foundation's (reached through a
@@ -31,8 +34,24 @@ let package = Package(
     targets: [
         .target(name: "CBerthShims"),
         .target(
-            name: "BerthEngine",
+            // What every module needs of the OS: the syscall chokepoint, descriptors, epoll,
+            // sockets, addresses, threads, clocks, and the event-loop core.
+            name: "BerthSystem",
             dependencies: ["CBerthShims"],
+            swiftSettings: [
+                .unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release)),
+                memberImports,
+            ]
+        ),
+        .target(
+            // The registry's key schema and values (records, `_config`, durations): pure.
+            name: "BerthRegistry",
+            dependencies: ["BerthSystem"],
+            swiftSettings: [memberImports]
+        ),
+        .target(
+            name: "BerthEngine",
+            dependencies: ["BerthSystem", "CBerthShims"],
             swiftSettings: [
                 // The event loop touches session and worker fields through inout on every
                 // event; runtime exclusivity checks cost more instructions than the syscalls'
@@ -48,12 +67,12 @@ let package = Package(
         ),
         .target(
             name: "BerthHealth",
-            dependencies: ["BerthEngine", "COpenSSL"],
+            dependencies: ["BerthEngine", "BerthSystem", "COpenSSL"],
             swiftSettings: [memberImports]
         ),
         .target(
             name: "BerthWhoami",
-            dependencies: ["BerthEngine", "CBerthShims"],
+            dependencies: ["BerthSystem", "CBerthShims"],
             swiftSettings: [memberImports]
         ),
         .target(
@@ -75,6 +94,8 @@ let package = Package(
             name: "BerthDiscovery",
             dependencies: [
                 "BerthEngine",
+                "BerthRegistry",
+                "BerthSystem",
                 "BerthHealth",
                 "BerthEtcd",
                 .product(name: "Logging", package: "swift-log"),
@@ -86,8 +107,8 @@ let package = Package(
             name: "BerthRegistrar",
             dependencies: [
                 .product(name: "Logging", package: "swift-log"),
-                "BerthEngine",
-                "BerthDiscovery",
+                "BerthRegistry",
+                "BerthSystem",
                 "BerthEtcd",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -102,6 +123,8 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 "BerthEngine",
                 "BerthHealth",
+                "BerthRegistry",
+                "BerthSystem",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -112,6 +135,8 @@ let package = Package(
             name: "berth",
             dependencies: [
                 "BerthEngine",
+                "BerthRegistry",
+                "BerthSystem",
                 "BerthHealth",
                 "BerthWhoami",
                 "BerthEtcd",
@@ -127,6 +152,8 @@ let package = Package(
             name: "bench",
             dependencies: [
                 "BerthEngine",
+                "BerthRegistry",
+                "BerthSystem",
                 "BerthWhoami",
                 "CBerthShims",
                 // The discovery scenario writes the registry (the processes under test are berth's).
@@ -142,18 +169,18 @@ let package = Package(
         ),
         .testTarget(
             name: "BerthEngineTests",
-            dependencies: ["BerthEngine", "BerthWhoami", "CBerthShims", "BerthTestSupport"],
+            dependencies: ["BerthEngine", "BerthRegistry", "BerthSystem", "BerthWhoami", "CBerthShims", "BerthTestSupport"],
             swiftSettings: [memberImports]
         ),
         .testTarget(
             name: "BerthHealthTests",
-            dependencies: ["BerthTestSupport", "BerthHealth", "BerthEngine", "BerthWhoami"],
+            dependencies: ["BerthTestSupport", "BerthHealth", "BerthEngine", "BerthSystem", "BerthWhoami"],
             swiftSettings: [memberImports]
         ),
         .target(
             // Fixtures for tests only: a real etcd (one member or a cluster), a real dockerd.
             name: "BerthTestSupport",
-            dependencies: ["BerthEngine", "CBerthShims"],
+            dependencies: ["BerthEngine", "BerthSystem", "CBerthShims"],
             path: "Tests/BerthTestSupport",
             swiftSettings: [memberImports]
         ),
@@ -164,20 +191,20 @@ let package = Package(
         ),
         .testTarget(
             name: "BerthDiscoveryTests",
-            dependencies: ["BerthTestSupport", "BerthDiscovery", "BerthEtcd", "BerthEngine", "BerthHealth", "BerthWhoami"],
+            dependencies: ["BerthTestSupport", "BerthDiscovery", "BerthEtcd", "BerthEngine", "BerthHealth", "BerthRegistry", "BerthSystem", "BerthWhoami"],
             swiftSettings: [memberImports]
         ),
         .testTarget(
             name: "BerthRegistrarTests",
             dependencies: [
-                "BerthTestSupport", "BerthRegistrar", "BerthDiscovery", "BerthEtcd",
+                "BerthTestSupport", "BerthRegistrar", "BerthDiscovery", "BerthEtcd", "BerthRegistry", "BerthSystem",
                 .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
             ],
             swiftSettings: [memberImports]
         ),
         .testTarget(
             name: "BerthStatsTests",
-            dependencies: ["BerthTestSupport", "BerthStats", "BerthEngine", "BerthHealth", "BerthWhoami"],
+            dependencies: ["BerthTestSupport", "BerthStats", "BerthEngine", "BerthHealth", "BerthSystem", "BerthWhoami"],
             swiftSettings: [memberImports]
         ),
         .testTarget(
@@ -188,14 +215,14 @@ let package = Package(
         ),
         .testTarget(
             name: "BerthCLITests",
-            dependencies: ["BerthTestSupport", "BerthEngine", "CBerthShims"],
+            dependencies: ["BerthTestSupport", "BerthEngine", "BerthSystem", "CBerthShims"],
             swiftSettings: [memberImports]
         ),
         .testTarget(
             // The failure matrix: berth processes on hosts made of network namespaces
             // (NetworkTestBed), under partitions, dead links, silent backends, delay and loss.
             name: "NetworkTests",
-            dependencies: ["BerthTestSupport", "BerthEngine"],
+            dependencies: ["BerthTestSupport", "BerthEngine", "BerthSystem"],
             swiftSettings: [memberImports]
         ),
     ],

@@ -1,4 +1,4 @@
-import BerthEngine
+import BerthSystem
 import Glibc
 
 /// The checks scenario: what health checks cost the data plane. Keep-alive load (as the

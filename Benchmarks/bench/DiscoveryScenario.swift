@@ -1,4 +1,4 @@
-import BerthEngine
+import BerthSystem
 import BerthEtcd
 import Dispatch
 import Glibc

@@ -1,3 +1,4 @@
+import BerthRegistry
 import Glibc
 
 /// Number and text formatting for the report (no Foundation in this target).

@@ -1,4 +1,5 @@
-import BerthEngine
+import BerthRegistry
+import BerthSystem
 
 /// The hosts scenario's section of the report: one row per fault and proxy.
 extension ScenarioReport {

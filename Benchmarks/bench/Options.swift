@@ -1,4 +1,5 @@
 import BerthEngine
+import BerthSystem
 
 /// One kind of load, run against one setup for a fixed time. Phases run in this order.
 enum Phase: String, CaseIterable, Sendable {

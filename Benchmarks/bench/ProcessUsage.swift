@@ -1,4 +1,4 @@
-import BerthEngine
+import BerthSystem
 import Glibc
 
 /// Busy and total time of one CPU, in clock ticks, from `/proc/stat`.

@@ -1,4 +1,5 @@
 import BerthEngine
+import BerthSystem
 import Glibc
 
 /// A child process serving addresses: a backend (whoami, bulk) or a proxy under test.

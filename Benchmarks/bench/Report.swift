@@ -1,4 +1,6 @@
 import BerthEngine
+import BerthRegistry
+import BerthSystem
 import Glibc
 
 /// The tables, ratios and notes printed at the end of a run (or the same figures as JSON).

@@ -1,4 +1,5 @@
 import BerthEngine
+import BerthSystem
 import Glibc
 
 /// Starting the scenarios' proxies: the `berth` binary (its `proxy` command, which builds the

@@ -1,4 +1,6 @@
 import BerthEngine
+import BerthRegistry
+import BerthSystem
 
 /// The scenarios' sections of the report (text and JSON), and their notes.
 struct ScenarioReport {

@@ -1,4 +1,4 @@
-import BerthEngine
+import BerthSystem
 import Glibc
 
 /// A scenario: runs after the phases, with processes of its own, through the `berth` binary

@@ -1,4 +1,4 @@
-import BerthEngine
+import BerthSystem
 import Glibc
 
 /// One measured window of the stats-fuzz scenario.

@@ -1,4 +1,4 @@
-import BerthEngine
+import BerthSystem
 import Glibc
 
 // `bench`: with `--role`, one of the processes a run starts (Roles.swift); otherwise the benchmark

@@ -1,4 +1,5 @@
-import BerthEngine
+import BerthRegistry
+import BerthSystem
 
 /// What etcd says, as services and their instances: the registry's keys and values folded in
 /// revision order. A plain value with no threads and no I/O; the watch loop owns one and calls

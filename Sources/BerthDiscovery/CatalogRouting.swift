@@ -1,4 +1,6 @@
 import BerthEngine
+import BerthRegistry
+import BerthSystem
 import BerthHealth
 
 /// A host name as `HostResolver` knows it at the moment a table is built.

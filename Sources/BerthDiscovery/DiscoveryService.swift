@@ -1,4 +1,6 @@
 import BerthEngine
+import BerthRegistry
+import BerthSystem
 import BerthEtcd
 import BerthHealth
 import Logging

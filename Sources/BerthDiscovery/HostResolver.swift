@@ -1,4 +1,5 @@
-import BerthEngine
+import BerthRegistry
+import BerthSystem
 import Glibc
 
 /// Resolves the host names of instances off the event loops: getaddrinfo runs on this

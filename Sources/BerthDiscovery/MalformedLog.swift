@@ -1,3 +1,4 @@
+import BerthRegistry
 /// Why a key or value was skipped, counted per kind on the stats page.
 public enum MalformedReason: Sendable, Hashable, CustomStringConvertible {
     case key(KeyError.Reason)

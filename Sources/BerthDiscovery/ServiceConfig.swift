@@ -1,4 +1,6 @@
 import BerthEngine
+import BerthRegistry
+import BerthSystem
 import BerthHealth
 
 /// Service settings read from `<prefix>/_config/<service>`; every field optional, unset fields

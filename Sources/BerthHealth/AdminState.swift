@@ -1,4 +1,5 @@
 import BerthEngine
+import BerthSystem
 
 /// An operator's override of one backend, as HAProxy's `set server state ready|drain|maint`.
 /// Pure value; `HealthRouter.setAdminState` applies it.

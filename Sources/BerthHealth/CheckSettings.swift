@@ -1,4 +1,4 @@
-import BerthEngine
+import BerthSystem
 
 /// What one active check does. Pure values; `parse` reads the `--check` flag's forms.
 public enum CheckKind: Sendable, Equatable, CustomStringConvertible {

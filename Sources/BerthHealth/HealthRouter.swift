@@ -1,4 +1,5 @@
 import BerthEngine
+import BerthSystem
 import Synchronization
 
 /// Health policy for the whole process, as the command line sets it.

@@ -1,4 +1,5 @@
 import BerthEngine
+import BerthSystem
 
 /// Where a backend stands. Pure.
 public enum HealthStatus: String, Sendable, Equatable {

@@ -1,4 +1,4 @@
-import BerthEngine
+import BerthSystem
 import Glibc
 
 /// One run of one check against one backend: connect, then (per kind) a TLS handshake, an HTTP

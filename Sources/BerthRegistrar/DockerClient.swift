@@ -1,4 +1,5 @@
-import BerthEngine
+import BerthRegistry
+import BerthSystem
 import FoundationEssentials
 import NIOCore
 import NIOHTTP1

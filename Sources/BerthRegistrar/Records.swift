@@ -1,4 +1,4 @@
-import BerthDiscovery
+import BerthRegistry
 
 /// What goes into etcd for a set of registrations: keys and values, pure.
 ///

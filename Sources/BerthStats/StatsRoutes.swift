@@ -1,4 +1,5 @@
-import BerthEngine
+import BerthRegistry
+import BerthSystem
 import BerthHealth
 import FoundationEssentials
 

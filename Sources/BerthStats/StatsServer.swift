@@ -1,4 +1,5 @@
 import BerthEngine
+import BerthSystem
 import Logging
 import NIOCore
 import NIOHTTP1
@@ -7,7 +8,7 @@ import Synchronization
 
 /// Where and how the stats server listens, and its bounds.
 public struct StatsServerConfiguration: Sendable {
-    public var listen: BerthEngine.SocketAddress
+    public var listen: BerthSystem.SocketAddress
     /// Basic-auth credentials: required by every page but `/healthz`, and what enables the
     /// admin API. nil: pages open, admin off.
     public var credentials: StatsCredentials?
@@ -24,7 +25,7 @@ public struct StatsServerConfiguration: Sendable {
     /// Request body (the admin API takes none); beyond: 413 and close.
     public var maxBodyBytes = 4 * 1024
 
-    public init(listen: BerthEngine.SocketAddress, credentials: StatsCredentials? = nil, version: String) {
+    public init(listen: BerthSystem.SocketAddress, credentials: StatsCredentials? = nil, version: String) {
         self.listen = listen
         self.credentials = credentials
         self.version = version
@@ -69,7 +70,7 @@ public final class StatsServer: Sendable {
 
     /// Binds and starts serving; returns the address bound (port 0 resolved).
     @discardableResult
-    public func start() throws -> BerthEngine.SocketAddress {
+    public func start() throws -> BerthSystem.SocketAddress {
         let loop = group.next()
         let limits = configuration
         let collector = collector
@@ -119,7 +120,7 @@ public final class StatsServer: Sendable {
     }
 
     /// Where the server listens once started (the port chosen, for port 0).
-    public var boundAddress: BerthEngine.SocketAddress? {
+    public var boundAddress: BerthSystem.SocketAddress? {
         guard let port = state.withLock({ $0.channel })?.localAddress?.port else { return nil }
         return configuration.listen.withPort(UInt16(port))
     }

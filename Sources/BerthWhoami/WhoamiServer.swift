@@ -1,4 +1,4 @@
-import BerthEngine
+import BerthSystem
 import Glibc
 import Synchronization
 
@@ -31,7 +31,10 @@ public final class WhoamiServer: Sendable {
                 signals.append(try WakeupSignal())
             }
         } catch {
-            for fd in listeners { Glibc.close(fd) }
+            for fd in listeners {
+                var socket = Descriptor(adopting: fd)
+                socket.close()
+            }
             throw error
         }
         address = bound

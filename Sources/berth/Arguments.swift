@@ -1,5 +1,7 @@
 import ArgumentParser
 import BerthEngine
+import BerthRegistry
+import BerthSystem
 
 /// `HOST:PORT` on the command line (IPv4, `[IPv6]`, `*`/empty host for all addresses).
 /// Parsed through `@Option(transform:)` so that a bad value's reason reaches the user.

@@ -1,5 +1,6 @@
 import ArgumentParser
-import BerthEngine
+import BerthRegistry
+import BerthSystem
 import BerthStats
 import FoundationEssentials
 

@@ -1,5 +1,5 @@
 import ArgumentParser
-import BerthEngine
+import BerthSystem
 import BerthEtcd
 import BerthHealth
 import BerthRegistrar

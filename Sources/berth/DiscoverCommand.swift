@@ -1,6 +1,7 @@
 import ArgumentParser
 import BerthDiscovery
-import BerthEngine
+import BerthRegistry
+import BerthSystem
 import BerthEtcd
 import BerthHealth
 import BerthRegistrar

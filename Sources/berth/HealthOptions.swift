@@ -1,6 +1,6 @@
 import ArgumentParser
 import Glibc
-import BerthEngine
+import BerthSystem
 import BerthHealth
 
 /// The health-check flags, shared by every command that proxies.

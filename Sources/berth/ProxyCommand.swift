@@ -1,5 +1,6 @@
 import ArgumentParser
 import BerthEngine
+import BerthSystem
 import BerthHealth
 import BerthStats
 import Glibc

@@ -1,5 +1,5 @@
 import ArgumentParser
-import BerthEngine
+import BerthSystem
 import BerthStats
 
 /// The stats server's flags, shared by every long-running command (`proxy`; later `discover`,

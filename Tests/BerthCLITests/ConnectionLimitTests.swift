@@ -1,4 +1,4 @@
-import BerthEngine
+import BerthSystem
 import Foundation
 import Glibc
 import XCTest

@@ -1,7 +1,7 @@
 // Shared fixtures of the BerthCLITests target: the `berth` binary run as a child process, /proc
 // probes, blocking test sockets, an in-test backend, and a base test case that cleans up after
 // itself. Everything here is bounded in time: no wait, read or loop runs without a deadline.
-import BerthEngine
+import BerthSystem
 import BerthTestSupport
 import CBerthShims
 import Foundation

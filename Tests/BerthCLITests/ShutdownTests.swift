@@ -1,4 +1,4 @@
-import BerthEngine
+import BerthSystem
 import Glibc
 import Synchronization
 import XCTest

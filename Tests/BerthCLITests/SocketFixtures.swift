@@ -1,6 +1,6 @@
 // Socket-side fixtures of BerthCLITests: blocking test sockets with timeouts, byte patterns,
 // the whoami HTTP exchange, and the in-test backend. Split from Fixtures.swift.
-import BerthEngine
+import BerthSystem
 import CBerthShims
 import Foundation
 import Glibc

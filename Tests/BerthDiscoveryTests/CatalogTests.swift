@@ -1,4 +1,6 @@
 import BerthEngine
+@testable import BerthRegistry
+import BerthSystem
 import BerthHealth
 @testable import BerthDiscovery
 import XCTest

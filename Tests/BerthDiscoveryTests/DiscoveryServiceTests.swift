@@ -1,4 +1,6 @@
 import BerthEngine
+@testable import BerthRegistry
+import BerthSystem
 import BerthEtcd
 import BerthHealth
 import BerthTestSupport

@@ -1,4 +1,6 @@
+@testable import BerthRegistry
 import BerthEngine
+import BerthSystem
 @testable import BerthDiscovery
 import XCTest
 

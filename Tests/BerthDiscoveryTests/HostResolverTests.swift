@@ -1,4 +1,5 @@
 import BerthEngine
+import BerthSystem
 @testable import BerthDiscovery
 import Synchronization
 import XCTest

@@ -1,4 +1,5 @@
 import BerthEngine
+import BerthSystem
 import BerthWhoami
 import Foundation
 import XCTest

@@ -1,4 +1,6 @@
 @testable import BerthEngine
+@testable import BerthSystem
+import BerthRegistry
 import BerthWhoami
 import XCTest
 

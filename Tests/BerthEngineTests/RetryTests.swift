@@ -1,4 +1,5 @@
 import BerthEngine
+import BerthSystem
 import BerthTestSupport
 import BerthWhoami
 import Foundation

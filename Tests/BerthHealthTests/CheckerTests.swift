@@ -1,4 +1,5 @@
 import BerthEngine
+import BerthSystem
 import BerthHealth
 import BerthTestSupport
 import Foundation

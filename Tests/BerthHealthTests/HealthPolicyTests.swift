@@ -1,4 +1,4 @@
-import BerthEngine
+import BerthSystem
 @testable import BerthHealth
 import XCTest
 

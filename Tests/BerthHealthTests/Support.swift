@@ -1,4 +1,4 @@
-import BerthEngine
+import BerthSystem
 import BerthHealth
 import BerthTestSupport
 import Foundation

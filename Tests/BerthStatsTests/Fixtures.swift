@@ -2,6 +2,7 @@
 // the stats server, all on 127.0.0.1 port 0), a blocking HTTP client, and a runner for the real
 // tools (chromium, haproxy, promtool). Everything is bounded in time.
 import BerthEngine
+import BerthSystem
 import BerthHealth
 import BerthStats
 import BerthWhoami

@@ -1,4 +1,4 @@
-import BerthEngine
+import BerthSystem
 import BerthStats
 import Foundation
 import Glibc

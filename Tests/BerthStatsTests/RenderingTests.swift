@@ -1,4 +1,5 @@
 @testable import BerthEngine
+@testable import BerthSystem
 import BerthHealth
 @testable import BerthStats
 import XCTest

@@ -1,7 +1,7 @@
 // The failure matrix's client: sequential HTTP/1.0 GETs, one connection each, read to EOF, each
 // bounded by a client-side timeout, made from inside a bed host. Every request is kept as a
 // sample (when it started, how long it took, who answered or why it failed).
-import BerthEngine
+import BerthSystem
 import Foundation
 import Glibc
 import Synchronization

@@ -10,7 +10,7 @@
 //
 // Faults (NetworkFaults.swift) are iptables rules inside a host's namespace, the switch-side
 // veth going down, and an NFQUEUE delayer (PacketDelayer.swift: this kernel has no netem).
-import BerthEngine
+import BerthSystem
 import Foundation
 import Glibc
 import Synchronization

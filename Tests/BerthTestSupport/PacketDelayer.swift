@@ -16,7 +16,7 @@
 // Bounds: at most `maximumHeld` packets are held (past it a packet is accepted at once); the
 // kernel queue has the same length and fails open (accepts) when full, and the iptables rule has
 // --queue-bypass, so a dead delayer (no socket bound) never blackholes the host.
-import BerthEngine
+import BerthSystem
 import Glibc
 import Synchronization
 

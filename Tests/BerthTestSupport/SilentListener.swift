@@ -1,7 +1,7 @@
 // A backend that accepts and never answers: the kernel completes the handshake, a thread
 // accepts, and the sockets are held (never read, never written, never closed) until stop().
 // Health checks that only connect find it healthy; every request sent to it waits forever.
-import BerthEngine
+import BerthSystem
 import Foundation
 import Glibc
 import Synchronization

@@ -1,5 +1,5 @@
 // A peer that drops SYNs, on loopback: what a dead or cut-off host does to a connect.
-import BerthEngine
+import BerthSystem
 import Foundation
 import Glibc
 

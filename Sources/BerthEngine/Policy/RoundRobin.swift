@@ -1,3 +1,4 @@
+import BerthSystem
 import Synchronization
 
 /// The round-robin position of one frontend, shared by every worker, so that the rotation is one

@@ -1,3 +1,5 @@
+import BerthSystem
+
 /// What the control plane asks the data plane to serve: frontends (a listening address and a
 /// name) and, for each, the backends to balance over. Plain values; `Engine.apply` publishes a
 /// table to every worker. Pure: no sockets here.

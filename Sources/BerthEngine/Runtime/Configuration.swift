@@ -1,3 +1,5 @@
+import BerthSystem
+
 /// How bytes are moved between the two sockets of a connection.
 public enum RelayMode: String, Sendable, CaseIterable {
     /// splice(2) through a pooled pipe: zero-copy, best for bulk.

@@ -1,3 +1,4 @@
+import BerthSystem
 import Glibc
 
 /// The connecting half of a worker's connection path: the rotation with retries, the connect

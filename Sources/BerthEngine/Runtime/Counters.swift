@@ -1,3 +1,4 @@
+import BerthSystem
 import Synchronization
 
 /// Traffic counters of one frontend or one backend, on one worker.

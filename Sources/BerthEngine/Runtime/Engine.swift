@@ -1,3 +1,4 @@
+import BerthSystem
 import Glibc
 import Synchronization
 

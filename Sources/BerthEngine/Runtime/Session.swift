@@ -1,3 +1,4 @@
+import BerthSystem
 import Glibc
 
 /// One proxied TCP connection on one worker: a client socket, a backend socket, and the two

@@ -54,15 +54,22 @@ public struct PipePool: ~Copyable {
         }
         guard inUse < inUseLimit else { return nil }
         var fds: (CInt, CInt) = (-1, -1)
-        let created = withUnsafeMutablePointer(to: &fds) {
-            $0.withMemoryRebound(to: CInt.self, capacity: 2) { cberth_pipe2($0) }
-        }
-        guard created == 0 else { return nil }
+        // EMFILE and the like: no pipe now, and the caller copies through user space instead.
+        guard (try? syscallNonBlocking("pipe2", {
+            withUnsafeMutablePointer(to: &fds) {
+                $0.withMemoryRebound(to: CInt.self, capacity: 2) { cberth_pipe2($0) }
+            }
+        })) != nil else { return nil }
         if pipeSize > 0 {
-            _ = cberth_fcntl_int(fds.1, CBERTH_F_SETPIPE_SZ, CInt(clamping: pipeSize))
+            // EPERM above /proc/sys/fs/pipe-max-size for an unprivileged user: the default size.
+            _ = try? syscallNonBlocking("fcntl(F_SETPIPE_SZ)") {
+                cberth_fcntl_int(fds.1, CBERTH_F_SETPIPE_SZ, CInt(clamping: pipeSize))
+            }
         }
-        let size = cberth_fcntl_int(fds.1, CBERTH_F_GETPIPE_SZ, 0)
-        if size > 0 { capacity = Int(size) }
+        if let size = try? syscallNonBlocking("fcntl(F_GETPIPE_SZ)", { cberth_fcntl_int(fds.1, CBERTH_F_GETPIPE_SZ, 0) }),
+           size > 0 {
+            capacity = Int(size)
+        }
         inUse += 1
         return Pipe(output: fds.0, input: fds.1)
     }

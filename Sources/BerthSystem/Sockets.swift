@@ -70,15 +70,19 @@ public enum Sockets {
     public static func pendingError(_ fd: CInt) -> CInt {
         var value: CInt = 0
         var length = socklen_t(MemoryLayout<CInt>.size)
-        if getsockopt(fd, SOL_SOCKET, SO_ERROR, &value, &length) != 0 { return Glibc.errno }
+        do {
+            try syscallNonBlocking("getsockopt(SO_ERROR)") { getsockopt(fd, SOL_SOCKET, SO_ERROR, &value, &length) }
+        } catch {
+            return error.errno
+        }
         return value
     }
 
     /// Disables Nagle's algorithm: a relay forwards what it gets as it gets it.
     @inline(__always)
     public static func setNoDelay(_ fd: CInt) {
-        var one: CInt = 1
-        _ = setsockopt(fd, CInt(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<CInt>.size))
+        // A failure (a socket reset already) shows up on its next read or write.
+        _ = try? setOption(fd, CInt(IPPROTO_TCP), TCP_NODELAY, 1, name: "setsockopt(TCP_NODELAY)")
     }
 
     public static func setOption(
@@ -109,7 +113,7 @@ public enum Sockets {
     /// the reset shows up on the next read or write.
     @inline(__always)
     public static func shutdownWrite(_ fd: CInt) {
-        _ = Glibc.shutdown(fd, CInt(SHUT_WR))
+        _ = try? syscallNonBlocking("shutdown") { Glibc.shutdown(fd, CInt(SHUT_WR)) }
     }
 
     @inline(__always)

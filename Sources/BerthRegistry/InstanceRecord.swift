@@ -1,4 +1,4 @@
-import BerthEngine
+import BerthSystem
 
 /// One registered instance of a service: where to dial it, and what the registrar said about it.
 /// Read from either value format (`parse`), written by the registrar in either (`encodedJSON`,
@@ -124,11 +124,11 @@ public struct InstanceRecord: Sendable, Equatable {
         hostKind == .ipv6 ? "[\(host)]:\(port)" : "\(host):\(port)"
     }
 
-    static func isWhiteSpace(_ byte: UInt8) -> Bool {
+    public static func isWhiteSpace(_ byte: UInt8) -> Bool {
         byte == 0x20 || byte == 0x09 || byte == 0x0A || byte == 0x0D
     }
 
-    static func trimWhiteSpace(_ text: String) -> Substring {
+    public static func trimWhiteSpace(_ text: String) -> Substring {
         var slice = text[...]
         while let first = slice.utf8.first, isWhiteSpace(first) { slice = slice.dropFirst() }
         while let last = slice.utf8.last, isWhiteSpace(last) { slice = slice.dropLast() }
@@ -203,8 +203,8 @@ public struct ValueError: Error, Sendable, Equatable, CustomStringConvertible {
 }
 
 /// JSON string quoting for the encoders (RFC 8259: quote, backslash and controls escaped).
-enum JSONText {
-    static func quote(_ text: String) -> String {
+public enum JSONText {
+    public static func quote(_ text: String) -> String {
         var output = "\""
         for scalar in text.unicodeScalars {
             switch scalar {

@@ -56,22 +56,6 @@ public struct DurationError: Error, CustomStringConvertible, Sendable, Equatable
     }
 }
 
-/// Deadlines on the monotonic millisecond clock. Saturating: a deadline past the end of time is
-/// `.max` ("never"), never a wrapped negative number that would fire at once.
-public enum Deadline {
-    @inline(__always)
-    public static func after(_ milliseconds: Int64, from now: Int64) -> Int64 {
-        let (sum, overflow) = now.addingReportingOverflow(milliseconds)
-        return overflow ? .max : sum
-    }
-
-    /// An idle timeout's deadline: 0 means no timeout (HAProxy's reading of `timeout client 0`).
-    @inline(__always)
-    public static func idle(_ timeout: Int64, since lastActivity: Int64) -> Int64 {
-        timeout > 0 ? after(timeout, from: lastActivity) : .max
-    }
-}
-
 extension String {
     func trimmingSpaces() -> Substring {
         var slice = self[...]

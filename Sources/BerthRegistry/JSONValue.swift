@@ -1,8 +1,8 @@
-import BerthEngine
+import BerthSystem
 
 /// A parsed JSON document, for reading registry values field by field with a reason for every
 /// wrong type. Numbers keep integers exact (`integer`) apart from everything else (`number`).
-enum JSONValue: Sendable, Equatable {
+public enum JSONValue: Sendable, Equatable {
     case null
     case bool(Bool)
     case integer(Int64)
@@ -13,13 +13,13 @@ enum JSONValue: Sendable, Equatable {
 
     /// Values larger than this are rejected before parsing: a registry value is a few hundred
     /// bytes, and the bound keeps one bad put from costing much.
-    static let maximumBytes = 64 * 1024
+    public static let maximumBytes = 64 * 1024
     /// Arrays and objects nested deeper than this are rejected (registry values are shallow;
     /// the bound keeps the recursive parser's stack small).
-    static let maximumDepth = 32
+    public static let maximumDepth = 32
 
     /// Parses `bytes` as one JSON document (RFC 8259). Errors say why in words.
-    static func parse(_ bytes: [UInt8]) throws(ValueError) -> JSONValue {
+    public static func parse(_ bytes: [UInt8]) throws(ValueError) -> JSONValue {
         guard bytes.count <= maximumBytes else {
             throw ValueError(.tooLarge, "\(bytes.count) bytes (limit \(maximumBytes))")
         }
@@ -27,7 +27,7 @@ enum JSONValue: Sendable, Equatable {
         return try parser.document()
     }
 
-    var typeName: String {
+    public var typeName: String {
         switch self {
         case .null: "null"
         case .bool: "a boolean"
@@ -232,10 +232,10 @@ private struct JSONParser {
 }
 
 /// Field access on a JSON object, each failure a `ValueError` naming the field.
-struct JSONObject {
-    let fields: [String: JSONValue]
+public struct JSONObject {
+    public let fields: [String: JSONValue]
 
-    init(_ value: JSONValue, what: String) throws(ValueError) {
+    public init(_ value: JSONValue, what: String) throws(ValueError) {
         guard case .object(let fields) = value else {
             throw ValueError(.notObject, "\(what) must be a JSON object, not \(value.typeName)")
         }
@@ -243,12 +243,12 @@ struct JSONObject {
     }
 
     /// nil when absent or null.
-    subscript(_ name: String) -> JSONValue? {
+    public subscript(_ name: String) -> JSONValue? {
         if case .null = fields[name] { return nil }
         return fields[name]
     }
 
-    func integer(_ name: String, in range: ClosedRange<Int64>) throws(ValueError) -> Int64? {
+    public func integer(_ name: String, in range: ClosedRange<Int64>) throws(ValueError) -> Int64? {
         guard let value = self[name] else { return nil }
         guard case .integer(let number) = value else {
             throw ValueError(.wrongType, "'\(name)' must be an integer, not \(value.typeName)")
@@ -260,11 +260,11 @@ struct JSONObject {
         return number
     }
 
-    func port(_ name: String) throws(ValueError) -> UInt16? {
+    public func port(_ name: String) throws(ValueError) -> UInt16? {
         try integer(name, in: 1...65535).map { UInt16($0) }
     }
 
-    func string(_ name: String) throws(ValueError) -> String? {
+    public func string(_ name: String) throws(ValueError) -> String? {
         guard let value = self[name] else { return nil }
         guard case .string(let text) = value else {
             throw ValueError(.wrongType, "'\(name)' must be a string, not \(value.typeName)")
@@ -272,7 +272,7 @@ struct JSONObject {
         return text
     }
 
-    func bool(_ name: String) throws(ValueError) -> Bool? {
+    public func bool(_ name: String) throws(ValueError) -> Bool? {
         guard let value = self[name] else { return nil }
         guard case .bool(let flag) = value else {
             throw ValueError(.wrongType, "'\(name)' must be true or false, not \(value.typeName)")
@@ -280,7 +280,7 @@ struct JSONObject {
         return flag
     }
 
-    func strings(_ name: String) throws(ValueError) -> [String]? {
+    public func strings(_ name: String) throws(ValueError) -> [String]? {
         guard let value = self[name] else { return nil }
         guard case .array(let items) = value else {
             throw ValueError(.wrongType, "'\(name)' must be an array of strings, not \(value.typeName)")
@@ -295,7 +295,7 @@ struct JSONObject {
         return result
     }
 
-    func stringMap(_ name: String) throws(ValueError) -> [String: String]? {
+    public func stringMap(_ name: String) throws(ValueError) -> [String: String]? {
         guard let value = self[name] else { return nil }
         guard case .object(let items) = value else {
             throw ValueError(.wrongType, "'\(name)' must be an object of strings, not \(value.typeName)")
@@ -312,7 +312,7 @@ struct JSONObject {
 
     /// A duration as HAProxy writes it (`2s`, `500ms`, a bare number of ms) or a JSON number
     /// of milliseconds.
-    func duration(_ name: String) throws(ValueError) -> Int64? {
+    public func duration(_ name: String) throws(ValueError) -> Int64? {
         guard let value = self[name] else { return nil }
         switch value {
         case .integer(let milliseconds) where milliseconds >= 0 && milliseconds <= DurationText.maximum:

@@ -1,4 +1,4 @@
-import BerthEngine
+import BerthSystem
 
 /// The registry's key layout in etcd (docs/REGISTRY.md). Pure: text in, classification out.
 ///

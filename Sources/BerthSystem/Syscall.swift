@@ -39,7 +39,7 @@ public enum IOResult<Value> {
 ///
 /// Never use it for `close` (a failed close must not be retried: the fd may already be reused).
 @inline(__always)
-func syscall<Result: FixedWidthInteger>(
+package func syscall<Result: FixedWidthInteger>(
     _ name: StaticString,
     _ body: () -> Result
 ) throws(SystemError) -> IOResult<Result> {
@@ -63,7 +63,7 @@ func syscall<Result: FixedWidthInteger>(
 /// `syscall` for calls that cannot block (socket, bind, epoll_ctl, ...): `EAGAIN` is an error there.
 @inline(__always)
 @discardableResult
-func syscallNonBlocking<Result: FixedWidthInteger>(
+package func syscallNonBlocking<Result: FixedWidthInteger>(
     _ name: StaticString,
     _ body: () -> Result
 ) throws(SystemError) -> Result {
@@ -77,7 +77,7 @@ func syscallNonBlocking<Result: FixedWidthInteger>(
 
 /// Closes a raw descriptor exactly once. `close` is never retried (on Linux the fd is released
 /// even when close reports EINTR); EBADF is a bug and traps.
-func closeDescriptor(_ fd: CInt) {
+package func closeDescriptor(_ fd: CInt) {
     if Glibc.close(fd) != 0 && Glibc.errno == EBADF {
         fatalError("close(\(fd)): EBADF, a descriptor was closed twice")
     }

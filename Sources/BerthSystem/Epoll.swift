@@ -44,7 +44,7 @@ public struct Epoll: ~Copyable {
 
     /// Deregisters `fd`; called before the fd is closed. ENOENT (never registered) is ignored.
     public func remove(_ fd: CInt) {
-        _ = cberth_epoll_ctl(epfd, EPOLL_CTL_DEL, fd, 0, 0)
+        _ = try? syscallNonBlocking("epoll_ctl(DEL)") { cberth_epoll_ctl(epfd, EPOLL_CTL_DEL, fd, 0, 0) }
     }
 
     /// Waits up to `timeout` ms (-1: forever) and returns how many events are ready.
@@ -77,13 +77,15 @@ public final class WakeupSignal: Sendable {
         closeDescriptor(fd)
     }
 
+    /// EAGAIN (the counter is at its maximum) means a wake-up is pending already.
     public func wake() {
         var one: UInt64 = 1
-        _ = Glibc.write(fd, &one, 8)
+        _ = try? syscall("write(eventfd)") { Glibc.write(fd, &one, 8) }
     }
 
+    /// EAGAIN: nothing was pending.
     public func drain() {
         var value: UInt64 = 0
-        _ = Glibc.read(fd, &value, 8)
+        _ = try? syscall("read(eventfd)") { Glibc.read(fd, &value, 8) }
     }
 }
