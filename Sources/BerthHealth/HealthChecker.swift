@@ -133,14 +133,19 @@ final class CheckerShared: Sendable {
     }
 }
 
-/// The checker's event loop (its thread only).
+/// The checker's event loop (its thread only), on the shared `EventLoopCore`: one slot per
+/// checked backend, whose generation changes at every check started or finished, so that a
+/// late event or timer of an earlier check is dropped.
 private final class CheckLoop: @unchecked Sendable {
-    final class Scheduled {
-        let target: CheckTarget
+    final class Scheduled: Slotted {
+        var target: CheckTarget
         let slot: Int32
         var generation: UInt32 = 0
+        var retired = false
         var probe: Probe?
         var nextRun: Int64
+
+        var isLive: Bool { !retired }
 
         init(target: CheckTarget, slot: Int32, nextRun: Int64) {
             self.target = target
@@ -149,32 +154,27 @@ private final class CheckLoop: @unchecked Sendable {
         }
     }
 
+    /// The token kind of a probe's socket.
+    static let probeToken: UInt64 = 1
+
     let shared: CheckerShared
-    var epoll: Epoll
-    var slots: [Scheduled?] = []
+    var loop: EventLoopCore
+    var slots = SlotTable<Scheduled>()
     var byKey: [BackendKey: Scheduled] = [:]
-    var timers = DeadlineHeap()
     var random = SystemRandomNumberGenerator()
 
     init(shared: CheckerShared) throws(SystemError) {
         self.shared = shared
-        epoll = try Epoll(capacity: 128)
-        try epoll.add(shared.wakeup.fd, events: Epoll.readable, token: UInt64.max)
+        loop = try EventLoopCore(capacity: 128, wakeup: shared.wakeup)
     }
 
     func run() {
         while true {
-            let timeout: CInt
-            if let earliest = timers.earliest {
-                timeout = CInt(clamping: max(0, min(earliest - MonotonicClock.milliseconds(), 60_000)))
-            } else {
-                timeout = -1
-            }
-            let ready = (try? epoll.wait(timeout: timeout)) ?? 0
+            let ready = (try? loop.wait()) ?? 0
             let now = MonotonicClock.milliseconds()
             for index in 0..<ready {
-                let (events, token) = epoll.event(at: index)
-                if token == UInt64.max {
+                let (events, token) = loop.epoll.event(at: index)
+                if token == EventToken.wakeup {
                     let inbox = shared.takeInbox()
                     if inbox.stop {
                         shutdown()
@@ -186,19 +186,16 @@ private final class CheckLoop: @unchecked Sendable {
                     }
                     continue
                 }
-                let slot = Int(token & 0xFFFF_FFFF)
-                guard slot < slots.count, let scheduled = slots[slot], scheduled.generation == UInt32(token >> 32),
-                      let probe = scheduled.probe else { continue }
+                guard let scheduled = slots.lookup(token: token), let probe = scheduled.probe else { continue }
                 step(scheduled, probe, now: now, events: events)
             }
-            while let entry = timers.popDue(now: now) {
-                guard Int(entry.slot) < slots.count, let scheduled = slots[Int(entry.slot)],
-                      scheduled.generation == entry.generation else { continue }
+            while let entry = loop.timers.popDue(now: now) {
+                guard let scheduled = slots.lookup(entry) else { continue }
                 if let probe = scheduled.probe {
                     // Past the connect's own limit but connected: the rest of the timeout.
                     let deadline = probe.started + scheduled.target.settings.timeout
                     if !probe.isConnecting && now < deadline {
-                        timers.insert(.init(deadline: deadline, slot: scheduled.slot, generation: scheduled.generation))
+                        arm(scheduled, at: deadline)
                         continue
                     }
                     let settings = scheduled.target.settings
@@ -219,24 +216,27 @@ private final class CheckLoop: @unchecked Sendable {
                 continue
             }
             if let existing = byKey[target.key] { retire(existing) }
-            let slot = Int32(slots.firstIndex { $0 == nil } ?? slots.count)
             // The first check of a new backend comes at a random point of its first interval.
             let spread = Int64.random(in: 0...max(0, min(target.settings.interval, 100)), using: &random)
-            let scheduled = Scheduled(target: target, slot: slot, nextRun: now + spread)
-            if Int(slot) == slots.count { slots.append(scheduled) } else { slots[Int(slot)] = scheduled }
+            let scheduled = slots.take { Scheduled(target: target, slot: $0, nextRun: now + spread) }
+            scheduled.target = target
+            scheduled.retired = false
+            scheduled.nextRun = now + spread
             keep[target.key] = scheduled
-            timers.insert(.init(deadline: scheduled.nextRun, slot: slot, generation: scheduled.generation))
+            arm(scheduled, at: scheduled.nextRun)
         }
-        for (key, scheduled) in byKey where keep[key] == nil || keep[key] !== scheduled {
-            if keep[key] == nil { retire(scheduled) }
-        }
+        for (key, scheduled) in byKey where keep[key] == nil { retire(scheduled) }
         byKey = keep
     }
 
     private func retire(_ scheduled: Scheduled) {
         closeProbe(scheduled)
-        scheduled.generation &+= 1
-        slots[Int(scheduled.slot)] = nil
+        scheduled.retired = true
+        slots.release(scheduled)
+    }
+
+    private func arm(_ scheduled: Scheduled, at deadline: Int64) {
+        loop.timers.insert(.init(deadline: deadline, slot: scheduled.slot, generation: scheduled.generation))
     }
 
     private func start(_ scheduled: Scheduled, now: Int64) {
@@ -246,10 +246,10 @@ private final class CheckLoop: @unchecked Sendable {
         // HAProxy's rule: a check's connect must complete within the smaller of the timeout and
         // the interval (a host that drops SYNs is found in fall × inter, not fall × timeout).
         let settings = scheduled.target.settings
-        timers.insert(.init(deadline: now + min(settings.timeout, settings.interval), slot: scheduled.slot, generation: scheduled.generation))
+        arm(scheduled, at: now + min(settings.timeout, settings.interval))
         if probe.socket.isOpen {
             do {
-                try epoll.add(probe.socket.raw, events: Epoll.writable, token: token(scheduled))
+                try loop.epoll.add(probe.socket.raw, events: Epoll.writable, token: token(scheduled))
             } catch {
                 finish(scheduled, CheckResult(succeeded: false, duration: 0, detail: "epoll: \(error)"), now: now)
                 return
@@ -261,7 +261,7 @@ private final class CheckLoop: @unchecked Sendable {
     private func step(_ scheduled: Scheduled, _ probe: Probe, now: Int64, events: UInt32) {
         switch probe.advance(now: now, events: events) {
         case .wait(let readable):
-            try? epoll.modify(probe.socket.raw, events: readable ? Epoll.readable : Epoll.writable, token: token(scheduled))
+            try? loop.epoll.modify(probe.socket.raw, events: readable ? Epoll.readable : Epoll.writable, token: token(scheduled))
         case .finished(let result):
             finish(scheduled, result, now: now)
         }
@@ -277,22 +277,21 @@ private final class CheckLoop: @unchecked Sendable {
         let started = now - result.duration
         scheduled.nextRun = max(now, started + settings.interval + (jitter > 0 ? Int64.random(in: -jitter...jitter, using: &random) : 0))
         scheduled.generation &+= 1
-        timers.insert(.init(deadline: scheduled.nextRun, slot: scheduled.slot, generation: scheduled.generation))
+        arm(scheduled, at: scheduled.nextRun)
     }
 
     private func closeProbe(_ scheduled: Scheduled) {
         guard let probe = scheduled.probe else { return }
-        if probe.socket.isOpen { epoll.remove(probe.socket.raw) }
+        if probe.socket.isOpen { loop.epoll.remove(probe.socket.raw) }
         probe.closeSocket()
         scheduled.probe = nil
     }
 
     private func token(_ scheduled: Scheduled) -> UInt64 {
-        UInt64(scheduled.generation) << 32 | UInt64(UInt32(bitPattern: scheduled.slot))
+        EventToken.make(kind: Self.probeToken, slot: scheduled.slot, generation: scheduled.generation)
     }
 
     private func shutdown() {
-        for scheduled in slots.compactMap({ $0 }) { closeProbe(scheduled) }
-        epoll.remove(shared.wakeup.fd)
+        for scheduled in slots.live { closeProbe(scheduled) }
     }
 }

@@ -20,33 +20,28 @@ public final class WhoamiServer: Sendable {
     public init(listen: SocketAddress, identity: String, threads count: Int = 1) throws(SystemError) {
         ignoreBrokenPipeSignal()
         self.identity = identity
-        var listeners: [CInt] = []
+        var loops: [WhoamiLoop] = []
         var bound = listen
-        var signals: [WakeupSignal] = []
-        do throws(SystemError) {
-            for _ in 0..<max(1, count) {
-                var socket = try Sockets.listen(on: bound, reusePort: true)
-                if listeners.isEmpty { bound = try Sockets.localAddress(socket.raw) }
-                listeners.append(socket.release())
-                signals.append(try WakeupSignal())
-            }
-        } catch {
-            for fd in listeners {
-                var socket = Descriptor(adopting: fd)
+        let body = Self.responseBody(identity: identity)
+        for _ in 0..<max(1, count) {
+            // A loop owns its listener from here on: one that fails to start closes it, and the
+            // loops already made close theirs when they are dropped with the error.
+            var socket = try Sockets.listen(on: bound, reusePort: true)
+            do throws(SystemError) {
+                if loops.isEmpty { bound = try Sockets.localAddress(socket.raw) }
+            } catch {
                 socket.close()
+                throw error
             }
-            throw error
+            loops.append(try WhoamiLoop(listener: socket.release(), body: body))
         }
         address = bound
-        stopSignals = signals
+        stopSignals = loops.map { $0.loop.wakeup }
         threads = Mutex([])
         var started: [pthread_t] = []
-        for (index, listener) in listeners.enumerated() {
-            let signal = signals[index]
-            let body = Self.responseBody(identity: identity)
-            let thread = OSThread(name: "whoami-\(index)") { [self] in
-                WhoamiLoop(listener: listener, stop: signal, body: body, counter: self).run()
-            }
+        for (index, loop) in loops.enumerated() {
+            loop.counter = self
+            let thread = OSThread(name: "whoami-\(index)") { loop.run() }
             started.append(thread.handle)
         }
         threads.withLock { $0 = started }
@@ -78,10 +73,14 @@ public final class WhoamiServer: Sendable {
     }
 }
 
-/// One whoami event loop (level-triggered epoll; one thread).
-private final class WhoamiLoop {
-    final class Connection {
-        var socket: Descriptor
+/// One whoami event loop (level-triggered epoll; one thread), on the shared `EventLoopCore`:
+/// its wake-up is the stop signal, connections live in a slot table. Made on the starting
+/// thread, then handed to its own thread and touched only there.
+private final class WhoamiLoop: @unchecked Sendable {
+    final class Connection: Slotted {
+        let slot: Int32
+        var generation: UInt32 = 0
+        var socket = Descriptor.none
         var input: [UInt8] = []
         var output: [UInt8] = []
         var written = 0
@@ -90,50 +89,67 @@ private final class WhoamiLoop {
         var closeAfterWrite = false
         var wantsWrite = false
 
-        init(fd: CInt) {
-            socket = Descriptor(adopting: fd)
+        var isLive: Bool { socket.isOpen }
+
+        init(slot: Int32) {
+            self.slot = slot
+        }
+
+        /// Takes a fresh connection into a reused slot.
+        func open(_ fd: CInt) {
+            socket.adopt(fd)
+            input.removeAll(keepingCapacity: true)
+            output.removeAll(keepingCapacity: true)
+            written = 0
+            skipping = 0
+            closeAfterWrite = false
+            wantsWrite = false
         }
     }
 
+    static let listenerToken = EventToken.make(kind: 1, slot: 0, generation: 0)
+    static let connectionToken: UInt64 = 2
+
     var listener: Descriptor
-    let stop: WakeupSignal
     let body: [UInt8]
-    let counter: WhoamiServer
-    var epoll: Epoll
-    var connections: [CInt: Connection] = [:]
+    var counter: WhoamiServer?
+    var loop: EventLoopCore
+    var connections = SlotTable<Connection>()
     let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 16)
 
-    init(listener: CInt, stop: WakeupSignal, body: [UInt8], counter: WhoamiServer) {
-        self.listener = Descriptor(adopting: listener)
-        self.stop = stop
-        self.body = body
-        self.counter = counter
+    /// Takes `listener` (closed here if the loop cannot be made).
+    init(listener fd: CInt, body: [UInt8]) throws(SystemError) {
+        var listener = Descriptor(adopting: fd)
         do {
-            epoll = try Epoll(capacity: 128)
-            try epoll.add(listener, events: Epoll.readable, token: UInt64(UInt32(bitPattern: -1)))
-            try epoll.add(stop.fd, events: Epoll.readable, token: UInt64(UInt32(bitPattern: -2)))
+            loop = try EventLoopCore(capacity: 128, wakeup: try WakeupSignal())
+            try loop.epoll.add(fd, events: Epoll.readable, token: Self.listenerToken)
         } catch {
-            fatalError("whoami: \(error)")
+            listener.close()
+            throw error
         }
+        self.listener = listener
+        self.body = body
     }
 
     deinit {
+        if listener.isOpen {
+            loop.epoll.remove(listener.raw)
+            listener.close()
+        }
         scratch.deallocate()
     }
 
     func run() {
-        let listenToken = UInt64(UInt32(bitPattern: -1))
-        let stopToken = UInt64(UInt32(bitPattern: -2))
-        loop: while true {
-            let count = (try? epoll.wait(timeout: -1)) ?? 0
+        serving: while true {
+            let count = (try? loop.wait()) ?? 0
             for index in 0..<count {
-                let (events, token) = epoll.event(at: index)
-                if token == stopToken { break loop }
-                if token == listenToken {
+                let (events, token) = loop.epoll.event(at: index)
+                if token == EventToken.wakeup { break serving }
+                if token == Self.listenerToken {
                     acceptAll()
                     continue
                 }
-                guard let connection = connections[CInt(truncatingIfNeeded: token)] else { continue }
+                guard let connection = connections.lookup(token: token) else { continue }
                 if events & (Epoll.readable | Epoll.hangup | Epoll.error) != 0 {
                     readAndAnswer(connection)
                 } else if events & Epoll.writable != 0 {
@@ -141,32 +157,35 @@ private final class WhoamiLoop {
                 }
             }
         }
-        for connection in connections.values { close(connection) }
-        epoll.remove(listener.raw)
-        epoll.remove(stop.fd)
+        for connection in connections.live { close(connection) }
+        loop.epoll.remove(listener.raw)
         listener.close()
+    }
+
+    private func token(_ connection: Connection) -> UInt64 {
+        EventToken.make(kind: Self.connectionToken, slot: connection.slot, generation: connection.generation)
     }
 
     private func acceptAll() {
         for _ in 0..<64 {
             guard case .done(let fd)? = try? Sockets.accept(listener.raw) else { return }
             Sockets.setNoDelay(fd)
-            let connection = Connection(fd: fd)
+            let connection = connections.take { Connection(slot: $0) }
+            connection.open(fd)
             do {
-                try epoll.add(fd, events: Epoll.readable, token: UInt64(UInt32(bitPattern: fd)))
+                try loop.epoll.add(fd, events: Epoll.readable, token: token(connection))
             } catch {
                 connection.socket.close()
+                connections.release(connection)
                 continue
             }
-            connections[fd] = connection
         }
     }
 
     private func close(_ connection: Connection) {
-        let fd = connection.socket.raw
-        epoll.remove(fd)
-        connections[fd] = nil
+        loop.epoll.remove(connection.socket.raw)
         connection.socket.close()
+        connections.release(connection)
     }
 
     private func readAndAnswer(_ connection: Connection) {
@@ -199,7 +218,7 @@ private final class WhoamiLoop {
         var answered: UInt64 = 0
         defer {
             if consumed > 0 { connection.input.removeFirst(consumed) }
-            if answered > 0 { counter.countAnswered(answered) }
+            if answered > 0 { counter?.countAnswered(answered) }
         }
         while !connection.closeAfterWrite && connection.skipping == 0 && consumed < connection.input.count {
             let outcome = connection.input.withUnsafeBytes { raw in
@@ -259,7 +278,7 @@ private final class WhoamiLoop {
             case .wouldBlock?:
                 if !connection.wantsWrite {
                     connection.wantsWrite = true
-                    try? epoll.modify(fd, events: Epoll.writable, token: UInt64(UInt32(bitPattern: fd)))
+                    try? loop.epoll.modify(fd, events: Epoll.writable, token: token(connection))
                 }
                 return
             case nil:
@@ -275,7 +294,7 @@ private final class WhoamiLoop {
         }
         if connection.wantsWrite {
             connection.wantsWrite = false
-            try? epoll.modify(fd, events: Epoll.readable, token: UInt64(UInt32(bitPattern: fd)))
+            try? loop.epoll.modify(fd, events: Epoll.readable, token: token(connection))
             answerComplete(connection)
         }
     }

@@ -4,8 +4,6 @@ import Glibc
 /// The connecting half of a worker's connection path: the rotation with retries, the connect
 /// outcome, and the redispatches that send a session back to connecting.
 extension Worker {
-    static let socketEvents = Epoll.readable | Epoll.writable | Epoll.readHangup | Epoll.edgeTriggered
-
     // MARK: Connecting
 
     /// Tries the next backend of the rotation; after `retries` further attempts (or with no
@@ -28,10 +26,10 @@ extension Worker {
             session.server = server
             do throws(SystemError) {
                 var connected = false
-                var socket = try Sockets.connect(to: server.backend.address, connected: &connected)
+                var socket = try io.connect(to: server.backend.address, connected: &connected)
                 session.backend.adopt(socket.release())
-                try epoll.add(session.backend.raw, events: Self.socketEvents,
-                              token: EventToken.make(kind: EventToken.backend, index: session.slot, generation: session.generation))
+                try loop.epoll.add(session.backend.raw, events: WorkerToken.socketEvents,
+                              token: EventToken.make(kind: WorkerToken.backend, slot: session.slot, generation: session.generation))
                 if connected {
                     connected_(session, events: 0)
                 } else {
@@ -100,7 +98,7 @@ extension Worker {
         session.state = .relaying
         session.connectDeadline = .max
         // The client socket inherited TCP_NODELAY from its listener.
-        Sockets.setNoDelay(session.backend.raw)
+        io.setNoDelay(session.backend.raw)
         session.backendSide.writable = true
         session.backendSide.readable = events & Epoll.readable != 0
         session.backendSide.peerClosed = events & (Epoll.readHangup | Epoll.hangup) != 0
@@ -123,8 +121,8 @@ extension Worker {
         }
         if !session.clientRegistered {
             do {
-                try epoll.add(session.client.raw, events: Self.socketEvents,
-                              token: EventToken.make(kind: EventToken.client, index: session.slot, generation: session.generation))
+                try loop.epoll.add(session.client.raw, events: WorkerToken.socketEvents,
+                              token: EventToken.make(kind: WorkerToken.client, slot: session.slot, generation: session.generation))
                 session.clientRegistered = true
             } catch {
                 closeSession(session)
@@ -170,8 +168,8 @@ extension Worker {
         session.armedDeadline = 0
         guard session.clientRegistered else { return true }
         do {
-            try epoll.modify(session.client.raw, events: Self.socketEvents,
-                             token: EventToken.make(kind: EventToken.client, index: session.slot, generation: session.generation))
+            try loop.epoll.modify(session.client.raw, events: WorkerToken.socketEvents,
+                             token: EventToken.make(kind: WorkerToken.client, slot: session.slot, generation: session.generation))
             return true
         } catch {
             closeSession(session)

@@ -40,7 +40,7 @@ public final class Engine: Sendable {
             let failure = Mutex<SystemError?>(nil)
             let thread = OSThread(name: "berth-worker-\(handle.index)") {
                 do throws(SystemError) {
-                    let worker = try Worker(handle: handle, configuration: configuration, shared: shared)
+                    let worker = try Worker(handle: handle, configuration: configuration, shared: shared, io: SystemSockets())
                     ready.store(1, ordering: .releasing)
                     worker.run()
                 } catch {

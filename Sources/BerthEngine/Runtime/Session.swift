@@ -140,3 +140,7 @@ struct Flow {
 
     var holdsBytes: Bool { pipeBytes > 0 || heldEnd > heldStart }
 }
+
+extension Session: Slotted {
+    var isLive: Bool { state != .free }
+}

@@ -4,19 +4,19 @@ import Synchronization
 
 /// One event loop thread: its own epoll instance, listeners, sessions, pipes, timers and counters.
 /// Everything here runs on the worker's thread only (`assertOnLoop`); the control plane reaches it
-/// through `WorkerHandle` alone.
-final class Worker {
+/// through `WorkerHandle` alone. `IO` is the socket calls (`SystemSockets`, or the tests' harness).
+final class Worker<IO: SocketIO> {
     let handle: WorkerHandle
     let configuration: EngineConfiguration
     let shared: EngineShared
-    var epoll: Epoll
+    let io: IO
+    /// Epoll, the wake-up and the timers (sessions' deadlines, by slot and generation).
+    var loop: EventLoopCore
     var pipes: PipePool
     /// The copy path's buffer: one read at a time goes through it.
     let scratch: UnsafeMutableRawPointer
-    var sessions: [Session] = []
-    var freeSlots: [Int32] = []
+    var sessions = SlotTable<Session>()
     var activeSessions = 0
-    var timers = DeadlineHeap()
     var deferredSessions: [Session] = []
     private var deferredRound: [Session] = []
     var frontends: [String: FrontendRuntime] = [:]
@@ -29,21 +29,20 @@ final class Worker {
     var stopDeadline: Int64 = .max
     private let thread = pthread_self()
 
-    init(handle: WorkerHandle, configuration: EngineConfiguration, shared: EngineShared) throws(SystemError) {
+    init(handle: WorkerHandle, configuration: EngineConfiguration, shared: EngineShared, io: IO) throws(SystemError) {
         self.handle = handle
         self.configuration = configuration
         self.shared = shared
-        epoll = try Epoll(capacity: configuration.eventsPerWait)
+        self.io = io
+        loop = try EventLoopCore(capacity: configuration.eventsPerWait, wakeup: handle.wakeup)
         pipes = PipePool(idleLimit: configuration.idlePipes, inUseLimit: configuration.maxPipes,
                          pipeSize: configuration.pipeSize)
         scratch = UnsafeMutableRawPointer.allocate(byteCount: configuration.copyBufferSize, alignment: 64)
-        try epoll.add(handle.wakeup.fd, events: Epoll.readable, token: EventToken.wakeup)
     }
 
     deinit {
-        for session in sessions where session.state != .free { closeSession(session) }
+        for session in sessions.live { closeSession(session) }
         for frontend in frontends.values { closeListener(frontend) }
-        epoll.remove(handle.wakeup.fd)
         scratch.deallocate()
     }
 
@@ -61,7 +60,7 @@ final class Worker {
         while !(stopping && activeSessions == 0) {
             let ready: Int
             do {
-                ready = try epoll.wait(timeout: nextTimeout())
+                ready = try loop.wait(until: min(acceptResumeAt, stopDeadline), busy: !deferredSessions.isEmpty)
             } catch {
                 // EINTR is retried inside; what is left (ENOMEM, ...) is counted and outlived.
                 handle.registry.loopErrors.add(1, ordering: .relaxed)
@@ -70,43 +69,34 @@ final class Worker {
             }
             now = MonotonicClock.milliseconds()
             for index in 0..<ready {
-                let (events, token) = epoll.event(at: index)
+                let (events, token) = loop.epoll.event(at: index)
                 dispatch(events: events, token: token)
             }
-            if !deferredSessions.isEmpty { runDeferred() }
-            fireTimers()
-            if acceptPaused && now >= acceptResumeAt { resumeAccepting() }
-            if stopping && now >= stopDeadline {
-                for session in sessions where session.state != .free { closeSession(session) }
-            }
+            afterEvents()
         }
     }
 
-    private func nextTimeout() -> CInt {
-        if !deferredSessions.isEmpty { return 0 }
-        var earliest = timers.earliest ?? .max
-        if acceptPaused { earliest = min(earliest, acceptResumeAt) }
-        if stopping { earliest = min(earliest, stopDeadline) }
-        if earliest == .max { return -1 }
-        let wait = earliest - MonotonicClock.milliseconds()
-        return CInt(clamping: max(0, min(wait, 60_000)))
+    /// What a loop round does after its events: deferred sessions, timers, resuming, the stop.
+    func afterEvents() {
+        if !deferredSessions.isEmpty { runDeferred() }
+        fireTimers()
+        if acceptPaused && now >= acceptResumeAt { resumeAccepting() }
+        if stopping && now >= stopDeadline {
+            for session in sessions.live { closeSession(session) }
+        }
     }
 
     @inline(__always)
-    private func dispatch(events: UInt32, token: UInt64) {
-        let kind = token & 3
-        let index = Int32(truncatingIfNeeded: (token >> 2) & 0x3FFF_FFFF)
+    func dispatch(events: UInt32, token: UInt64) {
+        let kind = EventToken.kind(token)
         switch kind {
-        case EventToken.client, EventToken.backend:
-            let slot = Int(index)
-            guard slot < sessions.count else { return }
-            let session = sessions[slot]
-            guard session.generation == UInt32(truncatingIfNeeded: token >> 32), session.state != .free else {
-                return  // stale: the slot was freed (and maybe reused) after this event was queued
-            }
-            sessionEvent(session, backendSide: kind == EventToken.backend, events: events)
-        case EventToken.listener:
-            let slot = Int(index)
+        case WorkerToken.client, WorkerToken.backend:
+            // Stale (nil): the slot was freed, or its session changed backend, after this event
+            // was queued.
+            guard let session = sessions.lookup(token: token) else { return }
+            sessionEvent(session, backendSide: kind == WorkerToken.backend, events: events)
+        case WorkerToken.listener:
+            let slot = EventToken.slot(token)
             guard slot < listenerFrontends.count, let frontend = listenerFrontends[slot] else { return }
             acceptConnections(frontend)
         default:
@@ -117,7 +107,7 @@ final class Worker {
 
     // MARK: Accepting
 
-    private func acceptConnections(_ frontend: FrontendRuntime) {
+    func acceptConnections(_ frontend: FrontendRuntime) {
         for _ in 0..<configuration.acceptBurst {
             // A session of this burst may have paused accepting (out of descriptors for its
             // backend socket): the rest wait in the backlog, not accepted only to be dropped.
@@ -131,7 +121,7 @@ final class Worker {
             }
             let fd: CInt
             do {
-                switch try Sockets.accept(frontend.listener.raw) {
+                switch try io.accept(frontend.listener.raw) {
                 case .wouldBlock:
                     shared.connections.subtract(1, ordering: .relaxed)
                     return
@@ -159,7 +149,7 @@ final class Worker {
         acceptResumeAt = Deadline.after(configuration.acceptRetryDelay, from: now)
         handle.registry.acceptPauses.add(1, ordering: .relaxed)
         for frontend in frontends.values where frontend.listenerRegistered {
-            epoll.remove(frontend.listener.raw)
+            loop.epoll.remove(frontend.listener.raw)
             frontend.listenerRegistered = false
         }
     }
@@ -174,14 +164,8 @@ final class Worker {
 
     // MARK: Sessions
 
-    private func startSession(client fd: CInt, frontend: FrontendRuntime) {
-        let session: Session
-        if let slot = freeSlots.popLast() {
-            session = sessions[Int(slot)]
-        } else {
-            session = Session(slot: Int32(sessions.count))
-            sessions.append(session)
-        }
+    func startSession(client fd: CInt, frontend: FrontendRuntime) {
+        let session = sessions.take { Session(slot: $0) }
         session.client.adopt(fd)
         session.frontend = frontend
         session.rotation = frontend.cursor.next()
@@ -211,9 +195,8 @@ final class Worker {
         session.dropReplay()
         if session.state == .relaying { session.server?.counters.sessionEnded() }
         session.frontend?.counters.sessionEnded()
-        session.generation &+= 1
         session.reset()
-        freeSlots.append(session.slot)
+        sessions.release(session)
         activeSessions -= 1
         handle.registry.sessions.store(activeSessions, ordering: .relaxed)
         shared.connections.subtract(1, ordering: .relaxed)
@@ -240,15 +223,13 @@ final class Worker {
         guard deadline != .max else { return }
         if session.armedDeadline == 0 || deadline < session.armedDeadline {
             session.armedDeadline = deadline
-            timers.insert(.init(deadline: deadline, slot: session.slot, generation: session.generation))
+            loop.timers.insert(.init(deadline: deadline, slot: session.slot, generation: session.generation))
         }
     }
 
-    private func fireTimers() {
-        while let entry = timers.popDue(now: now) {
-            let session = sessions[Int(entry.slot)]
-            guard session.generation == entry.generation, session.state != .free,
-                  session.armedDeadline == entry.deadline else { continue }
+    func fireTimers() {
+        while let entry = loop.timers.popDue(now: now) {
+            guard let session = sessions.lookup(entry), session.armedDeadline == entry.deadline else { continue }
             session.armedDeadline = 0
             let deadline = session.nextDeadline()
             if deadline <= now {

@@ -70,7 +70,7 @@ extension Worker {
         // (those of these sessions, connecting ones included: they count only once connected)
         // are kept while any is open. The table's own are live already.
         let drainDeadline = Deadline.after(configuration.drainTimeout, from: now)
-        for session in sessions where session.state != .free {
+        for session in sessions.live {
             guard let frontend = session.frontend, frontend.removed || session.server?.removed == true else { continue }
             live.insert(.init(frontend: frontend.name, backend: nil))
             if let server = session.server { live.insert(.init(frontend: frontend.name, backend: server.backend.name)) }
@@ -90,8 +90,8 @@ extension Worker {
         listenerFrontends[slot!] = frontend
         guard !acceptPaused else { return }
         do {
-            try epoll.add(frontend.listener.raw, events: Epoll.readable,
-                          token: EventToken.make(kind: EventToken.listener, index: Int32(slot!), generation: 0))
+            try loop.epoll.add(frontend.listener.raw, events: Epoll.readable,
+                          token: EventToken.make(kind: WorkerToken.listener, slot: Int32(slot!), generation: 0))
             frontend.listenerRegistered = true
         } catch {
             // ENOSPC (max_user_watches) or ENOMEM: counted; accepting pauses and
@@ -103,7 +103,7 @@ extension Worker {
 
     func closeListener(_ frontend: FrontendRuntime) {
         if frontend.listenerRegistered {
-            epoll.remove(frontend.listener.raw)
+            loop.epoll.remove(frontend.listener.raw)
             frontend.listenerRegistered = false
         }
         frontend.listener.close()

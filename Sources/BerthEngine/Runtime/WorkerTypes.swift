@@ -86,15 +86,12 @@ final class EngineShared: Sendable {
     let connections = Atomic<Int>(0)
 }
 
-/// Epoll registration tokens: `generation << 32 | index << 2 | kind`. The generation makes an
-/// event for a slot that was freed and reused unrecognisable, so it is dropped.
-enum EventToken {
-    static let wakeup: UInt64 = 0
+/// A worker's token kinds (`EventToken`; kind 0 is the wake-up): a listener's slot is its index
+/// in `listenerFrontends`, a session's its slot in `sessions`.
+enum WorkerToken {
     static let listener: UInt64 = 1
     static let client: UInt64 = 2
     static let backend: UInt64 = 3
-
-    @inline(__always) static func make(kind: UInt64, index: Int32, generation: UInt32) -> UInt64 {
-        UInt64(generation) << 32 | UInt64(UInt32(bitPattern: index)) << 2 | kind
-    }
+    /// What a session socket is registered for (edge-triggered, both directions, the peer's FIN).
+    static let socketEvents = Epoll.readable | Epoll.writable | Epoll.readHangup | Epoll.edgeTriggered
 }
