@@ -35,7 +35,7 @@ public enum Sockets {
 
     /// Accepts one pending connection, or `.wouldBlock` when the queue is empty.
     /// EMFILE/ENFILE/ENOBUFS/ENOMEM come out as errors: the caller pauses accepting.
-    @inline(__always)
+    @inlinable @inline(__always)
     public static func accept(_ listener: CInt) throws(SystemError) -> IOResult<CInt> {
         try syscall("accept4") { cberth_accept4(listener, nil, nil) }
     }
@@ -111,23 +111,23 @@ public enum Sockets {
 
     /// Half-closes the sending side (propagates a FIN). Errors (ENOTCONN after a reset) are ignored:
     /// the reset shows up on the next read or write.
-    @inline(__always)
+    @inlinable @inline(__always)
     public static func shutdownWrite(_ fd: CInt) {
         _ = try? syscallNonBlocking("shutdown") { Glibc.shutdown(fd, CInt(SHUT_WR)) }
     }
 
-    @inline(__always)
+    @inlinable @inline(__always)
     public static func read(_ fd: CInt, into buffer: UnsafeMutableRawPointer, count: Int) throws(SystemError) -> IOResult<Int> {
         try syscall("read") { Glibc.read(fd, buffer, count) }
     }
 
-    @inline(__always)
+    @inlinable @inline(__always)
     public static func write(_ fd: CInt, from buffer: UnsafeRawPointer, count: Int) throws(SystemError) -> IOResult<Int> {
         try syscall("send") { Glibc.send(fd, buffer, count, CInt(MSG_NOSIGNAL)) }
     }
 
     /// Moves up to `count` bytes between a socket and a pipe without copying them through user space.
-    @inline(__always)
+    @inlinable @inline(__always)
     public static func splice(from source: CInt, to destination: CInt, count: Int) throws(SystemError) -> IOResult<Int> {
         try syscall("splice") {
             cberth_splice(source, destination, count, UInt32(CBERTH_SPLICE_F_MOVE | CBERTH_SPLICE_F_NONBLOCK))

@@ -38,7 +38,7 @@ public enum IOResult<Value> {
 /// - throws everything else as a `SystemError` naming the call.
 ///
 /// Never use it for `close` (a failed close must not be retried: the fd may already be reused).
-@inline(__always)
+@inlinable @inline(__always)
 package func syscall<Result: FixedWidthInteger>(
     _ name: StaticString,
     _ body: () -> Result
@@ -61,7 +61,7 @@ package func syscall<Result: FixedWidthInteger>(
 }
 
 /// `syscall` for calls that cannot block (socket, bind, epoll_ctl, ...): `EAGAIN` is an error there.
-@inline(__always)
+@inlinable @inline(__always)
 @discardableResult
 package func syscallNonBlocking<Result: FixedWidthInteger>(
     _ name: StaticString,

@@ -1,27 +1,48 @@
 @testable import BerthEngine
 @testable import BerthSystem
-import CBerthShims
 import Glibc
 import XCTest
 
-/// Scripted sockets for `Worker`: each "socket" is an eventfd (a real descriptor that a real
-/// epoll accepts and `close` releases, so fd numbers are reused as the kernel reuses them), and
-/// what reading, writing and connecting it does is set by the test. No byte leaves the process.
+/// Scripted connects for `Worker`: every socket it gets is one end of an in-process AF_UNIX
+/// stream pair (no address, no network; read, send, splice and shutdown behave as on TCP), whose
+/// other end, the `Peer`, the test holds: it writes what the "client" or "backend" sends, reads
+/// what the worker sent it, and closes it to make the worker's next send fail (EPIPE) as a reset
+/// backend would. The test decides how each connect goes and what SO_ERROR says; the worker is
+/// handed the lower fd number of a pair, so numbers are reused as the kernel reuses sockets'.
 final class ScriptedSockets: SocketIO {
-    final class Socket {
+    final class Peer {
         let name: String
-        /// What the next reads return; empty: `wouldBlock`, or 0 once `peerClosed`.
-        var incoming: [UInt8] = []
-        var peerClosed = false
-        /// Reads and writes fail with this errno (a reset peer: ECONNRESET).
-        var failure: CInt?
-        var written: [UInt8] = []
-        /// SO_ERROR once the connect is reported.
+        var socket: Descriptor
+        /// SO_ERROR of the worker's end, once its connect is reported.
         var pendingError: CInt = 0
-        var shutdownWritten = false
 
-        init(name: String) {
+        init(name: String, socket fd: CInt) {
             self.name = name
+            socket = Descriptor(adopting: fd)
+        }
+
+        deinit {
+            socket.close()
+        }
+
+        func send(_ bytes: [UInt8]) {
+            let sent = bytes.withUnsafeBytes { Glibc.send(socket.raw, $0.baseAddress, $0.count, CInt(MSG_NOSIGNAL)) }
+            precondition(sent == bytes.count, "peer send: \(sent), errno \(errno)")
+        }
+
+        /// Everything the worker has sent so far.
+        func received() -> [UInt8] {
+            var bytes: [UInt8] = []
+            var buffer = [UInt8](repeating: 0, count: 65536)
+            while true {
+                let count = buffer.withUnsafeMutableBytes { recv(socket.raw, $0.baseAddress, $0.count, CInt(MSG_DONTWAIT)) }
+                guard count > 0 else { return bytes }
+                bytes += buffer[0..<count]
+            }
+        }
+
+        func close() {
+            socket.close()
         }
     }
 
@@ -31,22 +52,29 @@ final class ScriptedSockets: SocketIO {
         case refused
     }
 
-    /// By fd; an entry is replaced when its fd number is handed out again.
-    private(set) var sockets: [CInt: Socket] = [:]
+    /// By the worker's fd; an entry is replaced when its fd number is handed out again.
+    private(set) var peers: [CInt: Peer] = [:]
     /// By backend address; `.inProgress` when absent.
     var plans: [SocketAddress: ConnectPlan] = [:]
-    /// Every call made, in order ("connect 10.9.0.1:80 -> 12", "pendingError 12", ...).
+    /// The scripted calls made, in order ("connect 10.9.0.1:80 -> 12", "pendingError 12").
     private(set) var calls: [String] = []
+
+    /// A socket pair: the worker's end (the lower number) and the test's.
+    private func makePair(_ name: String) -> CInt {
+        var fds: [CInt] = [-1, -1]
+        let made = socketpair(AF_UNIX, CInt(SOCK_STREAM.rawValue) | CInt(SOCK_NONBLOCK.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0, &fds)
+        precondition(made == 0, "socketpair: errno \(errno)")
+        let (mine, theirs) = fds[0] < fds[1] ? (fds[0], fds[1]) : (fds[1], fds[0])
+        peers[mine] = Peer(name: name, socket: theirs)
+        return mine
+    }
 
     /// A new accepted client, for `Worker.startSession`.
     func makeClient(_ name: String = "client") -> CInt {
-        let fd = cberth_eventfd()
-        precondition(fd >= 0, "eventfd: errno \(errno)")
-        sockets[fd] = Socket(name: name)
-        return fd
+        makePair(name)
     }
 
-    func socket(_ fd: CInt) -> Socket? { sockets[fd] }
+    func peer(_ fd: CInt) -> Peer? { peers[fd] }
 
     func accept(_ listener: CInt) throws(SystemError) -> IOResult<CInt> {
         calls.append("accept \(listener)")
@@ -59,9 +87,7 @@ final class ScriptedSockets: SocketIO {
             calls.append("connect \(address) refused")
             throw SystemError(call: "connect", errno: ECONNREFUSED)
         }
-        let fd = cberth_eventfd()
-        precondition(fd >= 0, "eventfd: errno \(errno)")
-        sockets[fd] = Socket(name: address.description)
+        let fd = makePair(address.description)
         connected = plan == .connectedAtOnce
         calls.append("connect \(address) -> \(fd)")
         return Descriptor(adopting: fd)
@@ -69,38 +95,8 @@ final class ScriptedSockets: SocketIO {
 
     func pendingError(_ fd: CInt) -> CInt {
         calls.append("pendingError \(fd)")
-        return sockets[fd]?.pendingError ?? EBADF
+        return peers[fd]?.pendingError ?? EBADF
     }
-
-    func read(_ fd: CInt, into buffer: UnsafeMutableRawPointer, count: Int) throws(SystemError) -> IOResult<Int> {
-        calls.append("read \(fd)")
-        guard let socket = sockets[fd] else { throw SystemError(call: "read", errno: EBADF) }
-        if let failure = socket.failure { throw SystemError(call: "read", errno: failure) }
-        if socket.incoming.isEmpty { return socket.peerClosed ? .done(0) : .wouldBlock }
-        let taken = min(count, socket.incoming.count)
-        socket.incoming.withUnsafeBytes { buffer.copyMemory(from: $0.baseAddress!, byteCount: taken) }
-        socket.incoming.removeFirst(taken)
-        return .done(taken)
-    }
-
-    func write(_ fd: CInt, from buffer: UnsafeRawPointer, count: Int) throws(SystemError) -> IOResult<Int> {
-        calls.append("write \(fd)")
-        guard let socket = sockets[fd] else { throw SystemError(call: "send", errno: EBADF) }
-        if let failure = socket.failure { throw SystemError(call: "send", errno: failure) }
-        socket.written.append(contentsOf: UnsafeRawBufferPointer(start: buffer, count: count))
-        return .done(count)
-    }
-
-    func splice(from source: CInt, to destination: CInt, count: Int) throws(SystemError) -> IOResult<Int> {
-        throw SystemError(call: "splice", errno: EINVAL)  // the harness runs the copy path
-    }
-
-    func shutdownWrite(_ fd: CInt) {
-        calls.append("shutdown \(fd)")
-        sockets[fd]?.shutdownWritten = true
-    }
-
-    func setNoDelay(_ fd: CInt) {}
 }
 
 /// One worker driven by hand: the test installs tables, starts sessions, delivers epoll events

@@ -26,9 +26,9 @@ final class SessionStateTests: XCTestCase {
         harness.deliver(Epoll.writable, to: session, backend: true, generation: oldGeneration)
         XCTAssertEqual(session.state, .relaying)
 
-        // The client's request arrives; writing it to the backend finds the backend reset.
-        try XCTUnwrap(harness.sockets.socket(oldFD)).failure = ECONNRESET
-        try XCTUnwrap(harness.sockets.socket(session.client.raw)).incoming = Array("GET / HTTP/1.1\r\n\r\n".utf8)
+        // The client's request arrives; writing it to the backend finds the backend gone.
+        try XCTUnwrap(harness.sockets.peer(oldFD)).close()
+        try XCTUnwrap(harness.sockets.peer(session.client.raw)).send(Array("GET / HTTP/1.1\r\n\r\n".utf8))
         harness.deliver(Epoll.readable, to: session, backend: false, generation: oldGeneration)
         XCTAssertEqual(session.state, .connecting, "redispatched")
         let secondName = try XCTUnwrap(session.server?.backend.name)
@@ -54,13 +54,13 @@ final class SessionStateTests: XCTestCase {
         let session = harness.accept()
         harness.deliver(Epoll.writable, to: session, backend: true, generation: session.generation)
         let request = Array("GET / HTTP/1.1\r\n\r\n".utf8)
-        try XCTUnwrap(harness.sockets.socket(session.backend.raw)).failure = ECONNRESET
-        try XCTUnwrap(harness.sockets.socket(session.client.raw)).incoming = request
+        try XCTUnwrap(harness.sockets.peer(session.backend.raw)).close()
+        try XCTUnwrap(harness.sockets.peer(session.client.raw)).send(request)
         harness.deliver(Epoll.readable, to: session, backend: false, generation: session.generation)
         XCTAssertEqual(session.state, .connecting)
         harness.deliver(Epoll.writable, to: session, backend: true, generation: session.generation)
         XCTAssertEqual(session.state, .relaying)
-        XCTAssertEqual(harness.sockets.socket(session.backend.raw)?.written, request, "the request replayed to the next backend")
+        XCTAssertEqual(harness.sockets.peer(session.backend.raw)?.received(), request, "the request replayed to the next backend")
     }
 
     /// A backend whose address changes under the same name: the old one is drained like any

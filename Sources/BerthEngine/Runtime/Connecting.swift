@@ -98,7 +98,7 @@ extension Worker {
         session.state = .relaying
         session.connectDeadline = .max
         // The client socket inherited TCP_NODELAY from its listener.
-        io.setNoDelay(session.backend.raw)
+        Sockets.setNoDelay(session.backend.raw)
         session.backendSide.writable = true
         session.backendSide.readable = events & Epoll.readable != 0
         session.backendSide.peerClosed = events & (Epoll.readHangup | Epoll.hangup) != 0

@@ -97,7 +97,7 @@ extension Worker {
                 // 1. Flush held bytes; while any remain the source is not read (back-pressure).
                 if flow.pipeBytes > 0 {
                     guard destination.writable else { return .waiting }
-                    switch try io.splice(from: flow.pipe!.output, to: destinationFD, count: flow.pipeBytes) {
+                    switch try Sockets.splice(from: flow.pipe!.output, to: destinationFD, count: flow.pipeBytes) {
                     case .done(let moved):
                         flow.pipeBytes -= moved
                         destination.lastActivity = now
@@ -111,7 +111,7 @@ extension Worker {
                 }
                 if let held = flow.held {
                     guard destination.writable else { return .waiting }
-                    switch try io.write(destinationFD, from: held + flow.heldStart, count: flow.heldEnd - flow.heldStart) {
+                    switch try Sockets.write(destinationFD, from: held + flow.heldStart, count: flow.heldEnd - flow.heldStart) {
                     case .done(let written):
                         flow.heldStart += written
                         destination.lastActivity = now
@@ -132,7 +132,7 @@ extension Worker {
                         // When the other direction is finished too, the session closes right
                         // away and close() sends this FIN: no shutdown call needed.
                         let otherFinished = isRequest ? session.response.finished : session.request.finished
-                        if !otherFinished { io.shutdownWrite(destinationFD) }
+                        if !otherFinished { Sockets.shutdownWrite(destinationFD) }
                         flow.finished = true
                     }
                     return .waiting
@@ -144,7 +144,7 @@ extension Worker {
                 if flow.splicing, let pipe = flow.pipe ?? pipes.acquire() {
                     flow.pipe = pipe
                     sourceCall = true
-                    let spliced = try io.splice(from: sourceFD, to: pipe.input, count: pipes.capacity)
+                    let spliced = try Sockets.splice(from: sourceFD, to: pipe.input, count: pipes.capacity)
                     sourceCall = false
                     switch spliced {
                     case .done(0):
@@ -166,7 +166,7 @@ extension Worker {
                 }
                 let capacity = configuration.copyBufferSize
                 sourceCall = true
-                let readResult = try io.read(sourceFD, into: scratch, count: capacity)
+                let readResult = try Sockets.read(sourceFD, into: scratch, count: capacity)
                 sourceCall = false
                 switch readResult {
                 case .done(0):
@@ -190,7 +190,7 @@ extension Worker {
                     var written = 0
                     if destination.writable {
                         while written < received {
-                            switch try io.write(destinationFD, from: scratch + written, count: received - written) {
+                            switch try Sockets.write(destinationFD, from: scratch + written, count: received - written) {
                             case .done(let count):
                                 written += count
                                 destination.lastActivity = now
