@@ -167,9 +167,7 @@ let package = Package(
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ],
             path: "Benchmarks/bench",
-            // No MemberImportVisibility here: in release builds it takes Glibc's C structs
-            // (stat, timespec) for the copies in CoreFoundation's and CBerthShims' clang modules
-            // and then asks for those imports (Swift 6.3.1); debug builds accept them.
+            swiftSettings: [memberImports]
         ),
         .testTarget(
             name: "BerthEngineTests",

@@ -124,9 +124,7 @@ enum RoleMain {
     /// thread turns its end of file (the bench is gone) into a SIGTERM to this process, so that
     /// no role outlives the bench. Started by hand with another stdin, a role just waits.
     private static func waitForStop() {
-        var status = stat()
-        let stdinIsPipe = fstat(0, &status) == 0 && status.st_mode & 0o170000 == 0o010000
-        if stdinIsPipe { watchStdin() }
+        if FileStatus.isPipe(0) { watchStdin() }
         _ = ProcessSignals.wait(for: [SIGTERM, SIGINT])
     }
 

@@ -53,9 +53,7 @@ extension Launcher {
     }
 
     private static func modificationTime(_ path: String) -> Int? {
-        var info = stat()
-        guard stat(path, &info) == 0 else { return nil }
-        return Int(info.st_mtim.tv_sec)
+        FileStatus.modificationTime(path)
     }
 
     /// `berth proxy` on a free port of 127.0.0.1: one frontend `name` round-robin over
