@@ -1,4 +1,3 @@
-import BerthRegistry
 import Glibc
 
 /// Number and text formatting for the report (no Foundation in this target).

@@ -1,4 +1,3 @@
-import BerthRegistry
 import BerthSystem
 
 /// The hosts scenario's section of the report: one row per fault and proxy.

@@ -3,105 +3,6 @@ import CBerthShims
 import Glibc
 import Histogram
 
-/// The kind of load of one phase.
-enum Workload {
-    /// `connections` keep-alive connections, each sending the next request as soon as the
-    /// previous response is complete (closed loop).
-    case keepAlive(connections: Int)
-    /// A new connection per request (`Connection: close`), `concurrency` of them in flight; one
-    /// counts once its response is read and the server has closed.
-    case newConnections(concurrency: Int)
-    /// Open loop: `rate` requests per second, each sent on one of `connections` idle keep-alive
-    /// connections; every response time is recorded.
-    case latency(rate: Int, connections: Int)
-    /// `streams` connections reading everything the bulk server sends.
-    case bulk(streams: Int)
-
-    var isLatency: Bool {
-        if case .latency = self { return true }
-        return false
-    }
-
-    var connectionCount: Int {
-        switch self {
-        case .keepAlive(let count), .newConnections(let count), .latency(_, let count), .bulk(let count): count
-        }
-    }
-}
-
-/// The bounds of one phase.
-struct PhaseLimits {
-    /// Load before the measured window, not counted (ns).
-    var warmup: UInt64
-    /// The measured window (ns).
-    var duration: UInt64
-    /// The window also ends once this many operations were counted.
-    var operationCap: UInt64
-    /// Errors tolerated before the phase is abandoned.
-    var errorLimit: UInt64 = 10_000
-}
-
-/// What one phase measured.
-struct LoadOutcome {
-    /// Responses (keep-alive, latency), connections (new connections) or bytes (bulk) counted in
-    /// the measured window.
-    var operations: UInt64
-    /// Failed connects, resets, unexpected closes, non-200 responses: the whole phase.
-    var errors: UInt64
-    var lastError: String?
-    /// Snapshots at the edges of the measured window.
-    var start: ResourceSnapshot
-    var end: ResourceSnapshot
-    /// Response times (ns) of the requests sent in the window (latency workload).
-    var latency: Histogram<UInt64>?
-    /// How late the load generator sent on-time requests (ns), a check of its own punctuality.
-    var sendLag: Histogram<UInt64>?
-    /// The window ended on `operationCap`, not on time.
-    var capped: Bool
-
-    var seconds: Double { Double(end.nanoseconds &- start.nanoseconds) / 1e9 }
-}
-
-/// One socket slot of the load generator: index `index` in `LoadGenerator.connections` for the
-/// whole phase; `generation` changes whenever the slot gets a new socket, and is part of the
-/// epoll token, so an event queued for the previous socket is dropped.
-private final class LoadConnection {
-    enum State {
-        /// No socket.
-        case free
-        /// Nonblocking connect in flight (waits for writability).
-        case connecting
-        /// A request is partly written (waits for writability).
-        case sending
-        /// The request is written; reading its response.
-        case receiving
-        /// A `Connection: close` response was read; reading on until the server's end of file.
-        case awaitingClose
-        /// A keep-alive connection with no request outstanding (latency workload).
-        case idle
-        /// Reading a bulk stream.
-        case streaming
-    }
-
-    let index: Int
-    var socket = Descriptor.none
-    var state = State.free
-    var generation: UInt32 = 0
-    /// Registered for writability (else for readability).
-    var watchesWritable = false
-    var requestOffset = 0
-    var scanner = ResponseScanner()
-    /// When the outstanding request's clock started (ns), and whether it is recorded.
-    var startedAt: UInt64 = 0
-    var recorded = false
-
-    init(index: Int) {
-        self.index = index
-    }
-
-    var token: UInt64 { UInt64(generation) << 32 | UInt64(index) }
-}
-
 /// One phase of load: a single-threaded, nonblocking, level-triggered epoll client, run on the
 /// calling thread (the bench pins it to the load CPU). Use once.
 ///
@@ -109,52 +10,52 @@ private final class LoadConnection {
 /// or after `operationCap` operations, and is abandoned after `errorLimit` errors; every loop
 /// has a turn limit; reads and writes per event are bounded.
 final class LoadGenerator {
-    private static let pacerToken = UInt64.max
-    private static let httpReadSize = 64 * 1024
-    private static let bulkReadSize = 256 * 1024
-    private static let readsPerEvent = 4
-    private static let bulkReadsPerEvent = 16
-    private static let loopTurnLimit = 200_000_000
-    private static let latencyQueueLimit = 100_000
-    private static let histogramHighest: UInt64 = 60_000_000_000
+    static let pacerToken = UInt64.max
+    static let httpReadSize = 64 * 1024
+    static let bulkReadSize = 256 * 1024
+    static let readsPerEvent = 4
+    static let bulkReadsPerEvent = 16
+    static let loopTurnLimit = 200_000_000
+    static let latencyQueueLimit = 100_000
+    static let histogramHighest: UInt64 = 60_000_000_000
 
-    private let workload: Workload
-    private let targets: [SocketAddress]
-    private let limits: PhaseLimits
-    private let epoll: Epoll
+    let workload: Workload
+    let targets: [SocketAddress]
+    let limits: PhaseLimits
+    let epoll: Epoll
     /// timerfd pacing the latency workload's sends.
-    private var pacer: Descriptor
-    private var connections: [LoadConnection]
+    var pacer: Descriptor
+    var connections: [LoadConnection]
     /// Slots waiting for a socket (opened at the top of the next loop turn).
-    private var reopen: [Int] = []
-    private let scratch: UnsafeMutableRawPointer
-    private let request: UnsafeMutableRawBufferPointer
+    var reopen: [Int] = []
+    let scratch: UnsafeMutableRawPointer
+    let request: UnsafeMutableRawBufferPointer
 
-    private var measuring = false
+    var measuring = false
     /// After the window: no new requests or connections.
-    private var stopping = false
-    private var operations: UInt64 = 0
-    private var errors: UInt64 = 0
-    private var lastError: String?
-    private var nextTarget = 0
+    var stopping = false
+    var operations: UInt64 = 0
+    var errors: UInt64 = 0
+    var lastError: String?
+    var nextTarget = 0
 
     // The latency workload.
-    private var latency = Histogram<UInt64>(highestTrackableValue: LoadGenerator.histogramHighest, numberOfSignificantValueDigits: .three)
-    private var sendLag = Histogram<UInt64>(highestTrackableValue: LoadGenerator.histogramHighest, numberOfSignificantValueDigits: .three)
-    private var interval: UInt64 = 0
-    private var nextDue: UInt64 = 0
+    var latency = Histogram<UInt64>(highestTrackableValue: LoadGenerator.histogramHighest, numberOfSignificantValueDigits: .three)
+    var sendLag = Histogram<UInt64>(highestTrackableValue: LoadGenerator.histogramHighest, numberOfSignificantValueDigits: .three)
+    var interval: UInt64 = 0
+    var nextDue: UInt64 = 0
     /// Requests due in [recordFrom, recordUntil) are recorded, whenever they are sent.
-    private var recordFrom: UInt64 = 0
-    private var recordUntil: UInt64 = 0
+    var recordFrom: UInt64 = 0
+    var recordUntil: UInt64 = 0
     /// Requests due and not yet sent: their intended send time, and whether they had to wait for
     /// an idle connection (then their response time counts from the intended time).
-    private var due: [(intended: UInt64, waited: Bool)] = []
-    private var dueHead = 0
-    private var idle: [Int] = []
-    private var issued: UInt64 = 0
-    private var issueLimit: UInt64 = 0
+    var due: [(intended: UInt64, waited: Bool)] = []
+    var dueHead = 0
+    var idle: [Int] = []
+    var issued: UInt64 = 0
+    var issueLimit: UInt64 = 0
     /// Recorded requests whose response has not arrived.
-    private var outstanding = 0
+    var outstanding = 0
 
     init(workload: Workload, targets: [SocketAddress], limits: PhaseLimits) throws(BenchError) {
         precondition(!targets.isEmpty && workload.connectionCount > 0)
@@ -239,7 +140,7 @@ final class LoadGenerator {
             latency: workload.isLatency ? latency : nil, sendLag: workload.isLatency ? sendLag : nil, capped: capped)
     }
 
-    private func waitAndHandle(timeout: CInt) throws(BenchError) {
+    func waitAndHandle(timeout: CInt) throws(BenchError) {
         let count: Int
         do {
             count = try epoll.wait(timeout: timeout)
@@ -254,7 +155,7 @@ final class LoadGenerator {
 
     /// After the window: sends the recorded requests still queued for a connection, and waits for
     /// the responses to all recorded requests, for at most 1 s.
-    private func drainOutstanding() {
+    func drainOutstanding() {
         let deadline = MonotonicClock.nanoseconds() + 1_000_000_000
         for _ in 0..<10_000 where (outstanding > 0 || dueHead < due.count) && MonotonicClock.nanoseconds() < deadline {
             dispatchDue()
@@ -262,94 +163,9 @@ final class LoadGenerator {
         }
     }
 
-    // MARK: Connections
-
-    private func openPending() {
-        guard !reopen.isEmpty && !stopping else { return }
-        let batch = reopen
-        reopen.removeAll(keepingCapacity: true)
-        for slot in batch { open(connections[slot]) }
-    }
-
-    private func open(_ connection: LoadConnection) {
-        let target = targets[nextTarget % targets.count]
-        nextTarget &+= 1
-        connection.generation &+= 1
-        var connected = false
-        do {
-            connection.socket = try Sockets.connect(to: target, connected: &connected)
-        } catch {
-            countError("\(error)")
-            reopen.append(connection.index)
-            return
-        }
-        Sockets.setNoDelay(connection.socket.raw)
-        connection.watchesWritable = !connected
-        connection.state = .connecting
-        do {
-            try epoll.add(connection.socket.raw, events: connected ? Epoll.readable : Epoll.writable, token: connection.token)
-        } catch {
-            fail(connection, "\(error)")
-            return
-        }
-        if connected { established(connection) }
-    }
-
-    private func established(_ connection: LoadConnection) {
-        switch workload {
-        case .bulk:
-            connection.state = .streaming
-            watch(connection, writable: false)
-        case .latency:
-            connection.state = .idle
-            watch(connection, writable: false)
-            idle.append(connection.index)
-        case .keepAlive, .newConnections:
-            startRequest(connection, at: 0, recorded: false)
-        }
-    }
-
-    /// Registers the connection for writability or readability (level-triggered), if it changes.
-    private func watch(_ connection: LoadConnection, writable: Bool) {
-        guard connection.watchesWritable != writable else { return }
-        connection.watchesWritable = writable
-        do {
-            try epoll.modify(connection.socket.raw, events: writable ? Epoll.writable : Epoll.readable, token: connection.token)
-        } catch {
-            fail(connection, "\(error)")
-        }
-    }
-
-    /// Deregisters and closes the socket; the slot becomes free.
-    private func close(_ connection: LoadConnection) {
-        if connection.state == .idle, let position = idle.firstIndex(of: connection.index) {
-            idle.remove(at: position)
-        }
-        epoll.remove(connection.socket.raw)
-        connection.socket.close()
-        connection.state = .free
-        connection.watchesWritable = false
-        connection.scanner = ResponseScanner()
-    }
-
-    private func fail(_ connection: LoadConnection, _ reason: String) {
-        countError(reason)
-        if connection.recorded && (connection.state == .sending || connection.state == .receiving) {
-            connection.recorded = false
-            outstanding -= 1
-        }
-        close(connection)
-        if !stopping { reopen.append(connection.index) }
-    }
-
-    private func countError(_ reason: String) {
-        errors += 1
-        lastError = reason
-    }
-
     // MARK: Events
 
-    private func handle(events: UInt32, token: UInt64) {
+    func handle(events: UInt32, token: UInt64) {
         if token == Self.pacerToken {
             var expirations: UInt64 = 0
             _ = Glibc.read(pacer.raw, &expirations, 8)
@@ -381,7 +197,7 @@ final class LoadGenerator {
         }
     }
 
-    private func startRequest(_ connection: LoadConnection, at startedAt: UInt64, recorded: Bool) {
+    func startRequest(_ connection: LoadConnection, at startedAt: UInt64, recorded: Bool) {
         connection.state = .sending
         connection.requestOffset = 0
         connection.startedAt = startedAt
@@ -389,7 +205,7 @@ final class LoadGenerator {
         sendRequest(connection)
     }
 
-    private func sendRequest(_ connection: LoadConnection) {
+    func sendRequest(_ connection: LoadConnection) {
         while connection.requestOffset < request.count {
             let offset = connection.requestOffset
             do {
@@ -409,7 +225,7 @@ final class LoadGenerator {
         watch(connection, writable: false)
     }
 
-    private func receive(_ connection: LoadConnection) {
+    func receive(_ connection: LoadConnection) {
         for _ in 0..<Self.readsPerEvent {
             let result: IOResult<Int>
             do {
@@ -452,7 +268,7 @@ final class LoadGenerator {
         }
     }
 
-    private func responseComplete(_ connection: LoadConnection, status: Int) {
+    func responseComplete(_ connection: LoadConnection, status: Int) {
         if status != 200 { countError("HTTP status \(status)") }
         switch workload {
         case .keepAlive:
@@ -476,13 +292,13 @@ final class LoadGenerator {
         }
     }
 
-    private func connectionDone(_ connection: LoadConnection) {
+    func connectionDone(_ connection: LoadConnection) {
         if measuring { operations += 1 }
         close(connection)
         if !stopping { reopen.append(connection.index) }
     }
 
-    private func stream(_ connection: LoadConnection) {
+    func stream(_ connection: LoadConnection) {
         for _ in 0..<Self.bulkReadsPerEvent {
             do {
                 switch try Sockets.read(connection.socket.raw, into: scratch, count: Self.bulkReadSize) {
@@ -498,43 +314,6 @@ final class LoadGenerator {
                 fail(connection, "\(error)")
                 return
             }
-        }
-    }
-
-    // MARK: Pacing (latency workload)
-
-    /// Queues the requests whose time has come, sends as many as there are idle connections, and
-    /// sets the pacer for the next one.
-    private func dispatchDue() {
-        let now = MonotonicClock.nanoseconds()
-        // After the window, only the requests due within it are still queued.
-        while (!stopping || nextDue < recordUntil) && nextDue <= now && issued < issueLimit
-            && due.count - dueHead < Self.latencyQueueLimit {
-            due.append((nextDue, false))
-            nextDue += interval
-            issued += 1
-        }
-        while dueHead < due.count, let slot = idle.popLast() {
-            let request = due[dueHead]
-            dueHead += 1
-            let sentAt = MonotonicClock.nanoseconds()
-            let recorded = request.intended >= recordFrom && request.intended < recordUntil
-            if recorded {
-                if !request.waited { sendLag.record(min(sentAt &- request.intended, Self.histogramHighest)) }
-                outstanding += 1
-            }
-            startRequest(connections[slot], at: request.waited ? request.intended : sentAt, recorded: recorded)
-        }
-        if dueHead == due.count {
-            due.removeAll(keepingCapacity: true)
-            dueHead = 0
-        } else {
-            // Still due: no connection was idle, so their time counts from when they were due.
-            for index in dueHead..<due.count { due[index].waited = true }
-        }
-        if issued < issueLimit && !stopping {
-            let wait = nextDue > now ? nextDue - now : 1
-            _ = cberth_timerfd_settime_ns(pacer.raw, Int64(wait))
         }
     }
 }

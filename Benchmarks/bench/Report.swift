@@ -1,5 +1,4 @@
 import BerthEngine
-import BerthRegistry
 import BerthSystem
 import Glibc
 
@@ -10,7 +9,7 @@ import Glibc
 /// headline is decided by the numbers (`chooseHeadline`).
 struct Report {
     /// One figure per setup in a table.
-    private struct Column {
+    struct Column {
         /// The column's name in the JSON ratios.
         var key: String
         var header: String
@@ -23,37 +22,37 @@ struct Report {
         var inRatios = true
     }
 
-    private let result: RunResult
+    let result: RunResult
     /// The Berth row used against direct, and why.
-    private let headline: SetupResult?
-    private let headlineReason: String
-    private static let labelWidth = 30
-    private static let columnWidth = 11
+    let headline: SetupResult?
+    let headlineReason: String
+    static let labelWidth = 30
+    static let columnWidth = 11
     /// Below this share of its core, the proxy was not what limited a throughput row.
-    private static let bottleneckShare = 0.8
+    static let bottleneckShare = 0.8
     /// At or above this busy share, the load CPU was what limited it.
-    private static let saturatedShare = 0.9
+    static let saturatedShare = 0.9
     /// Other processes' CPU use in a phase above which the figure is flagged as disturbed.
-    private static let disturbanceCPUs = 0.1
+    static let disturbanceCPUs = 0.1
     /// Steal share of any CPU above which a phase is flagged.
-    private static let disturbingSteal = 0.02
+    static let disturbingSteal = 0.02
 
     init(_ result: RunResult) {
         self.result = result
         (headline, headlineReason) = Report.chooseHeadline(result)
     }
 
-    private var ran: [SetupResult] { result.setups.filter { $0.skipped == nil } }
-    private var scenarioReport: ScenarioReport? {
+    var ran: [SetupResult] { result.setups.filter { $0.skipped == nil } }
+    var scenarioReport: ScenarioReport? {
         result.scenarios.map { ScenarioReport(results: $0, options: result.options, proxyCPU: result.proxyCPU, loadCPU: result.loadCPU) }
     }
-    private var berthRows: [SetupResult] { ran.filter { $0.setup.isBerth } }
-    private var haproxyRows: [SetupResult] { ran.filter { $0.setup.isHAProxy } }
-    private var directRow: SetupResult? { ran.first { $0.setup == .direct } }
+    var berthRows: [SetupResult] { ran.filter { $0.setup.isBerth } }
+    var haproxyRows: [SetupResult] { ran.filter { $0.setup.isHAProxy } }
+    var directRow: SetupResult? { ran.first { $0.setup == .direct } }
 
     /// The engine's default relay mode, unless another mode is faster by more than 3% over the
     /// throughput columns (geometric mean of its ratios to the default).
-    private static func chooseHeadline(_ result: RunResult) -> (SetupResult?, String) {
+    static func chooseHeadline(_ result: RunResult) -> (SetupResult?, String) {
         let berth = result.setups.filter { $0.setup.isBerth && $0.skipped == nil }
         let defaultMode = EngineConfiguration().relay
         guard let standard = berth.first(where: { $0.setup == .berth(defaultMode) }) else {
@@ -85,7 +84,7 @@ struct Report {
 
     // MARK: Columns
 
-    private var throughputColumns: [Column] {
+    var throughputColumns: [Column] {
         let phases = result.options.phases.filter(\.isThroughput)
         return phases.map { phase in
             let (header, unit): (String, String) = switch phase {
@@ -101,7 +100,7 @@ struct Report {
         }
     }
 
-    private var latencyColumns: [Column] {
+    var latencyColumns: [Column] {
         guard result.options.phases.contains(.latency) else { return [] }
         let micro: (Double) -> String = { Format.fixed($0, 1) }
         let pick: [(String, (LatencySummary) -> Double)] = [
@@ -118,7 +117,7 @@ struct Report {
         ]
     }
 
-    private var resourceColumns: [Column] {
+    var resourceColumns: [Column] {
         var columns = [
             Column(key: "cpuSeconds", header: "CPU", unit: "s", higherIsBetter: false, phase: nil,
                    value: \.cpuSeconds, format: { Format.fixed($0, 2) }),
@@ -133,7 +132,7 @@ struct Report {
         return columns
     }
 
-    private var costColumns: [Column] {
+    var costColumns: [Column] {
         result.options.phases.map { phase in
             Column(key: "cost.\(phase.rawValue)", header: phase.rawValue, unit: phase.costUnit, higherIsBetter: false, phase: phase,
                    value: { $0.phases[phase]?.cost }, format: { Format.fixed($0, phase.costUnit == "ms/GB" ? 1 : 2) })
@@ -141,7 +140,7 @@ struct Report {
     }
 
     /// Per column, the better of the HAProxy rows.
-    private func bestHAProxy(_ column: Column) -> (value: Double, setup: Setup)? {
+    func bestHAProxy(_ column: Column) -> (value: Double, setup: Setup)? {
         var best: (value: Double, setup: Setup)?
         for row in haproxyRows {
             guard let value = column.value(row) else { continue }
@@ -187,7 +186,7 @@ struct Report {
         return out
     }
 
-    private func table(_ title: String, _ columns: [Column], rows: [SetupResult], withDirect: Bool) -> String {
+    func table(_ title: String, _ columns: [Column], rows: [SetupResult], withDirect: Bool) -> String {
         let width = Self.columnWidth
         var out = title + "\n"
         out += Format.pad("", Self.labelWidth, alignRight: false) + columns.map { Format.pad($0.header, width) }.joined() + "\n"
@@ -221,7 +220,7 @@ struct Report {
         return out + "\n"
     }
 
-    private func ratio(_ numerator: Double?, _ denominator: Double?) -> Double? {
+    func ratio(_ numerator: Double?, _ denominator: Double?) -> Double? {
         guard let numerator, let denominator, denominator > 0 else { return nil }
         return numerator / denominator
     }
@@ -261,7 +260,7 @@ struct Report {
     }
 
     /// Where the proxy used well under its core in a throughput phase, the limit was elsewhere.
-    private func bottleneckNotes() -> [String] {
+    func bottleneckNotes() -> [String] {
         var notes: [String] = []
         let loadCPU = result.loadCPU
         for row in ran where row.setup.isProxy {
@@ -298,7 +297,7 @@ struct Report {
 
     /// Phases during which other processes, or the hypervisor, took a noticeable share of the
     /// machine.
-    private func disturbanceNotes() -> [String] {
+    func disturbanceNotes() -> [String] {
         var busy: [String] = []
         var stolen: [String] = []
         for row in ran {
@@ -326,7 +325,7 @@ struct Report {
     }
 
     /// Which relay mode was fastest, per throughput column and for the latency median.
-    private func relayModeNotes() -> [String] {
+    func relayModeNotes() -> [String] {
         guard berthRows.count > 1 else { return [] }
         var notes: [String] = []
         for column in throughputColumns + latencyColumns.prefix(1) {
@@ -342,7 +341,7 @@ struct Report {
     }
 
     /// Which HAProxy setup was better, per column.
-    private func haproxyNotes() -> [String] {
+    func haproxyNotes() -> [String] {
         guard haproxyRows.count > 1 else { return [] }
         var winners: [Setup: [String]] = [:]
         for column in throughputColumns + latencyColumns.prefix(3) {
@@ -353,88 +352,6 @@ struct Report {
             guard let columns = winners[row.setup] else { return nil }
             return "haproxy*: \(row.setup.label) was the better HAProxy for " + columns.joined(separator: ", ")
         }
-    }
-
-    // MARK: JSON
-
-    func json() -> String {
-        let options = result.options
-        var setups: [JSONValue] = []
-        for row in result.setups {
-            var members: [(String, JSONValue)] = [("name", .string(row.setup.name))]
-            if let skipped = row.skipped {
-                members.append(("skipped", .string(skipped)))
-                setups.append(.object(members))
-                continue
-            }
-            members.append(("cpuSeconds", .optional(row.cpuSeconds)))
-            members.append(("peakRSSBytes", row.peakRSS.map { .integer(Int64($0)) } ?? .null))
-            var phases: [(String, JSONValue)] = []
-            for phase in options.phases {
-                if let failure = row.failures[phase], row.phases[phase] == nil {
-                    phases.append((phase.rawValue, .object([("failed", .string(failure))])))
-                }
-                guard let measurement = row.phases[phase] else { continue }
-                var fields: [(String, JSONValue)] = [
-                    ("value", .number(measurement.value)), ("unit", .string(measurement.unit)),
-                    ("operations", .integer(Int64(measurement.operations))), ("errors", .integer(Int64(measurement.errors))),
-                    ("seconds", .number(measurement.seconds)),
-                    ("proxyCPUPercent", .optional(measurement.proxyCPUShare.map { $0 * 100 })),
-                    ("proxyCPUCost", .optional(measurement.cost)), ("costUnit", .string(measurement.costUnit)),
-                    ("cpuBusyPercent", .array(measurement.cpuBusy.map { .number($0 * 100) })),
-                    ("otherProcessesCPUs", .number(measurement.foreignCPUs)),
-                    ("stealPercent", .array(measurement.steal.map { .number($0 * 100) })),
-                    ("capped", .bool(measurement.capped)), ("round", .integer(Int64(measurement.round))),
-                ]
-                if let error = measurement.lastError { fields.append(("lastError", .string(error))) }
-                if let latency = measurement.latency {
-                    fields.append(("latencyMicroseconds", .object([
-                        ("p50", .number(latency.p50)), ("p90", .number(latency.p90)), ("p99", .number(latency.p99)),
-                        ("p99.9", .number(latency.p999)), ("max", .number(latency.max)),
-                        ("samples", .integer(Int64(latency.samples))),
-                        ("sendLagP99", .number(latency.sendLagP99)), ("sendLagMax", .number(latency.sendLagMax)),
-                    ])))
-                }
-                phases.append((phase.rawValue, .object(fields)))
-            }
-            members.append(("phases", .object(phases)))
-            setups.append(.object(members))
-        }
-        var ratios: [(String, JSONValue)] = []
-        let columns = (throughputColumns + latencyColumns + resourceColumns + costColumns).filter(\.inRatios)
-        if let headline, let direct = directRow {
-            ratios.append(("\(headline.setup.name)/direct", .object(columns.compactMap { column in
-                ratio(column.value(headline), column.value(direct)).map { (column.key, .number($0)) }
-            })))
-        }
-        for berth in berthRows where !haproxyRows.isEmpty {
-            ratios.append(("\(berth.setup.name)/haproxy*", .object(columns.compactMap { column in
-                ratio(column.value(berth), bestHAProxy(column)?.value).map { (column.key, .number($0)) }
-            })))
-        }
-        let document = JSONValue.object([
-            ("machine", .object([
-                ("cpus", .integer(Int64(result.cpuCount))), ("cpuModel", .string(result.cpuModel)),
-                ("kernel", .string(result.kernel)), ("proxyCPU", .integer(Int64(result.proxyCPU))),
-                ("loadCPU", .integer(Int64(result.loadCPU))),
-                ("busyPercentBeforeRun", .number(result.idleCheckBusy * 100)),
-                ("haproxy", result.haproxyVersion.map { .string($0) } ?? .null),
-            ])),
-            ("settings", .object([
-                ("phaseSeconds", .number(options.phaseSeconds)), ("warmupSeconds", .number(options.warmupSeconds)),
-                ("keepAliveConnections", .integer(Int64(options.keepAliveConnections))),
-                ("concurrentConnects", .integer(Int64(options.concurrentConnects))),
-                ("bulkStreams", .integer(Int64(options.bulkStreams))), ("latencyRate", .integer(Int64(options.rate))),
-                ("latencyConnections", .integer(Int64(options.latencyConnections))),
-                ("rounds", .integer(Int64(options.rounds))),
-            ])),
-            ("setups", .array(setups)),
-            ("headline", headline.map { .string($0.setup.name) } ?? .null),
-            ("ratios", .object(ratios)),
-            ("scenarios", scenarioReport?.json() ?? .null),
-            ("notes", .array(notes().map { .string($0) })),
-        ])
-        return document.rendered() + "\n"
     }
 }
 
