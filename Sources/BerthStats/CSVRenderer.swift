@@ -1,3 +1,5 @@
+import BerthEngine
+
 /// `/;csv`: HAProxy 2.6's CSV (`show stat`), so that exporters, dashboards and scripts written
 /// for HAProxy read Berth unchanged. Same header line (`# ` then the names, and a trailing comma
 /// on every line), same column order, one FRONTEND row, one row per server and one BACKEND row per
@@ -40,13 +42,18 @@ enum CSVRenderer {
     /// Columns every row shares: names, session and byte counters, process and proxy ids.
     private static func common(_ service: ServiceStats, _ name: String, _ traffic: TrafficStats,
                                proxyID: String, serverID: Int, type: Int) -> [String: String] {
-        [
+        var row = [
             "pxname": service.name, "svname": name,
             "scur": String(traffic.currentSessions), "smax": String(traffic.maxSessions),
-            "stot": String(traffic.totalSessions), "bin": String(traffic.bytesIn), "bout": String(traffic.bytesOut),
             "pid": "1", "iid": proxyID, "sid": String(serverID), "type": String(type),
             "rate": whole(traffic.sessionRate), "rate_max": whole(traffic.sessionRateMax), "mode": "tcp",
         ]
+        // The counters' columns come from the engine's table (type 0 is a FRONTEND row).
+        for counter in TrafficCounter.all {
+            guard let column = counter.csvColumn, type != 0 || counter.csvOnFrontend else { continue }
+            row[column] = String(traffic.counts[counter])
+        }
+        return row
     }
 
     private static func frontendRow(_ service: ServiceStats, proxyID: String) -> [String: String] {
@@ -67,10 +74,7 @@ enum CSVRenderer {
         row["qcur"] = "0"
         row["qmax"] = "0"
         row["dresp"] = "0"
-        row["econ"] = String(traffic.connectErrors)
         row["eresp"] = "0"
-        row["wretr"] = String(traffic.retries)
-        row["wredis"] = String(traffic.redispatches)
         row["status"] = backend.status.rawValue
         row["weight"] = String(backend.weight)
         row["uweight"] = String(backend.weight)
@@ -101,10 +105,7 @@ enum CSVRenderer {
         row["qmax"] = "0"
         row["dreq"] = "0"
         row["dresp"] = "0"
-        row["econ"] = String(service.totals.connectErrors)
         row["eresp"] = "0"
-        row["wretr"] = String(service.totals.retries)
-        row["wredis"] = String(service.totals.redispatches)
         row["status"] = service.status
         row["weight"] = String(taking.reduce(0) { $0 + $1.weight })
         row["uweight"] = row["weight"]

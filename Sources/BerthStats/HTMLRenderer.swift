@@ -1,3 +1,5 @@
+import BerthEngine
+
 /// `/`: a page in the spirit of HAProxy's stats page, readable without JavaScript: a header with
 /// the process, discovery and registrar state, then one table per service (frontend row, one row
 /// per backend coloured by status, the backend totals). `?refresh=N` adds a meta refresh. Pure.
@@ -106,15 +108,15 @@ enum HTMLRenderer {
 
     private static func table(_ service: ServiceStats) -> String {
         var html = "<h2>\(escape(service.name)) <small>listening on \(escape(service.listen)), \(escape(service.status))</small></h2>\n"
-        html += """
-            <table class="svc">
-            <tr><th class="group"></th><th class="group" colspan="5">Server</th><th class="group" colspan="6">Sessions</th>\
-            <th class="group" colspan="2">Bytes</th><th class="group" colspan="4">Errors</th></tr>
-            <tr><th>Name</th><th>Status</th><th>Last check</th><th>Check time</th><th>Last change</th><th>Weight</th>\
-            <th>Cur</th><th>Max</th><th>Total</th><th>Rate</th><th>Rate max</th><th>Last</th>\
-            <th>In</th><th>Out</th><th>Conn</th><th>Retr</th><th>Redis</th><th>Failed</th></tr>
-
-            """
+        html += "<table class=\"svc\">\n<tr><th class=\"group\"></th><th class=\"group\" colspan=\"5\">Server</th>"
+        for group in trafficGroups {
+            html += "<th class=\"group\" colspan=\"\(group.columns.count)\">\(group.name)</th>"
+        }
+        html += "</tr>\n<tr><th>Name</th><th>Status</th><th>Last check</th><th>Check time</th><th>Last change</th><th>Weight</th>"
+        for group in trafficGroups {
+            for column in group.columns { html += "<th>\(column.title)</th>" }
+        }
+        html += "</tr>\n"
         html += row(class: "frontend", name: "Frontend", status: "OPEN", check: nil, weight: "",
                     traffic: service.frontend, lastChange: "")
         for backend in service.backends {
@@ -142,15 +144,12 @@ enum HTMLRenderer {
             check.code == "INI" ? "INI" : "\(check.code) \(check.detail)"
         } ?? ""
         let checkTime = check?.durationMilliseconds.map { "\($0) ms" } ?? ""
-        let cells: [(String, String)] = [
+        var cells: [(String, String)] = [
             ("name", name), ("text", status), ("text", checkText), ("", checkTime), ("", lastChange), ("", weight),
-            ("", String(traffic.currentSessions)), ("", String(traffic.maxSessions)), ("", grouped(traffic.totalSessions)),
-            ("", rate(traffic.sessionRate)), ("", rate(traffic.sessionRateMax)),
-            ("", traffic.lastSessionSeconds.map(duration) ?? ""),
-            ("", grouped(traffic.bytesIn)), ("", grouped(traffic.bytesOut)),
-            ("", grouped(traffic.connectErrors)), ("", grouped(traffic.retries)), ("", grouped(traffic.redispatches)),
-            ("", grouped(traffic.failedSessions)),
         ]
+        for group in trafficGroups {
+            for column in group.columns { cells.append(("", column.text(traffic))) }
+        }
         var html = "<tr class=\"\(cls)\">"
         for (cellClass, text) in cells {
             html += cellClass.isEmpty ? "<td>" : "<td class=\"\(cellClass)\">"
@@ -158,6 +157,39 @@ enum HTMLRenderer {
         }
         return html + "</tr>\n"
     }
+
+    /// One column of the traffic part of a row.
+    private struct TrafficColumn: Sendable {
+        let title: String
+        let text: @Sendable (TrafficStats) -> String
+    }
+
+    /// The traffic columns by group: the counters of the engine's table that name an HTML group,
+    /// in table order, after the session gauges and before the session rates.
+    private static let trafficGroups: [(name: String, columns: [TrafficColumn])] = {
+        func counters(_ group: String) -> [TrafficColumn] {
+            TrafficCounter.all.filter { $0.html?.group == group }.map { counter in
+                TrafficColumn(title: counter.html!.title) { grouped($0.counts[counter]) }
+            }
+        }
+        let gauges = [
+            TrafficColumn(title: "Cur") { String($0.currentSessions) },
+            TrafficColumn(title: "Max") { String($0.maxSessions) },
+        ]
+        let rates = [
+            TrafficColumn(title: "Rate") { rate($0.sessionRate) },
+            TrafficColumn(title: "Rate max") { rate($0.sessionRateMax) },
+            TrafficColumn(title: "Last") { $0.lastSessionSeconds.map(duration) ?? "" },
+        ]
+        var groups = [(name: "Sessions", columns: gauges + counters("Sessions") + rates)]
+        var named = ["Sessions"]
+        for counter in TrafficCounter.all {
+            guard let group = counter.html?.group, !named.contains(group) else { continue }
+            named.append(group)
+            groups.append((name: group, columns: counters(group)))
+        }
+        return groups
+    }()
 
     /// 0s, 42s, 3m5s, 2h3m, 4d2h: HAProxy's compact durations.
     static func duration(_ seconds: Double) -> String {

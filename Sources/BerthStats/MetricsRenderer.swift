@@ -1,3 +1,5 @@
+import BerthEngine
+
 /// `/metrics`: the Prometheus text exposition format (0.0.4). Counters end in `_total`, times are
 /// in seconds, every series of a family follows its one `# HELP` and `# TYPE` line (what
 /// `promtool check metrics` asks). Labels: `service` on frontend families, `service` and
@@ -102,31 +104,21 @@ enum MetricsRenderer {
     private static func trafficFamilies(prefix: String, what: String, rows: [([(String, String)], TrafficStats)]) -> [Family] {
         var current = Family("\(prefix)_current_sessions", "gauge", "Sessions open now to \(what).")
         var highest = Family("\(prefix)_max_sessions", "gauge", "Most sessions open at once to \(what) (summed over workers).")
-        var sessions = Family("\(prefix)_sessions_total", "counter", "Sessions started with \(what).")
         var rate = Family("\(prefix)_session_rate", "gauge", "New sessions per second with \(what), over the last second.")
-        var bytesIn = Family("\(prefix)_bytes_in_total", "counter", "Bytes received from clients, through \(what).")
-        var bytesOut = Family("\(prefix)_bytes_out_total", "counter", "Bytes sent to clients, through \(what).")
-        var connectErrors = Family("\(prefix)_connect_errors_total", "counter", "Failed connects to \(what).")
-        var retries = Family("\(prefix)_retries_total", "counter", "Connects retried after failing on \(what).")
-        var redispatches = Family("\(prefix)_redispatches_total", "counter", "Sessions moved elsewhere after an empty response or a response timeout (--retry-on), \(what).")
-        var failed = Family("\(prefix)_failed_sessions_total", "counter", "Clients closed because no backend could be connected, \(what).")
-        var timeouts = Family("\(prefix)_timeouts_total", "counter", "Sessions closed by a timeout, \(what).")
         var lastSession = Family("\(prefix)_last_session_seconds", "gauge", "Seconds since the last session started with \(what).")
+        // One family per counter of the engine's table.
+        let exported = TrafficCounter.all.filter { $0.metric != nil }
+        var counters = exported.map { counter in
+            Family("\(prefix)_\(counter.metric!)", "counter", counter.help.replacing("{what}", with: what))
+        }
         for (labels, traffic) in rows {
             current.add(labels, traffic.currentSessions)
             highest.add(labels, traffic.maxSessions)
-            sessions.add(labels, traffic.totalSessions)
             rate.add(labels, traffic.sessionRate)
-            bytesIn.add(labels, traffic.bytesIn)
-            bytesOut.add(labels, traffic.bytesOut)
-            connectErrors.add(labels, traffic.connectErrors)
-            retries.add(labels, traffic.retries)
-            redispatches.add(labels, traffic.redispatches)
-            failed.add(labels, traffic.failedSessions)
-            timeouts.add(labels, traffic.timeouts)
             if let seconds = traffic.lastSessionSeconds { lastSession.add(labels, seconds) }
+            for (index, counter) in exported.enumerated() { counters[index].add(labels, traffic.counts[counter]) }
         }
-        return [current, highest, sessions, rate, bytesIn, bytesOut, connectErrors, retries, redispatches, failed, timeouts, lastSession]
+        return [current, highest, rate] + counters + [lastSession]
     }
 
     private static func single(_ name: String, _ type: String, _ help: String, _ value: Double,

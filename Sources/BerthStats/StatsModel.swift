@@ -1,3 +1,4 @@
+import BerthEngine
 import BerthHealth
 
 // What the stats server shows: plain Sendable values, built once per request by
@@ -89,28 +90,57 @@ public struct ServiceStats: Sendable, Codable, Equatable {
     public var allDownEvents: UInt64
 }
 
-/// Counters of one row.
+/// Counters of one row: the gauges and rates here, the counters in `counts` (the engine's table,
+/// `TrafficCounter.all`), readable by name (`traffic.connectErrors`). In JSON every counter is a
+/// key of the row, named by the table.
+@dynamicMemberLookup
 public struct TrafficStats: Sendable, Codable, Equatable {
     public var currentSessions = 0
     public var maxSessions = 0
-    public var totalSessions: UInt64 = 0
     /// New sessions per second over the last second sampled.
     public var sessionRate = 0.0
     /// Highest `sessionRate` seen since start.
     public var sessionRateMax = 0.0
-    public var bytesIn: UInt64 = 0
-    public var bytesOut: UInt64 = 0
-    public var connectErrors: UInt64 = 0
-    public var retries: UInt64 = 0
-    public var redispatches: UInt64 = 0
-    /// Clients closed because no backend could be connected.
-    public var failedSessions: UInt64 = 0
-    public var timeouts: UInt64 = 0
-    public var panicSessions: UInt64 = 0
     /// Seconds since the last session started (nil: none yet).
     public var lastSessionSeconds: Double?
+    public var counts = TrafficCounts()
 
     public init() {}
+
+    public subscript(dynamicMember member: KeyPath<TrafficCounter.Type, TrafficCounter>) -> UInt64 {
+        get { counts[TrafficCounter.self[keyPath: member]] }
+        set { counts[TrafficCounter.self[keyPath: member]] = newValue }
+    }
+
+    private struct Key: CodingKey {
+        var stringValue: String
+        var intValue: Int? { nil }
+        init(_ name: String) { stringValue = name }
+        init?(stringValue: String) { self.stringValue = stringValue }
+        init?(intValue: Int) { nil }
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: Key.self)
+        currentSessions = try container.decode(Int.self, forKey: Key("currentSessions"))
+        maxSessions = try container.decode(Int.self, forKey: Key("maxSessions"))
+        sessionRate = try container.decode(Double.self, forKey: Key("sessionRate"))
+        sessionRateMax = try container.decode(Double.self, forKey: Key("sessionRateMax"))
+        lastSessionSeconds = try container.decodeIfPresent(Double.self, forKey: Key("lastSessionSeconds"))
+        for counter in TrafficCounter.all {
+            counts[counter] = try container.decodeIfPresent(UInt64.self, forKey: Key(counter.name)) ?? 0
+        }
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: Key.self)
+        try container.encode(currentSessions, forKey: Key("currentSessions"))
+        try container.encode(maxSessions, forKey: Key("maxSessions"))
+        try container.encode(sessionRate, forKey: Key("sessionRate"))
+        try container.encode(sessionRateMax, forKey: Key("sessionRateMax"))
+        try container.encodeIfPresent(lastSessionSeconds, forKey: Key("lastSessionSeconds"))
+        for counter in TrafficCounter.all { try container.encode(counts[counter], forKey: Key(counter.name)) }
+    }
 }
 
 /// The status column, HAProxy's words.

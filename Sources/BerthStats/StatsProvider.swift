@@ -152,15 +152,7 @@ final class StatsCollector {
         guard let snapshot else { return traffic }
         traffic.currentSessions = snapshot.currentSessions
         traffic.maxSessions = snapshot.maxSessions
-        traffic.totalSessions = snapshot.totalSessions
-        traffic.bytesIn = snapshot.bytesIn
-        traffic.bytesOut = snapshot.bytesOut
-        traffic.connectErrors = snapshot.connectErrors
-        traffic.retries = snapshot.retries
-        traffic.redispatches = snapshot.redispatches
-        traffic.failedSessions = snapshot.failedSessions
-        traffic.timeouts = snapshot.timeouts
-        traffic.panicSessions = snapshot.panicSessions
+        traffic.counts = snapshot.counts
         if snapshot.lastSessionStarted > 0 {
             traffic.lastSessionSeconds = Double(max(0, now - snapshot.lastSessionStarted)) / 1000
         }
@@ -173,17 +165,9 @@ extension TrafficStats {
     mutating func add(_ other: TrafficStats) {
         currentSessions += other.currentSessions
         maxSessions = max(maxSessions, other.maxSessions)
-        totalSessions += other.totalSessions
         sessionRate += other.sessionRate
         sessionRateMax = max(sessionRateMax, other.sessionRateMax)
-        bytesIn += other.bytesIn
-        bytesOut += other.bytesOut
-        connectErrors += other.connectErrors
-        retries += other.retries
-        redispatches += other.redispatches
-        failedSessions += other.failedSessions
-        timeouts += other.timeouts
-        panicSessions += other.panicSessions
+        counts.add(other.counts)
         if let seconds = other.lastSessionSeconds {
             lastSessionSeconds = min(lastSessionSeconds ?? seconds, seconds)
         }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import BerthEngine
 import BerthRegistry
 import BerthSystem
 import BerthStats

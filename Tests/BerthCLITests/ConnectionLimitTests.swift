@@ -1,4 +1,5 @@
 import BerthSystem
+import CBerthShims
 import Foundation
 import Glibc
 import XCTest

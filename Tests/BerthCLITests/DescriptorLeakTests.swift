@@ -1,3 +1,4 @@
+import CBerthShims
 import Foundation
 import Glibc
 import Synchronization

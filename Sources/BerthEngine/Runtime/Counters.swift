@@ -23,19 +23,12 @@ public final class TrafficCounters: Sendable {
     init() {}
 
     var snapshot: TrafficSnapshot {
-        TrafficSnapshot(
-            currentSessions: currentSessions.load(ordering: .relaxed),
-            maxSessions: maxSessions.load(ordering: .relaxed),
-            totalSessions: totalSessions.load(ordering: .relaxed),
-            bytesIn: bytesIn.load(ordering: .relaxed),
-            bytesOut: bytesOut.load(ordering: .relaxed),
-            connectErrors: connectErrors.load(ordering: .relaxed),
-            retries: retries.load(ordering: .relaxed),
-            failedSessions: failedSessions.load(ordering: .relaxed),
-            timeouts: timeouts.load(ordering: .relaxed),
-            redispatches: redispatches.load(ordering: .relaxed),
-            panicSessions: panicSessions.load(ordering: .relaxed),
-            lastSessionStarted: lastSessionStarted.load(ordering: .relaxed))
+        var snapshot = TrafficSnapshot()
+        snapshot.currentSessions = currentSessions.load(ordering: .relaxed)
+        snapshot.maxSessions = maxSessions.load(ordering: .relaxed)
+        snapshot.lastSessionStarted = lastSessionStarted.load(ordering: .relaxed)
+        for counter in TrafficCounter.all { snapshot.counts[counter] = counter.load(self) }
+        return snapshot
     }
 
     /// `now` is the worker's cached loop time: one more relaxed store, no clock read.
@@ -61,60 +54,29 @@ public final class TrafficCounters: Sendable {
     }
 }
 
-/// A point-in-time copy of counters, summed over workers by `Engine.statistics()`.
+/// A point-in-time copy of counters, summed over workers by `Engine.statistics()`. The counters
+/// are `counts` (`TrafficCounter.all`), readable by name: `snapshot.connectErrors`.
+@dynamicMemberLookup
 public struct TrafficSnapshot: Sendable, Equatable {
     public var currentSessions = 0
     /// Highest `currentSessions` seen (summed over workers: an upper bound).
     public var maxSessions = 0
-    public var totalSessions: UInt64 = 0
-    /// Bytes received from clients (HAProxy's `bin`).
-    public var bytesIn: UInt64 = 0
-    /// Bytes sent to clients (HAProxy's `bout`).
-    public var bytesOut: UInt64 = 0
-    public var connectErrors: UInt64 = 0
-    public var retries: UInt64 = 0
-    /// Clients closed because no backend could be connected.
-    public var failedSessions: UInt64 = 0
-    public var timeouts: UInt64 = 0
-    /// Sessions moved to another backend after an empty response or a response timeout (`--retry-on`).
-    public var redispatches: UInt64 = 0
-    /// Sessions routed while every backend was down (`--all-down try-all`).
-    public var panicSessions: UInt64 = 0
     /// `MonotonicClock.milliseconds()` when the last session started (the latest over workers);
     /// 0 when none has.
     public var lastSessionStarted: Int64 = 0
+    public var counts = TrafficCounts()
 
     public init() {}
 
-    init(currentSessions: Int, maxSessions: Int, totalSessions: UInt64, bytesIn: UInt64, bytesOut: UInt64,
-         connectErrors: UInt64, retries: UInt64, failedSessions: UInt64, timeouts: UInt64,
-         redispatches: UInt64, panicSessions: UInt64, lastSessionStarted: Int64) {
-        self.currentSessions = currentSessions
-        self.maxSessions = maxSessions
-        self.totalSessions = totalSessions
-        self.bytesIn = bytesIn
-        self.bytesOut = bytesOut
-        self.connectErrors = connectErrors
-        self.retries = retries
-        self.failedSessions = failedSessions
-        self.timeouts = timeouts
-        self.redispatches = redispatches
-        self.panicSessions = panicSessions
-        self.lastSessionStarted = lastSessionStarted
+    public subscript(dynamicMember member: KeyPath<TrafficCounter.Type, TrafficCounter>) -> UInt64 {
+        get { counts[TrafficCounter.self[keyPath: member]] }
+        set { counts[TrafficCounter.self[keyPath: member]] = newValue }
     }
 
     mutating func accumulate(_ other: TrafficSnapshot) {
         currentSessions += other.currentSessions
         maxSessions += other.maxSessions
-        totalSessions += other.totalSessions
-        bytesIn += other.bytesIn
-        bytesOut += other.bytesOut
-        connectErrors += other.connectErrors
-        retries += other.retries
-        failedSessions += other.failedSessions
-        timeouts += other.timeouts
-        redispatches += other.redispatches
-        panicSessions += other.panicSessions
+        counts.add(other.counts)
         lastSessionStarted = max(lastSessionStarted, other.lastSessionStarted)
     }
 }
