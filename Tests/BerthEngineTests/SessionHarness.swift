@@ -54,6 +54,10 @@ final class ScriptedSockets: SocketIO {
 
     /// By the worker's fd; an entry is replaced when its fd number is handed out again.
     private(set) var peers: [CInt: Peer] = [:]
+    /// Clients waiting in the listen queue: each `accept` takes one (then `wouldBlock`).
+    var pendingClients = 0
+    /// Runs inside the next `accept`, before it returns: another worker's turn at that moment.
+    var duringAccept: (() -> Void)?
     /// By backend address; `.inProgress` when absent.
     var plans: [SocketAddress: ConnectPlan] = [:]
     /// The scripted calls made, in order ("connect 10.9.0.1:80 -> 12", "pendingError 12").
@@ -78,7 +82,13 @@ final class ScriptedSockets: SocketIO {
 
     func accept(_ listener: CInt) throws(SystemError) -> IOResult<CInt> {
         calls.append("accept \(listener)")
-        return .wouldBlock
+        if let interleaved = duringAccept {
+            duringAccept = nil
+            interleaved()
+        }
+        guard pendingClients > 0 else { return .wouldBlock }
+        pendingClients -= 1
+        return .done(makeClient())
     }
 
     func connect(to address: SocketAddress, connected: inout Bool) throws(SystemError) -> Descriptor {
@@ -107,13 +117,14 @@ final class SessionHarness {
     let sockets = ScriptedSockets()
     let worker: Worker<ScriptedSockets>
 
-    init(settings: FrontendSettings, configure: (inout EngineConfiguration) -> Void = { _ in }) throws {
+    init(settings: FrontendSettings, shared: EngineShared = EngineShared(),
+         configure: (inout EngineConfiguration) -> Void = { _ in }) throws {
         var configuration = EngineConfiguration()
         configuration.relay = .copy
         configuration.workers = 1
         configure(&configuration)
         worker = try Worker(handle: try WorkerHandle(index: 0), configuration: configuration,
-                            shared: EngineShared(), io: sockets)
+                            shared: shared, io: sockets)
         worker.now = 1_000
         self.settings = settings
     }

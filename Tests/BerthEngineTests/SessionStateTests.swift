@@ -115,4 +115,24 @@ final class SessionStateTests: XCTestCase {
         XCTAssertEqual(registry.loopErrors.load(ordering: .relaxed), 2, "registering was tried again after the retry delay")
         XCTAssertTrue(harness.worker.acceptPaused)
     }
+
+    /// Two workers accept at the same moment under `--maxconn 1`: the second one's whole turn
+    /// runs while the first is inside accept4. Counting after the accept (a load, then an add)
+    /// let both in; counting before it lets exactly one in and pauses the other.
+    func testTwoWorkersAcceptingAtOnceNeverPassMaxconn() throws {
+        let shared = EngineShared()
+        let first = try SessionHarness(settings: FrontendSettings(), shared: shared) { $0.maxConnections = 1 }
+        let second = try SessionHarness(settings: FrontendSettings(), shared: shared) { $0.maxConnections = 1 }
+        for harness in [first, second] {
+            harness.install([("a", SessionHarness.address(1))])
+            harness.sockets.pendingClients = 1
+        }
+        let secondFrontend = try XCTUnwrap(second.worker.frontends[SessionHarness.frontend])
+        first.sockets.duringAccept = { second.worker.acceptConnections(secondFrontend) }
+        first.worker.acceptConnections(try XCTUnwrap(first.worker.frontends[SessionHarness.frontend]))
+
+        XCTAssertEqual(first.worker.activeSessions + second.worker.activeSessions, 1, "sessions open on both workers")
+        XCTAssertEqual(shared.connections.load(ordering: .relaxed), 1)
+        XCTAssertTrue(first.worker.acceptPaused || second.worker.acceptPaused, "the worker at the limit paused")
+    }
 }
