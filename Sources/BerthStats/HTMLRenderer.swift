@@ -168,8 +168,9 @@ enum HTMLRenderer {
     /// in table order, after the session gauges and before the session rates.
     private static let trafficGroups: [(name: String, columns: [TrafficColumn])] = {
         func counters(_ group: String) -> [TrafficColumn] {
-            TrafficCounter.all.filter { $0.html?.group == group }.map { counter in
-                TrafficColumn(title: counter.html!.title) { grouped($0.counts[counter]) }
+            TrafficCounter.all.compactMap { counter -> TrafficColumn? in
+                guard let html = counter.html, html.group == group else { return nil }
+                return TrafficColumn(title: html.title) { grouped($0.counts[counter]) }
             }
         }
         let gauges = [

@@ -107,16 +107,16 @@ enum MetricsRenderer {
         var rate = Family("\(prefix)_session_rate", "gauge", "New sessions per second with \(what), over the last second.")
         var lastSession = Family("\(prefix)_last_session_seconds", "gauge", "Seconds since the last session started with \(what).")
         // One family per counter of the engine's table.
-        let exported = TrafficCounter.all.filter { $0.metric != nil }
-        var counters = exported.map { counter in
-            Family("\(prefix)_\(counter.metric!)", "counter", counter.help.replacing("{what}", with: what))
+        let exported = TrafficCounter.all.compactMap { counter in counter.metric.map { (counter, $0) } }
+        var counters = exported.map { counter, metric in
+            Family("\(prefix)_\(metric)", "counter", counter.help.replacing("{what}", with: what))
         }
         for (labels, traffic) in rows {
             current.add(labels, traffic.currentSessions)
             highest.add(labels, traffic.maxSessions)
             rate.add(labels, traffic.sessionRate)
             if let seconds = traffic.lastSessionSeconds { lastSession.add(labels, seconds) }
-            for (index, counter) in exported.enumerated() { counters[index].add(labels, traffic.counts[counter]) }
+            for (index, (counter, _)) in exported.enumerated() { counters[index].add(labels, traffic.counts[counter]) }
         }
         return [current, highest, rate] + counters + [lastSession]
     }

@@ -28,6 +28,39 @@ final class CounterTableTests: XCTestCase {
         }
     }
 
+    /// The names dashboards, scripts and exporters read keep their meaning: each counter that
+    /// existed before the table keeps its JSON key, CSV column, metric and page column, and the
+    /// page's header is byte for byte the one written by hand before (a new row with a page column
+    /// changes that header on purpose; a new row without one needs nothing here).
+    func testPublishedNamesStay() {
+        let published: [(name: String, csv: String?, metric: String, html: String?)] = [
+            ("totalSessions", "stot", "sessions_total", "Sessions/Total"),
+            ("bytesIn", "bin", "bytes_in_total", "Bytes/In"), ("bytesOut", "bout", "bytes_out_total", "Bytes/Out"),
+            ("connectErrors", "econ", "connect_errors_total", "Errors/Conn"),
+            ("retries", "wretr", "retries_total", "Errors/Retr"), ("redispatches", "wredis", "redispatches_total", "Errors/Redis"),
+            ("failedSessions", nil, "failed_sessions_total", "Errors/Failed"), ("timeouts", nil, "timeouts_total", nil),
+        ]
+        for expected in published {
+            guard let counter = TrafficCounter.all.first(where: { $0.name == expected.name }) else {
+                XCTFail("\(expected.name) left the table")
+                continue
+            }
+            XCTAssertEqual(counter.csvColumn, expected.csv, "\(counter)")
+            XCTAssertEqual(counter.metric, expected.metric, "\(counter)")
+            XCTAssertEqual(counter.html.map { "\($0.group)/\($0.title)" }, expected.html, "\(counter)")
+        }
+        let page = HTMLRenderer.render(snapshot(), refresh: nil)
+        XCTAssertTrue(page.contains("""
+            <table class="svc">
+            <tr><th class="group"></th><th class="group" colspan="5">Server</th><th class="group" colspan="6">Sessions</th>\
+            <th class="group" colspan="2">Bytes</th><th class="group" colspan="4">Errors</th></tr>
+            <tr><th>Name</th><th>Status</th><th>Last check</th><th>Check time</th><th>Last change</th><th>Weight</th>\
+            <th>Cur</th><th>Max</th><th>Total</th><th>Rate</th><th>Rate max</th><th>Last</th>\
+            <th>In</th><th>Out</th><th>Conn</th><th>Retr</th><th>Redis</th><th>Failed</th></tr>
+
+            """), "the page's header, as before the table")
+    }
+
     func testEveryCounterIsInTheJSONUnderItsName() throws {
         let data = try JSONEncoder().encode(snapshot())
         let text = String(decoding: data, as: UTF8.self)

@@ -7,9 +7,10 @@ import Synchronization
 /// Prometheus (`metric`, `help`) and the HTML page (`html`).
 ///
 /// Adding a counter: its `Atomic` in `TrafficCounters` (and the increment where the event
-/// happens), one `static let` here, and its place in `all`. The gauges (sessions open now, the
-/// highest, the last session's time) and the session rates are not counters; the renderers place
-/// them around these.
+/// happens), one `static let` here whose `index` is the next number, and that row at the end of
+/// `all` (CounterTableTests checks the two agree). Every row is a Prometheus counter (`_total`).
+/// Not in the table: the gauges (sessions open now, the highest, the last session's time) and the
+/// session rates, which the renderers place around these, and the health-check columns (BerthHealth).
 public struct TrafficCounter: Sendable, Hashable, CustomStringConvertible {
     /// Position in `all` and in a snapshot's `counts`.
     public let index: Int
@@ -17,7 +18,7 @@ public struct TrafficCounter: Sendable, Hashable, CustomStringConvertible {
     public let name: String
     /// Prometheus name after `berth_frontend_` / `berth_backend_`; nil: not exported.
     public let metric: String?
-    /// Prometheus help; `{what}` becomes "the frontend" or "the backend".
+    /// Prometheus help; `{what}` becomes "clients of the service" or "the backend".
     public let help: String
     /// HAProxy's CSV column (`show stat`); nil: no HAProxy column means this.
     public let csvColumn: String?
@@ -92,7 +93,8 @@ public struct TrafficCounter: Sendable, Hashable, CustomStringConvertible {
 /// `values[.connectErrors]`, or by iterating the table.
 @dynamicMemberLookup
 public struct TrafficCounts: Sendable, Equatable {
-    public var values = [UInt64](repeating: 0, count: TrafficCounter.all.count)
+    /// One per row of the table, at its `index`.
+    public private(set) var values = [UInt64](repeating: 0, count: TrafficCounter.all.count)
 
     public init() {}
 
