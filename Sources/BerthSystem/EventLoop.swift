@@ -66,7 +66,7 @@ public protocol Slotted: AnyObject {
 }
 
 /// A loop's objects by slot, reused under a new generation: the token table of `EventLoopCore`.
-/// Slots are handed out lowest-freed-last (a stack), objects are kept for reuse.
+/// The slot freed last is handed out first (a stack); objects are kept for reuse.
 public struct SlotTable<Element: Slotted> {
     public private(set) var elements: [Element] = []
     private var free: [Int32] = []
@@ -110,6 +110,7 @@ public struct SlotTable<Element: Slotted> {
         lookup(slot: Int(entry.slot), generation: entry.generation)
     }
 
-    /// Every element in use.
-    public var live: [Element] { elements.filter(\.isLive) }
+    /// Every element in use, without copying the table: releasing an element while iterating is
+    /// fine (a release touches only the free list).
+    public var live: LazyFilterSequence<[Element]> { elements.lazy.filter(\.isLive) }
 }

@@ -115,7 +115,7 @@ private final class WhoamiLoop: @unchecked Sendable {
     var counter: WhoamiServer?
     var loop: EventLoopCore
     var connections = SlotTable<Connection>()
-    let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 16)
+    let scratch: UnsafeMutableRawBufferPointer
 
     /// Takes `listener` (closed here if the loop cannot be made).
     init(listener fd: CInt, body: [UInt8]) throws(SystemError) {
@@ -129,6 +129,8 @@ private final class WhoamiLoop: @unchecked Sendable {
         }
         self.listener = listener
         self.body = body
+        // Last: an init that throws runs no deinit, so nothing above may own memory.
+        scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 16)
     }
 
     deinit {
