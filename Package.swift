@@ -1,4 +1,4 @@
-// swift-tools-version:6.0
+// swift-tools-version:6.1
 import PackageDescription
 
 // Import direction (docs/ARCHITECTURE.md): berth → {BerthDiscovery, BerthRegistrar, BerthStats, BerthWhoami};
@@ -26,7 +26,10 @@ let package = Package(
         // Control plane only (etcd, Docker, stats): never imported by BerthEngine.
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
-        .package(url: "https://github.com/apple/swift-protobuf", from: "1.39.0"),
+        // Without its default traits: BinaryDelimitedStreams imports all of Foundation, which
+        // would link libFoundation, FoundationInternationalization and the ICU data into berth
+        // (about 5.7 MiB of resident memory; grpc-swift-protobuf opts out the same way).
+        .package(url: "https://github.com/apple/swift-protobuf", from: "1.39.0", traits: []),
         .package(url: "https://github.com/grpc/grpc-swift-2", from: "2.4.3"),
         .package(url: "https://github.com/grpc/grpc-swift-nio-transport", from: "2.9.2"),
         .package(url: "https://github.com/grpc/grpc-swift-protobuf", from: "2.4.1"),
@@ -150,7 +153,22 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
-            swiftSettings: [memberImports]
+            swiftSettings: [memberImports],
+            // Resident memory (docs/ARCHITECTURE.md, "Memory"): the Swift runtime linked in, only
+            // the parts used; lld with packed relative relocations (DT_RELR, glibc 2.36), so the
+            // loader reads kilobytes of relocations instead of megabytes; and no dynamic symbol
+            // table of every Swift symbol (the static runtime's link arguments export them all),
+            // which the loader's symbol lookups would page in.
+            linkerSettings: [
+                .unsafeFlags([
+                    "-static-stdlib", "-use-ld=lld",
+                    "-Xlinker", "-z", "-Xlinker", "pack-relative-relocs",
+                    "-Xlinker", "--no-export-dynamic",
+                    // The static FoundationEssentials' own dependencies, which only modules
+                    // compiled with -static-stdlib would name.
+                    "-l_FoundationCollections", "-l_FoundationCShims",
+                ], .when(platforms: [.linux], configuration: .release)),
+            ]
         ),
         .executableTarget(
             name: "bench",
