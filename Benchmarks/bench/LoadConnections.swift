@@ -45,7 +45,9 @@ extension LoadGenerator {
             connection.state = .idle
             watch(connection, writable: false)
             idle.append(connection.index)
-        case .keepAlive, .newConnections:
+        case .keepAlive(_, let record):
+            startRequest(connection, at: record ? MonotonicClock.nanoseconds() : 0, recorded: false)
+        case .newConnections:
             startRequest(connection, at: 0, recorded: false)
         }
     }

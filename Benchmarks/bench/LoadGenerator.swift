@@ -43,6 +43,8 @@ final class LoadGenerator {
     var latency = Histogram<UInt64>(highestTrackableValue: LoadGenerator.histogramHighest, numberOfSignificantValueDigits: .three)
     var sendLag = Histogram<UInt64>(highestTrackableValue: LoadGenerator.histogramHighest, numberOfSignificantValueDigits: .three)
     var interval: UInt64 = 0
+    /// When the pacer's timer is set to fire (ns; in the past: not armed).
+    var pacerFiresAt: UInt64 = 0
     var nextDue: UInt64 = 0
     /// Requests due in [recordFrom, recordUntil) are recorded, whenever they are sent.
     var recordFrom: UInt64 = 0
@@ -56,6 +58,13 @@ final class LoadGenerator {
     var issueLimit: UInt64 = 0
     /// Recorded requests whose response has not arrived.
     var outstanding = 0
+    /// Requests of the latency workload that took at least `slowThreshold` ns: when their clock
+    /// started (CLOCK_MONOTONIC ns), how long they took, and their connection. Written to the
+    /// file named by BERTH_BENCH_SLOW_LOG (threshold BERTH_BENCH_SLOW_US, default 500 µs), so a
+    /// tail can be lined up with a scheduler trace of the same run (docs/BENCHMARKS.md).
+    var slowRequests: [(startedAt: UInt64, elapsed: UInt64, connection: Int)] = []
+    let slowThreshold: UInt64 = SlowLog.threshold
+    static let slowLogLimit = 100_000
 
     init(workload: Workload, targets: [SocketAddress], limits: PhaseLimits) throws(BenchError) {
         precondition(!targets.isEmpty && workload.connectionCount > 0)
@@ -132,12 +141,15 @@ final class LoadGenerator {
         let endSnapshot = probe()
         measuring = false
         stopping = true
-        if workload.isLatency { drainOutstanding() }
+        if workload.isLatency {
+            drainOutstanding()
+            SlowLog.append(slowRequests)
+        }
         for connection in connections where connection.state != .free { close(connection) }
         return LoadOutcome(
             operations: operations, errors: errors, lastError: lastError,
             start: startSnapshot ?? endSnapshot, end: endSnapshot,
-            latency: workload.isLatency ? latency : nil, sendLag: workload.isLatency ? sendLag : nil, capped: capped)
+            latency: workload.recordsLatency ? latency : nil, sendLag: workload.isLatency ? sendLag : nil, capped: capped)
     }
 
     func waitAndHandle(timeout: CInt) throws(BenchError) {
@@ -271,15 +283,21 @@ final class LoadGenerator {
     func responseComplete(_ connection: LoadConnection, status: Int) {
         if status != 200 { countError("HTTP status \(status)") }
         switch workload {
-        case .keepAlive:
-            if measuring { operations += 1 }
-            startRequest(connection, at: 0, recorded: false)
+        case .keepAlive(_, let record):
+            if measuring {
+                operations += 1
+                if record { latency.record(min(MonotonicClock.nanoseconds() &- connection.startedAt, Self.histogramHighest)) }
+            }
+            startRequest(connection, at: record ? MonotonicClock.nanoseconds() : 0, recorded: false)
         case .newConnections:
             connection.state = .awaitingClose
         case .latency:
             if connection.recorded {
                 let elapsed = MonotonicClock.nanoseconds() &- connection.startedAt
                 latency.record(min(elapsed, Self.histogramHighest))
+                if elapsed >= slowThreshold && slowRequests.count < Self.slowLogLimit {
+                    slowRequests.append((connection.startedAt, elapsed, connection.index))
+                }
                 operations += 1
                 outstanding -= 1
                 connection.recorded = false

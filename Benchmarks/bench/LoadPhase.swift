@@ -6,8 +6,9 @@ import Histogram
 /// The kind of load of one phase.
 enum Workload {
     /// `connections` keep-alive connections, each sending the next request as soon as the
-    /// previous response is complete (closed loop).
-    case keepAlive(connections: Int)
+    /// previous response is complete (closed loop); with `recordLatency`, every response time
+    /// is recorded too.
+    case keepAlive(connections: Int, recordLatency: Bool = false)
     /// A new connection per request (`Connection: close`), `concurrency` of them in flight; one
     /// counts once its response is read and the server has closed.
     case newConnections(concurrency: Int)
@@ -22,9 +23,18 @@ enum Workload {
         return false
     }
 
+    /// Whether response times are recorded (the outcome then has `latency`).
+    var recordsLatency: Bool {
+        switch self {
+        case .latency: true
+        case .keepAlive(_, let record): record
+        case .newConnections, .bulk: false
+        }
+    }
+
     var connectionCount: Int {
         switch self {
-        case .keepAlive(let count), .newConnections(let count), .latency(_, let count), .bulk(let count): count
+        case .keepAlive(let count, _), .newConnections(let count), .latency(_, let count), .bulk(let count): count
         }
     }
 }

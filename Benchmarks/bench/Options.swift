@@ -13,9 +13,33 @@ enum Phase: String, CaseIterable, Sendable {
     case bulkMulti = "bulk4"
     /// Open loop at `BenchOptions.rate` requests per second; every response time recorded.
     case latency
+    /// The same at 20,000 requests per second.
+    case latencyHigh = "latency-20k"
+    /// The same at 80% of the setup's saturation point: its keep-alive requests/s in this round
+    /// (measured by a 1 s probe when the keepalive phase did not run).
+    case latencyLoaded = "latency-80"
+    /// `BenchOptions.crowdConnections` keep-alive connections, closed loop, every response time
+    /// recorded: the tails at full load.
+    case keepAliveCrowd = "keepalive-1000"
 
     /// The phases whose figure is a rate (the proxy's CPU tells who was the bottleneck).
-    var isThroughput: Bool { self != .latency }
+    var isThroughput: Bool { !isOpenLoop }
+
+    /// The open-loop phases: requests at a set rate, their figures response-time percentiles.
+    var isOpenLoop: Bool { self == .latency || self == .latencyHigh || self == .latencyLoaded }
+
+    /// The phase's name in a column header (at most 10 characters).
+    var shortName: String {
+        switch self {
+        case .latencyHigh: "lat 20k"
+        case .latencyLoaded: "lat 80%"
+        case .keepAliveCrowd: "ka 1000"
+        default: rawValue
+        }
+    }
+
+    /// The phases that record every response time.
+    var recordsLatency: Bool { isOpenLoop || self == .keepAliveCrowd }
 
     /// The phases that go to the bulk server (the others go to the whoami backends).
     var isBulk: Bool { self == .bulkSingle || self == .bulkMulti }
@@ -29,10 +53,17 @@ enum Setup: Hashable, Sendable {
     case berth(RelayMode)
     /// HAProxy, `mode tcp`, one thread, with or without `option splice-auto`.
     case haproxy(spliceAuto: Bool)
+    /// The `berth` binary as an operator starts it: `berth proxy` with its defaults (two workers,
+    /// relay auto), its stats server and TCP checks on, on both CPUs (shared with the load
+    /// generator and backends). One frontend: the web backends.
+    case berthDefault
+    /// HAProxy's counterpart: `nbthread 2` on both CPUs, a stats listener, checks on its servers.
+    case haproxyTwoThreads
 
     static let all: [Setup] = [
         .direct, .berth(.splice), .berth(.copy), .berth(.auto),
         .haproxy(spliceAuto: false), .haproxy(spliceAuto: true),
+        .berthDefault, .haproxyTwoThreads,
     ]
 
     /// The name on the command line (`--setups`) and in the JSON output.
@@ -41,6 +72,8 @@ enum Setup: Hashable, Sendable {
         case .direct: "direct"
         case .berth(let mode): "berth-\(mode.rawValue)"
         case .haproxy(let spliceAuto): spliceAuto ? "haproxy-splice-auto" : "haproxy"
+        case .berthDefault: "berth-default"
+        case .haproxyTwoThreads: "haproxy-2t"
         }
     }
 
@@ -50,20 +83,32 @@ enum Setup: Hashable, Sendable {
         case .direct: "direct"
         case .berth(let mode): "berth \(mode.rawValue)"
         case .haproxy(let spliceAuto): spliceAuto ? "haproxy splice-auto" : "haproxy"
+        case .berthDefault: "berth default"
+        case .haproxyTwoThreads: "haproxy nbthread 2"
         }
     }
 
     var isProxy: Bool { self != .direct }
 
     var isBerth: Bool {
-        if case .berth = self { return true }
-        return false
+        switch self {
+        case .berth, .berthDefault: true
+        default: false
+        }
     }
 
     var isHAProxy: Bool {
-        if case .haproxy = self { return true }
-        return false
+        switch self {
+        case .haproxy, .haproxyTwoThreads: true
+        default: false
+        }
     }
+
+    /// The proxy's threads: a Berth row is compared with the HAProxy rows of as many threads.
+    var threads: Int { self == .berthDefault || self == .haproxyTwoThreads ? 2 : 1 }
+
+    /// The setups that serve one frontend only (no bulk phases).
+    var servesBulk: Bool { self != .berthDefault }
 }
 
 /// Settings of a benchmark run (the command line without `--role`).
@@ -79,6 +124,15 @@ struct BenchOptions: Sendable {
     var keepAliveConnections = 32
     var concurrentConnects = 16
     var latencyConnections = 16
+    /// Connections of the latency-20k and latency-80 phases (more than an open loop at those
+    /// rates normally keeps busy).
+    var loadedLatencyConnections = 32
+    /// Connections of the keepalive-1000 phase.
+    var crowdConnections = 1_000
+    /// Requests per second of the latency-20k phase.
+    static let highRate = 20_000
+    /// Share of the saturation point the latency-80 phase asks for.
+    static let loadedShare = 0.8
     var bulkStreams = 4
     /// HAProxy binary; nil: looked up in the usual places.
     var haproxyPath: String?
@@ -152,46 +206,6 @@ struct UsageError: Error, CustomStringConvertible {
     let description: String
 }
 
-let benchUsage = """
-    usage: bench [--quick] [--json] [--phases LIST] [--scenarios LIST] [--setups LIST] [--seconds N]
-                 [--rate N] [--repeat N] [--haproxy PATH] [--berth PATH] [--proxy-wrapper COMMAND] [--help]
-
-    Measures Berth against a direct connection and against HAProxy on this machine, all in one
-    run: keep-alive requests/s, new connections/s, bulk Gbit/s with 1 and 4 streams, latency
-    percentiles at a fixed request rate, and the proxy's CPU time and peak RSS. The proxy runs
-    pinned to CPU 0; the load generator and the backends run on CPU 1. Then five scenarios through
-    the berth binary: failover (a backend SIGKILLed and restarted under load), checks (throughput
-    with and without 1,000 checked backends, and the checks' CPU cost), discovery (berth
-    discover on a real etcd, /usr/bin/etcd: put-to-routable latency, the first sync of 1,000
-    services x 10 instances and its memory; skipped without etcd), stats-fuzz (throughput
-    while the stats port takes bad and oversized requests, against quiet windows) and hosts
-    (the failure matrix on hosts in network namespaces: partitions, a dead host, a silent
-    backend, delay, loss, etcd cut off; Berth beside HAProxy; needs root, ip and iptables).
-
-      --quick          1 s per phase instead of 5 s
-      --json           print the figures as JSON instead of tables (progress still goes to stderr)
-      --phases LIST    comma-separated, from: keepalive, connect, bulk1, bulk4, latency and the
-                       scenarios failover, checks, discovery, stats-fuzz, hosts (bulk means
-                       bulk1,bulk4; phases the five phases; scenarios the five scenarios);
-                       only what is named runs (default: all)
-      --scenarios LIST the same, for scenarios only: failover, checks, discovery, stats-fuzz, hosts
-                       (with no --phases, no phase runs)
-      --setups LIST    comma-separated, from: direct, berth-splice, berth-copy, berth-auto,
-                       haproxy, haproxy-splice-auto (berth means its three modes;
-                       default: all)
-      --seconds N      measured seconds per phase (overrides --quick's 1 s)
-      --rate N         requests per second of the latency phase (default 2000)
-      --repeat N       run every setup N times, interleaved; each figure comes from its least
-                       disturbed round (other processes' CPU plus hypervisor steal; default 1)
-      --haproxy PATH   the HAProxy binary (default: haproxy in /usr/sbin, /usr/local/sbin or PATH)
-      --berth PATH     the berth binary of the scenarios (default: the one beside this bench,
-                       built by swift build -c release --product berth)
-      --proxy-wrapper COMMAND
-                       run Berth's proxy process under COMMAND (split on spaces), e.g.
-                       "valgrind --tool=callgrind --callgrind-out-file=/tmp/berth.%p.out";
-                       its figures then measure the profiler too
-      --help           this text
-    """
 
 /// Parses the arguments (without the program name).
 enum CommandLineParser {
@@ -279,7 +293,7 @@ enum CommandLineParser {
     private static func parseSetups(_ text: String) throws(UsageError) -> [Setup] {
         var chosen = Set<Setup>()
         for word in text.split(separator: ",") {
-            let matches = Setup.all.filter { $0.name == word || (word == "berth" && $0.isBerth) }
+            let matches = Setup.all.filter { $0.name == word || (word == "berth" && $0.isBerth && $0 != .berthDefault) }
             guard !matches.isEmpty else { throw UsageError(description: "--setups: unknown setup '\(word)'") }
             chosen.formUnion(matches)
         }

@@ -96,6 +96,49 @@ enum Launcher {
         ], wrapper: wrapper)
     }
 
+    /// The berth-default setup: `berth proxy` with its defaults but for its addresses, two
+    /// workers, its stats server on a free port and TCP checks, on both CPUs (taskset 0,1: it
+    /// shares them with the load generator and backends); frontend `web` over `web`.
+    static func startBerthDefault(path: String, web: [SocketAddress]) throws(BenchError) -> ServingProcess {
+        let directory = try TemporaryDirectory(prefix: "berth-bench")
+        do throws(BenchError) {
+            let address = SocketAddress(ipv4: (127, 0, 0, 1), port: try freePort())
+            let stats = SocketAddress(ipv4: (127, 0, 0, 1), port: try freePort())
+            return try startExternal(name: "berth-default", path: path, arguments: [
+                "proxy", "--listen", address.description, "--name", "web",
+                "--backend", web.map(\.description).joined(separator: ","),
+                "--workers", "2", "--stats", stats.description, "--check", "tcp",
+            ], cpus: "0,1", directory: directory, addresses: ["web": address, "stats": stats])
+        } catch {
+            directory.remove()
+            throw error
+        }
+    }
+
+    /// The haproxy-2t setup: the HAProxy configuration of the one-thread rows with `nbthread 2`
+    /// (no CPU map: both CPUs, as for berth-default), a stats listener and checks.
+    static func startHAProxyTwoThreads(path: String, web: [SocketAddress], bulk: SocketAddress) throws(BenchError) -> ServingProcess {
+        let directory = try TemporaryDirectory(prefix: "berth-bench")
+        do throws(BenchError) {
+            let webAddress = SocketAddress(ipv4: (127, 0, 0, 1), port: try freePort())
+            let bulkAddress = SocketAddress(ipv4: (127, 0, 0, 1), port: try freePort())
+            let stats = SocketAddress(ipv4: (127, 0, 0, 1), port: try freePort())
+            var lines = haproxyConfiguration(spliceAuto: false, webPort: webAddress.port, bulkPort: bulkAddress.port,
+                                             web: web, bulk: bulk, cpu: 0).split(separator: "\n").map(String.init)
+            lines = lines.filter { !$0.contains("cpu-map") }.map { line in
+                if line == "    nbthread 1" { return "    nbthread 2" }
+                return line.hasPrefix("    server ") ? line + " check" : line
+            }
+            lines += ["listen stats", "    bind \(stats)", "    mode http", "    stats enable", "    stats uri /"]
+            let configuration = try directory.write("haproxy-2t.cfg", contents: lines.joined(separator: "\n") + "\n")
+            return try startExternal(name: "haproxy-2t", path: path, arguments: ["-db", "-f", configuration], cpus: "0,1",
+                                     directory: directory, addresses: ["web": webAddress, "bulk": bulkAddress, "stats": stats])
+        } catch {
+            directory.remove()
+            throw error
+        }
+    }
+
     /// `command` itself when it names a path, else the first executable of that name in PATH.
     static func resolveCommand(_ command: String) -> String? {
         if command.contains("/") { return access(command, X_OK) == 0 ? command : nil }

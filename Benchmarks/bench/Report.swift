@@ -53,7 +53,7 @@ struct Report {
     /// The engine's default relay mode, unless another mode is faster by more than 3% over the
     /// throughput columns (geometric mean of its ratios to the default).
     static func chooseHeadline(_ result: RunResult) -> (SetupResult?, String) {
-        let berth = result.setups.filter { $0.setup.isBerth && $0.skipped == nil }
+        let berth = result.setups.filter { $0.setup.isBerth && $0.setup.threads == 1 && $0.skipped == nil }
         let defaultMode = EngineConfiguration().relay
         guard let standard = berth.first(where: { $0.setup == .berth(defaultMode) }) else {
             return (berth.first, berth.isEmpty ? "" : "the only Berth mode measured")
@@ -92,7 +92,8 @@ struct Report {
             case .newConnections: ("new conn", "conn/s")
             case .bulkSingle: ("bulk 1", "Gbit/s")
             case .bulkMulti: ("bulk \(result.options.bulkStreams)", "Gbit/s")
-            case .latency: ("", "")
+            case .keepAliveCrowd: ("ka \(Format.grouped(UInt64(result.options.crowdConnections)))", "req/s")
+            case .latency, .latencyHigh, .latencyLoaded: ("", "")
             }
             return Column(key: phase.rawValue, header: header, unit: unit, higherIsBetter: true, phase: phase,
                           value: { $0.phases[phase]?.value },
@@ -100,22 +101,50 @@ struct Report {
         }
     }
 
-    var latencyColumns: [Column] {
-        guard result.options.phases.contains(.latency) else { return [] }
+    /// The response-time columns of one phase that records them (keys `latency.p50` for the
+    /// latency phase, `latency-20k.p50` and so on for the others).
+    func latencyColumns(_ phase: Phase) -> [Column] {
+        guard result.options.phases.contains(phase), phase.recordsLatency else { return [] }
         let micro: (Double) -> String = { Format.fixed($0, 1) }
+        let prefix = phase == .latency ? "latency" : phase.rawValue
         let pick: [(String, (LatencySummary) -> Double)] = [
             ("p50", \.p50), ("p90", \.p90), ("p99", \.p99), ("p99.9", \.p999), ("max", \.max),
         ]
-        return pick.map { name, field in
-            Column(key: "latency.\(name)", header: name, unit: "us", higherIsBetter: false, phase: .latency,
-                   value: { $0.phases[.latency]?.latency.map(field) }, format: micro)
-        } + [
-            Column(key: "latency.samples", header: "samples", unit: "", higherIsBetter: true, phase: .latency,
-                   value: { $0.phases[.latency]?.latency.map { Double($0.samples) } }, format: { Format.rate($0) }, inRatios: false),
-            Column(key: "latency.sendLagP99", header: "gen lag", unit: "p99 us", higherIsBetter: false, phase: .latency,
-                   value: { $0.phases[.latency]?.latency?.sendLagP99 }, format: micro, inRatios: false),
-        ]
+        var columns = pick.map { name, field in
+            Column(key: "\(prefix).\(name)", header: name, unit: "us", higherIsBetter: false, phase: phase,
+                   value: { $0.phases[phase]?.latency.map(field) }, format: micro)
+        }
+        columns.append(Column(key: "\(prefix).samples", header: "samples", unit: "", higherIsBetter: true, phase: phase,
+                              value: { $0.phases[phase]?.latency.map { Double($0.samples) } }, format: { Format.rate($0) },
+                              inRatios: false))
+        if phase.isOpenLoop {
+            columns.append(Column(key: "\(prefix).sendLagP99", header: "gen lag", unit: "p99 us", higherIsBetter: false, phase: phase,
+                                  value: { $0.phases[phase]?.latency?.sendLagP99 }, format: micro, inRatios: false))
+        }
+        if phase == .latencyLoaded {
+            columns.append(Column(key: "\(prefix).rate", header: "rate", unit: "req/s", higherIsBetter: true, phase: phase,
+                                  value: { $0.phases[phase]?.rate.map(Double.init) }, format: { Format.rate($0) }, inRatios: false))
+        }
+        return columns
     }
+
+    /// Every latency table: its title and columns.
+    var latencyTables: [(title: String, columns: [Column])] {
+        let options = result.options
+        let titles: [(Phase, String)] = [
+            (.latency, "Latency at \(Format.grouped(UInt64(options.rate))) req/s"),
+            (.latencyHigh, "Latency at \(Format.grouped(UInt64(BenchOptions.highRate))) req/s"),
+            (.latencyLoaded, "Latency at \(Format.fixed(BenchOptions.loadedShare * 100, 0))% of each setup's keep-alive saturation (rate per row)"),
+            (.keepAliveCrowd, "Latency over \(Format.grouped(UInt64(options.crowdConnections))) keep-alive connections, closed loop"),
+        ]
+        return titles.compactMap { phase, title in
+            let columns = latencyColumns(phase)
+            return columns.isEmpty ? nil : (title + ", microseconds (lower is better)", columns)
+        }
+    }
+
+    /// The latency phase's columns (the notes and the JSON ratios start from them).
+    var latencyColumns: [Column] { latencyColumns(.latency) }
 
     var resourceColumns: [Column] {
         var columns = [
@@ -125,7 +154,7 @@ struct Report {
                    value: { $0.peakRSS.map { Double($0) / 1_048_576 } }, format: { Format.fixed($0, 1) }),
         ]
         for phase in result.options.phases {
-            columns.append(Column(key: "cpuPercent.\(phase.rawValue)", header: phase.rawValue, unit: "CPU %", higherIsBetter: false,
+            columns.append(Column(key: "cpuPercent.\(phase.rawValue)", header: phase.shortName, unit: "CPU %", higherIsBetter: false,
                                   phase: phase, value: { $0.phases[phase]?.proxyCPUShare.map { $0 * 100 } },
                                   format: { Format.fixed($0, 0) }))
         }
@@ -134,15 +163,15 @@ struct Report {
 
     var costColumns: [Column] {
         result.options.phases.map { phase in
-            Column(key: "cost.\(phase.rawValue)", header: phase.rawValue, unit: phase.costUnit, higherIsBetter: false, phase: phase,
+            Column(key: "cost.\(phase.rawValue)", header: phase.shortName, unit: phase.costUnit, higherIsBetter: false, phase: phase,
                    value: { $0.phases[phase]?.cost }, format: { Format.fixed($0, phase.costUnit == "ms/GB" ? 1 : 2) })
         }
     }
 
-    /// Per column, the better of the HAProxy rows.
-    func bestHAProxy(_ column: Column) -> (value: Double, setup: Setup)? {
+    /// Per column, the better of the HAProxy rows with `threads` threads.
+    func bestHAProxy(_ column: Column, threads: Int = 1) -> (value: Double, setup: Setup)? {
         var best: (value: Double, setup: Setup)?
-        for row in haproxyRows {
+        for row in haproxyRows where row.setup.threads == threads {
             guard let value = column.value(row) else { continue }
             if let current = best, column.higherIsBetter ? value <= current.value : value >= current.value { continue }
             best = (value, row.setup)
@@ -169,10 +198,8 @@ struct Report {
         out += "\n"
         let throughput = throughputColumns
         if !throughput.isEmpty { out += table("Throughput (higher is better)", throughput, rows: result.setups, withDirect: true) }
-        let latency = latencyColumns
-        if !latency.isEmpty {
-            out += table("Latency at \(Format.grouped(UInt64(options.rate))) req/s, microseconds (lower is better)", latency,
-                         rows: result.setups, withDirect: true)
+        for (title, columns) in latencyTables {
+            out += table(title, columns, rows: result.setups, withDirect: true)
         }
         let proxies = result.setups.filter { $0.setup.isProxy }
         if !proxies.isEmpty {
@@ -199,7 +226,7 @@ struct Report {
             }
             out += columns.map { column in
                 if let value = column.value(row) { return Format.pad(column.format(value), width) }
-                if let phase = column.phase, row.failures[phase] != nil { return Format.pad("failed", width) }
+                if let phase = column.phase, row.failures[phase] != nil, row.notMeasured[phase] == nil { return Format.pad("failed", width) }
                 return Format.pad("-", width)
             }.joined() + "\n"
         }
@@ -209,9 +236,9 @@ struct Report {
                 column.inRatios ? ratio(column.value(headline), column.value(direct)) : nil
             }))
         }
-        for berth in berthRows where !haproxyRows.isEmpty {
+        for berth in berthRows where haproxyRows.contains(where: { $0.setup.threads == berth.setup.threads }) {
             ratioRows.append(("\(berth.setup.label) / haproxy*", columns.map { column in
-                column.inRatios ? ratio(column.value(berth), bestHAProxy(column)?.value) : nil
+                column.inRatios ? ratio(column.value(berth), bestHAProxy(column, threads: berth.setup.threads)?.value) : nil
             }))
         }
         for (label, ratios) in ratioRows {
@@ -234,6 +261,9 @@ struct Report {
             if let skipped = row.skipped, skipped != BenchmarkRunner.haproxyMissing {
                 notes.append("\(row.setup.label): skipped: \(skipped)")
             }
+            for (phase, reason) in row.notMeasured.sorted(by: { $0.key.rawValue < $1.key.rawValue }) {
+                notes.append("\(row.setup.label) \(phase.rawValue): not measured: \(reason)")
+            }
             for phase in result.options.phases {
                 if let failure = row.failures[phase] { notes.append("\(row.setup.label) \(phase.rawValue): failed: \(failure)") }
                 if let measurement = row.phases[phase] {
@@ -243,6 +273,11 @@ struct Report {
                     if measurement.capped { notes.append("\(row.setup.label) \(phase.rawValue): stopped at the operation cap before the end of the window") }
                 }
             }
+        }
+        if ran.contains(where: { $0.setup.threads == 2 }) {
+            notes.append("the two-thread rows (berth default: berth proxy with two workers, its stats server and TCP checks; "
+                + "haproxy nbthread 2 with a stats listener and checks) run on both CPUs, shared with the load generator "
+                + "and backends; their CPU % is of one core (up to 200%); each is compared with the other only")
         }
         notes += bottleneckNotes()
         notes += disturbanceNotes()
@@ -263,7 +298,7 @@ struct Report {
     func bottleneckNotes() -> [String] {
         var notes: [String] = []
         let loadCPU = result.loadCPU
-        for row in ran where row.setup.isProxy {
+        for row in ran where row.setup.isProxy && row.setup.threads == 1 {
             var loadBound: [String] = []
             var neither: [String] = []
             var proxyBound: [String] = []
@@ -326,10 +361,11 @@ struct Report {
 
     /// Which relay mode was fastest, per throughput column and for the latency median.
     func relayModeNotes() -> [String] {
-        guard berthRows.count > 1 else { return [] }
+        let modes = berthRows.filter { $0.setup.threads == 1 }
+        guard modes.count > 1 else { return [] }
         var notes: [String] = []
         for column in throughputColumns + latencyColumns.prefix(1) {
-            let values = berthRows.compactMap { row in column.value(row).map { (row.setup, $0) } }
+            let values = modes.compactMap { row in column.value(row).map { (row.setup, $0) } }
             guard values.count > 1 else { continue }
             let sorted = values.sorted { column.higherIsBetter ? $0.1 > $1.1 : $0.1 < $1.1 }
             let ordering = sorted.map { "\($0.0.label.replacingBerthPrefix) \(column.format($0.1))" }

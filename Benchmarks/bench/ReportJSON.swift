@@ -21,6 +21,9 @@ extension Report {
                 if let failure = row.failures[phase], row.phases[phase] == nil {
                     phases.append((phase.rawValue, .object([("failed", .string(failure))])))
                 }
+                if let reason = row.notMeasured[phase] {
+                    phases.append((phase.rawValue, .object([("notMeasured", .string(reason))])))
+                }
                 guard let measurement = row.phases[phase] else { continue }
                 var fields: [(String, JSONValue)] = [
                     ("value", .number(measurement.value)), ("unit", .string(measurement.unit)),
@@ -34,6 +37,7 @@ extension Report {
                     ("capped", .bool(measurement.capped)), ("round", .integer(Int64(measurement.round))),
                 ]
                 if let error = measurement.lastError { fields.append(("lastError", .string(error))) }
+                if let rate = measurement.rate { fields.append(("rate", .integer(Int64(rate)))) }
                 if let latency = measurement.latency {
                     fields.append(("latencyMicroseconds", .object([
                         ("p50", .number(latency.p50)), ("p90", .number(latency.p90)), ("p99", .number(latency.p99)),
@@ -48,15 +52,15 @@ extension Report {
             setups.append(.object(members))
         }
         var ratios: [(String, JSONValue)] = []
-        let columns = (throughputColumns + latencyColumns + resourceColumns + costColumns).filter(\.inRatios)
+        let columns = (throughputColumns + latencyTables.flatMap(\.columns) + resourceColumns + costColumns).filter(\.inRatios)
         if let headline, let direct = directRow {
             ratios.append(("\(headline.setup.name)/direct", .object(columns.compactMap { column in
                 ratio(column.value(headline), column.value(direct)).map { (column.key, .number($0)) }
             })))
         }
-        for berth in berthRows where !haproxyRows.isEmpty {
+        for berth in berthRows where haproxyRows.contains(where: { $0.setup.threads == berth.setup.threads }) {
             ratios.append(("\(berth.setup.name)/haproxy*", .object(columns.compactMap { column in
-                ratio(column.value(berth), bestHAProxy(column)?.value).map { (column.key, .number($0)) }
+                ratio(column.value(berth), bestHAProxy(column, threads: berth.setup.threads)?.value).map { (column.key, .number($0)) }
             })))
         }
         let document = JSONValue.object([

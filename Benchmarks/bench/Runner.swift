@@ -44,6 +44,8 @@ struct PhaseMeasurement {
     /// Share (0...1) of each CPU the hypervisor stole in the window.
     var steal: [Double]
     var latency: LatencySummary?
+    /// The request rate asked for (open-loop phases).
+    var rate: Int?
     var capped: Bool
     /// The round (from 1) this measurement comes from (see `--repeat`).
     var round = 1
@@ -81,7 +83,7 @@ extension Phase {
     /// The unit of the phase's figure.
     var unit: String {
         switch self {
-        case .keepAlive, .latency: "req/s"
+        case .keepAlive, .latency, .latencyHigh, .latencyLoaded, .keepAliveCrowd: "req/s"
         case .newConnections: "conn/s"
         case .bulkSingle, .bulkMulti: "Gbit/s"
         }
@@ -92,7 +94,7 @@ extension Phase {
         switch self {
         case .bulkSingle, .bulkMulti: "ms/GB"
         case .newConnections: "us/conn"
-        case .keepAlive, .latency: "us/req"
+        case .keepAlive, .latency, .latencyHigh, .latencyLoaded, .keepAliveCrowd: "us/req"
         }
     }
 }
@@ -105,6 +107,8 @@ struct SetupResult {
     var failures: [Phase: String] = [:]
     /// Why the setup did not run at all.
     var skipped: String?
+    /// Phases this setup cannot run, with the reason (shown as "-" and a note).
+    var notMeasured: [Phase: String] = [:]
     /// The proxy process's CPU seconds over the whole setup, and its peak resident set.
     var cpuSeconds: Double?
     var peakRSS: UInt64?
@@ -242,6 +246,18 @@ struct BenchmarkRunner {
                     return result
                 }
                 proxy = try Launcher.startHAProxy(path: haproxy, spliceAuto: spliceAuto, web: web, bulk: bulk, cpu: proxyCPU)
+            case .berthDefault:
+                guard let berth = Launcher.locateBerth(options.berthPath) else {
+                    result.skipped = "no berth binary at \(options.berthPath ?? Launcher.defaultBerthPath()) (swift build -c release --product berth)"
+                    return result
+                }
+                proxy = try Launcher.startBerthDefault(path: berth, web: web)
+            case .haproxyTwoThreads:
+                guard let haproxy else {
+                    result.skipped = Self.haproxyMissing
+                    return result
+                }
+                proxy = try Launcher.startHAProxyTwoThreads(path: haproxy, web: web, bulk: bulk)
             }
         } catch {
             result.skipped = "could not start: \(error)"
@@ -251,7 +267,13 @@ struct BenchmarkRunner {
         defer { proxy?.stop() }
         if let proxy { progress("\(setup.label): pid \(proxy.pid) on CPU \(proxyCPU)") }
 
+        // The saturation point of latency-80: this setup's keep-alive requests/s in this round.
+        var saturation: Double?
         for phase in options.phases {
+            if phase.isBulk && !setup.servesBulk {
+                result.notMeasured[phase] = "berth proxy serves one frontend; the bulk server is not behind it"
+                continue
+            }
             let targets: [SocketAddress]
             if let proxy {
                 guard let address = try? proxy.address(phase.isBulk ? "bulk" : "web") else { continue }
@@ -260,7 +282,11 @@ struct BenchmarkRunner {
                 targets = phase.isBulk ? [bulk] : web
             }
             do throws(BenchError) {
-                let measurement = try measure(phase, targets: targets, proxy: proxy?.pid, own: own)
+                if phase == .latencyLoaded && saturation == nil {
+                    saturation = try measure(.keepAlive, targets: targets, proxy: proxy?.pid, own: own, seconds: 1).value
+                }
+                let measurement = try measure(phase, targets: targets, proxy: proxy?.pid, own: own, saturation: saturation)
+                if phase == .keepAlive { saturation = measurement.value }
                 result.phases[phase] = measurement
                 progress(summary(setup, measurement))
             } catch {
@@ -281,9 +307,12 @@ struct BenchmarkRunner {
         return result
     }
 
-    /// Runs one phase of load at `targets` and reduces it to its figures.
-    private func measure(_ phase: Phase, targets: [SocketAddress], proxy: pid_t?, own: [pid_t]) throws(BenchError) -> PhaseMeasurement {
+    /// Runs one phase of load at `targets` and reduces it to its figures: for `seconds` (default:
+    /// the run's phase length); latency-80 at `BenchOptions.loadedShare` of `saturation`.
+    private func measure(_ phase: Phase, targets: [SocketAddress], proxy: pid_t?, own: [pid_t],
+                         seconds: Double? = nil, saturation: Double? = nil) throws(BenchError) -> PhaseMeasurement {
         let workload: Workload
+        var rate: Int?
         var cap = Self.requestCap
         switch phase {
         case .keepAlive:
@@ -298,10 +327,21 @@ struct BenchmarkRunner {
             workload = .bulk(streams: options.bulkStreams)
             cap = Self.byteCap
         case .latency:
+            rate = options.rate
             workload = .latency(rate: options.rate, connections: options.latencyConnections)
+        case .latencyHigh:
+            rate = BenchOptions.highRate
+            workload = .latency(rate: BenchOptions.highRate, connections: options.loadedLatencyConnections)
+        case .latencyLoaded:
+            let asked = Int((saturation ?? 0) * BenchOptions.loadedShare)
+            guard asked >= 1 else { throw .load("no saturation point measured for latency-80") }
+            rate = asked
+            workload = .latency(rate: asked, connections: options.loadedLatencyConnections)
+        case .keepAliveCrowd:
+            workload = .keepAlive(connections: options.crowdConnections, recordLatency: true)
         }
         let limits = PhaseLimits(
-            warmup: UInt64(options.warmupSeconds * 1e9), duration: UInt64(options.phaseSeconds * 1e9), operationCap: cap)
+            warmup: UInt64(options.warmupSeconds * 1e9), duration: UInt64((seconds ?? options.phaseSeconds) * 1e9), operationCap: cap)
         let generator = try LoadGenerator(workload: workload, targets: targets, limits: limits)
         let outcome = try generator.run { ResourceSnapshot.take(proxy: proxy, own: own) }
         return PhaseMeasurement(
@@ -311,13 +351,15 @@ struct BenchmarkRunner {
             foreignCPUs: outcome.end.foreignCPUs(since: outcome.start),
             steal: outcome.end.stealShares(since: outcome.start),
             latency: outcome.latency.map { LatencySummary(latency: $0, sendLag: outcome.sendLag) },
-            capped: outcome.capped)
+            rate: rate, capped: outcome.capped)
     }
 
     private func summary(_ setup: Setup, _ measurement: PhaseMeasurement) -> String {
         var text = "\(setup.label) \(measurement.phase.rawValue): "
+        if let rate = measurement.rate { text += "at \(Format.grouped(UInt64(rate))) req/s, " }
+        if measurement.phase == .keepAliveCrowd { text += "\(Format.rate(measurement.value)) req/s, " }
         if let latency = measurement.latency {
-            text += "p50 \(Format.fixed(latency.p50, 1)) us, p99 \(Format.fixed(latency.p99, 1)) us, max \(Format.fixed(latency.max, 1)) us"
+            text += "p50 \(Format.fixed(latency.p50, 1)) us, p99 \(Format.fixed(latency.p99, 1)) us, p99.9 \(Format.fixed(latency.p999, 1)) us, max \(Format.fixed(latency.max, 1)) us"
         } else if measurement.unit == "Gbit/s" {
             text += "\(Format.fixed(measurement.value, 2)) Gbit/s"
         } else {
@@ -329,7 +371,7 @@ struct BenchmarkRunner {
         if measurement.steal.contains(where: { $0 >= 0.01 }) {
             text += ", steal " + measurement.steal.map { Format.fixed($0 * 100, 0) + "%" }.joined(separator: "/")
         }
-        if let latency = measurement.latency { text += ", gen lag p99 \(Format.fixed(latency.sendLagP99, 1)) us" }
+        if let latency = measurement.latency, measurement.phase.isOpenLoop { text += ", gen lag p99 \(Format.fixed(latency.sendLagP99, 1)) us" }
         if measurement.errors > 0 { text += ", \(measurement.errors) errors (\(measurement.lastError ?? "?"))" }
         return text
     }

@@ -4,9 +4,21 @@ import Glibc
 // `bench`: with `--role`, one of the processes a run starts (Roles.swift); otherwise the benchmark
 // itself (Runner.swift runs it, Report.swift prints it). `bench --help` lists the flags.
 
+/// Raises the soft open-file limit to the hard one, for this process and the children it starts:
+/// keepalive-1000 holds 1,000 sockets in the load generator and twice that in a proxy.
+func raiseOpenFileLimit() {
+    var limit = rlimit()
+    guard getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur < limit.rlim_max else { return }
+    limit.rlim_cur = limit.rlim_max
+    if setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) != 0 {
+        progress("could not raise the open-file limit to \(limit.rlim_max): keepalive-1000 may fail")
+    }
+}
+
 /// Runs the benchmark and prints its report; the exit status.
 func runBenchmark(_ options: BenchOptions) -> Int32 {
     ignoreBrokenPipeSignal()
+    raiseOpenFileLimit()
     // Interrupted (Ctrl-C, kill): stop every child by its PID and remove the temporary files.
     // Blocked before any thread exists, so that only the signal thread takes these signals.
     ProcessSignals.block([SIGINT, SIGTERM, SIGHUP])
