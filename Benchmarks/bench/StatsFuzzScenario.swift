@@ -84,7 +84,7 @@ struct StatsFuzzResult {
 struct StatsFuzzScenario {
     /// Prefix of the proxy's stats-server thread names (SwiftNIO's event loop threads; `berth
     /// proxy` has no other SwiftNIO loop).
-    static let statsThreadPrefix = "NIO-ELT"
+    static let statsThreadPrefix = "berth-stats"
 
     let options: BenchOptions
     let proxyCPU: Int

@@ -36,7 +36,7 @@ public final class WhoamiServer: Sendable {
             loops.append(try WhoamiLoop(listener: socket.release(), body: body))
         }
         address = bound
-        stopSignals = loops.map { $0.loop.wakeup }
+        stopSignals = loops.map { $0.wakeup }
         threads = Mutex([])
         var started: [pthread_t] = []
         for (index, loop) in loops.enumerated() {
@@ -73,85 +73,49 @@ public final class WhoamiServer: Sendable {
     }
 }
 
-/// One whoami event loop (level-triggered epoll; one thread), on the shared `EventLoopCore`:
-/// its wake-up is the stop signal, connections live in a slot table. Made on the starting
-/// thread, then handed to its own thread and touched only there.
+/// One whoami event loop (one thread), on BerthSystem's `ServerLoop`: its wake-up is the stop
+/// signal. Made on the starting thread, then handed to its own thread and touched only there.
 private final class WhoamiLoop: @unchecked Sendable {
-    final class Connection: Slotted {
-        let slot: Int32
-        var generation: UInt32 = 0
-        var socket = Descriptor.none
-        var input: [UInt8] = []
-        var output: [UInt8] = []
-        var written = 0
+    final class Connection: StreamConnection {
         /// Body bytes of the current request still to skip.
         var skipping = 0
-        var closeAfterWrite = false
-        var wantsWrite = false
 
-        var isLive: Bool { socket.isOpen }
-
-        init(slot: Int32) {
-            self.slot = slot
-        }
-
-        /// Takes a fresh connection into a reused slot.
-        func open(_ fd: CInt) {
-            socket.adopt(fd)
-            input.removeAll(keepingCapacity: true)
-            output.removeAll(keepingCapacity: true)
-            written = 0
+        override func open(_ fd: CInt) {
+            super.open(fd)
             skipping = 0
-            closeAfterWrite = false
-            wantsWrite = false
         }
     }
 
-    static let listenerToken = EventToken.make(kind: 1, slot: 0, generation: 0)
-    static let connectionToken: UInt64 = 2
-
-    var listener: Descriptor
     let body: [UInt8]
     var counter: WhoamiServer?
-    var loop: EventLoopCore
-    var connections = SlotTable<Connection>()
+    var server: ServerLoop<Connection>
     let scratch: UnsafeMutableRawBufferPointer
 
     /// Takes `listener` (closed here if the loop cannot be made).
     init(listener fd: CInt, body: [UInt8]) throws(SystemError) {
-        var listener = Descriptor(adopting: fd)
-        do {
-            loop = try EventLoopCore(capacity: 128, wakeup: try WakeupSignal())
-            try loop.epoll.add(fd, events: Epoll.readable, token: Self.listenerToken)
-        } catch {
-            listener.close()
-            throw error
-        }
-        self.listener = listener
+        server = try ServerLoop(listener: fd, capacity: 128)
         self.body = body
         // Last: an init that throws runs no deinit, so nothing above may own memory.
         scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 16)
     }
 
     deinit {
-        if listener.isOpen {
-            loop.epoll.remove(listener.raw)
-            listener.close()
-        }
         scratch.deallocate()
     }
 
+    var wakeup: WakeupSignal { server.core.wakeup }
+
     func run() {
         serving: while true {
-            let count = (try? loop.wait()) ?? 0
+            let count = (try? server.core.wait()) ?? 0
             for index in 0..<count {
-                let (events, token) = loop.epoll.event(at: index)
+                let (events, token) = server.core.epoll.event(at: index)
                 if token == EventToken.wakeup { break serving }
-                if token == Self.listenerToken {
-                    acceptAll()
+                if token == ServerLoop<Connection>.listenerToken {
+                    server.acceptAll()
                     continue
                 }
-                guard let connection = connections.lookup(token: token) else { continue }
+                guard let connection = server.connections.lookup(token: token) else { continue }
                 if events & (Epoll.readable | Epoll.hangup | Epoll.error) != 0 {
                     readAndAnswer(connection)
                 } else if events & Epoll.writable != 0 {
@@ -159,35 +123,11 @@ private final class WhoamiLoop: @unchecked Sendable {
                 }
             }
         }
-        for connection in connections.live { close(connection) }
-        loop.epoll.remove(listener.raw)
-        listener.close()
-    }
-
-    private func token(_ connection: Connection) -> UInt64 {
-        EventToken.make(kind: Self.connectionToken, slot: connection.slot, generation: connection.generation)
-    }
-
-    private func acceptAll() {
-        for _ in 0..<64 {
-            guard case .done(let fd)? = try? Sockets.accept(listener.raw) else { return }
-            Sockets.setNoDelay(fd)
-            let connection = connections.take { Connection(slot: $0) }
-            connection.open(fd)
-            do {
-                try loop.epoll.add(fd, events: Epoll.readable, token: token(connection))
-            } catch {
-                connection.socket.close()
-                connections.release(connection)
-                continue
-            }
-        }
+        server.closeAll()
     }
 
     private func close(_ connection: Connection) {
-        loop.epoll.remove(connection.socket.raw)
-        connection.socket.close()
-        connections.release(connection)
+        server.close(connection)
     }
 
     private func readAndAnswer(_ connection: Connection) {
@@ -224,7 +164,7 @@ private final class WhoamiLoop: @unchecked Sendable {
         }
         while !connection.closeAfterWrite && connection.skipping == 0 && consumed < connection.input.count {
             let outcome = connection.input.withUnsafeBytes { raw in
-                HTTPRequestHead.parse(UnsafeRawBufferPointer(rebasing: raw[consumed...]))
+                RequestHead.parse(UnsafeRawBufferPointer(rebasing: raw[consumed...]))
             }
             switch outcome {
             case .incomplete:
@@ -269,35 +209,20 @@ private final class WhoamiLoop: @unchecked Sendable {
     }
 
     private func flush(_ connection: Connection) {
-        let fd = connection.socket.raw
-        while connection.written < connection.output.count {
-            let result = connection.output.withUnsafeBytes { raw in
-                try? Sockets.write(fd, from: raw.baseAddress! + connection.written, count: raw.count - connection.written)
-            }
-            switch result {
-            case .done(let count)?:
-                connection.written += count
-            case .wouldBlock?:
-                if !connection.wantsWrite {
-                    connection.wantsWrite = true
-                    try? loop.epoll.modify(fd, events: Epoll.writable, token: token(connection))
-                }
-                return
-            case nil:
-                close(connection)
-                return
-            }
-        }
-        connection.output.removeAll(keepingCapacity: true)
-        connection.written = 0
-        if connection.closeAfterWrite {
+        switch connection.writeOutput() {
+        case .failed:
             close(connection)
-            return
-        }
-        if connection.wantsWrite {
-            connection.wantsWrite = false
-            try? loop.epoll.modify(fd, events: Epoll.readable, token: token(connection))
-            answerComplete(connection)
+        case .blocked:
+            if !server.watch(connection, writable: true) { close(connection) }
+        case .done:
+            if connection.closeAfterWrite {
+                close(connection)
+            } else if connection.wantsWrite {
+                if !server.watch(connection, writable: false) { return close(connection) }
+                // Requests held back while the answers drained.
+                answerComplete(connection)
+                if !connection.output.isEmpty { flush(connection) }
+            }
         }
     }
 }

@@ -76,9 +76,9 @@ final class PolicyTests: XCTestCase {
         ]).validationError())
     }
 
-    func testHTTPRequestHeads() {
-        func parse(_ text: String) -> HTTPRequestHead.ParseResult {
-            Array(text.utf8).withUnsafeBytes { HTTPRequestHead.parse($0) }
+    func testRequestHeads() {
+        func parse(_ text: String) -> RequestHead.ParseResult {
+            Array(text.utf8).withUnsafeBytes { RequestHead.parse($0) }
         }
         guard case .complete(let head, let length) = parse("GET /x HTTP/1.1\r\nHost: a\r\n\r\nrest") else {
             return XCTFail("expected a complete head")

@@ -71,7 +71,7 @@ final class FuzzTests: XCTestCase {
         let stats = stack.statsAddress
         if pinned {
             Self.pinThreads(named: "whoami", to: 0)
-            Self.pinThreads(named: "NIO-ELT", to: 1)
+            Self.pinThreads(named: StatsServer.threadName, to: 1)
         }
         let seed = UInt64.random(in: 0...UInt64.max)
         print("fuzz seed \(seed)")

@@ -1,5 +1,6 @@
-/// The parts of an HTTP/1.x request head the whoami server acts on. Pure: parses bytes, no I/O.
-public struct HTTPRequestHead: Equatable, Sendable {
+/// The parts of an HTTP/1.x request head that whoami and the stats server act on. Pure: parses
+/// bytes, no I/O.
+public struct RequestHead: Equatable, Sendable {
     public var method: String
     public var target: String
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
@@ -7,10 +8,12 @@ public struct HTTPRequestHead: Equatable, Sendable {
     public var contentLength: Int
     public var keepAlive: Bool
     public var chunked: Bool
+    /// The Authorization header's value, if any.
+    public var authorization: String?
 
     public enum ParseResult: Equatable {
         /// A complete head of `length` bytes (through the blank line).
-        case complete(HTTPRequestHead, length: Int)
+        case complete(RequestHead, length: Int)
         /// More bytes are needed.
         case incomplete
         /// Not HTTP/1.x, or a malformed line: answer 400 and close.
@@ -21,6 +24,8 @@ public struct HTTPRequestHead: Equatable, Sendable {
 
     /// Largest head accepted; past it the request is rejected (431).
     public static let maximumHeadLength = 8192
+    /// Most header lines accepted; past it the request is rejected (431).
+    public static let maximumHeaderCount = 100
 
     /// Parses the head at the start of `bytes`.
     public static func parse(_ bytes: UnsafeRawBufferPointer) -> ParseResult {
@@ -49,17 +54,22 @@ public struct HTTPRequestHead: Equatable, Sendable {
         case "HTTP/1.0": minor = 0
         default: return .invalid("unsupported protocol version")
         }
-        var head = HTTPRequestHead(
+        var head = RequestHead(
             method: String(parts[0]), target: String(parts[1]), minorVersion: minor,
             contentLength: 0, keepAlive: minor == 1, chunked: false)
+        var headerCount = 0
         for line in lines.dropFirst() where !line.isEmpty {
-            guard let colon = line.firstIndex(of: ":") else { return .invalid("malformed header line") }
+            headerCount += 1
+            guard headerCount <= maximumHeaderCount else { return .tooLarge }
+            guard let colon = line.firstIndex(of: ":"), colon != line.startIndex else { return .invalid("malformed header line") }
             let name = line[..<colon].lowercased()
             let value = line[line.index(after: colon)...].trimmingCharacters()
             switch name {
             case "content-length":
                 guard let length = Int(value), length >= 0 else { return .invalid("bad Content-Length") }
                 head.contentLength = length
+            case "authorization":
+                head.authorization = String(value)
             case "transfer-encoding":
                 head.chunked = value.lowercased().contains("chunked")
             case "connection":
