@@ -108,7 +108,7 @@ enum Launcher {
                 "proxy", "--listen", address.description, "--name", "web",
                 "--backend", web.map(\.description).joined(separator: ","),
                 "--workers", "2", "--stats", stats.description, "--check", "tcp",
-            ], cpus: "0,1", directory: directory, addresses: ["web": address, "stats": stats])
+            ], cpus: Setup.berthDefault.proxyCPUList(0), directory: directory, addresses: ["web": address, "stats": stats])
         } catch {
             directory.remove()
             throw error
@@ -131,7 +131,8 @@ enum Launcher {
             }
             lines += ["listen stats", "    bind \(stats)", "    mode http", "    stats enable", "    stats uri /"]
             let configuration = try directory.write("haproxy-2t.cfg", contents: lines.joined(separator: "\n") + "\n")
-            return try startExternal(name: "haproxy-2t", path: path, arguments: ["-db", "-f", configuration], cpus: "0,1",
+            return try startExternal(name: "haproxy-2t", path: path, arguments: ["-db", "-f", configuration],
+                                     cpus: Setup.haproxyTwoThreads.proxyCPUList(0),
                                      directory: directory, addresses: ["web": webAddress, "bulk": bulkAddress, "stats": stats])
         } catch {
             directory.remove()

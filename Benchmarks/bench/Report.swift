@@ -186,13 +186,16 @@ struct Report {
         var out = "Berth benchmark: \(result.cpuCount) CPUs (\(result.cpuModel)), Linux \(result.kernel)\n"
         out += "proxy on CPU \(result.proxyCPU) (1 worker / nbthread 1); load generator and backends on CPU \(result.loadCPU); "
         out += "\(Format.fixed(options.phaseSeconds, 1)) s per phase after \(Format.fixed(options.warmupSeconds, 1)) s warm-up\n"
-        if !options.phases.isEmpty {
-            out += "keep-alive: \(options.keepAliveConnections) connections; new connections: \(options.concurrentConnects) in flight; "
-            out += "bulk: 1 and \(options.bulkStreams) streams; latency: \(Format.grouped(UInt64(options.rate))) req/s open loop over \(options.latencyConnections) connections\n"
+        let shared = options.setups.filter { $0.threads > 1 }
+        if let first = shared.first {
+            out += shared.map(\.label).joined(separator: ", ") + ": \(first.threads) threads on CPUs "
+                + "\(first.proxyCPUList(result.proxyCPU)), shared with the load generator and backends\n"
         }
+        out += workloadText()
         if let version = result.haproxyVersion { out += "\(version)\n" }
         if let headline {
-            out += "ratios: \(headline.setup.label) / direct, and each Berth mode / haproxy* (per column, the better HAProxy row); "
+            out += "ratios: \(headline.setup.label) / direct, and each Berth row / haproxy* (per column, the better HAProxy row "
+            out += "with as many threads); "
             out += ">1 means more (better for throughput, worse for latency, CPU, memory)\n"
         }
         out += "\n"
@@ -211,6 +214,27 @@ struct Report {
         out += "Notes\n"
         for note in notes() { out += "- \(note)\n" }
         return out
+    }
+
+    /// The load of each phase that runs, in two lines under the title (empty when no phase runs).
+    func workloadText() -> String {
+        let options = result.options
+        let phases = Set(options.phases)
+        guard !phases.isEmpty else { return "" }
+        var out = "keep-alive: \(options.keepAliveConnections) connections; new connections: \(options.concurrentConnects) in flight; "
+        out += "bulk: 1 and \(options.bulkStreams) streams; latency: \(Format.grouped(UInt64(options.rate))) req/s open loop over \(options.latencyConnections) connections\n"
+        var more: [String] = []
+        if phases.contains(.latencyHigh) {
+            more.append("latency-20k: \(Format.grouped(UInt64(BenchOptions.highRate))) req/s over \(options.loadedLatencyConnections) connections")
+        }
+        if phases.contains(.latencyLoaded) {
+            more.append("latency-80: \(Format.fixed(BenchOptions.loadedShare * 100, 0))% of the row's keep-alive req/s "
+                + "over \(options.loadedLatencyConnections) connections (rate per row)")
+        }
+        if phases.contains(.keepAliveCrowd) {
+            more.append("keepalive-1000: \(Format.grouped(UInt64(options.crowdConnections))) connections, closed loop")
+        }
+        return more.isEmpty ? out : out + more.joined(separator: "; ") + "\n"
     }
 
     func table(_ title: String, _ columns: [Column], rows: [SetupResult], withDirect: Bool) -> String {
@@ -251,147 +275,4 @@ struct Report {
         guard let numerator, let denominator, denominator > 0 else { return nil }
         return numerator / denominator
     }
-
-    // MARK: Notes
-
-    func notes() -> [String] {
-        var notes = result.notes
-        for row in result.setups {
-            // A missing HAProxy is one run-level note, not one per row.
-            if let skipped = row.skipped, skipped != BenchmarkRunner.haproxyMissing {
-                notes.append("\(row.setup.label): skipped: \(skipped)")
-            }
-            for (phase, reason) in row.notMeasured.sorted(by: { $0.key.rawValue < $1.key.rawValue }) {
-                notes.append("\(row.setup.label) \(phase.rawValue): not measured: \(reason)")
-            }
-            for phase in result.options.phases {
-                if let failure = row.failures[phase] { notes.append("\(row.setup.label) \(phase.rawValue): failed: \(failure)") }
-                if let measurement = row.phases[phase] {
-                    if measurement.errors > 0 {
-                        notes.append("\(row.setup.label) \(phase.rawValue): \(measurement.errors) errors (last: \(measurement.lastError ?? "?"))")
-                    }
-                    if measurement.capped { notes.append("\(row.setup.label) \(phase.rawValue): stopped at the operation cap before the end of the window") }
-                }
-            }
-        }
-        if ran.contains(where: { $0.setup.threads == 2 }) {
-            notes.append("the two-thread rows (berth default: berth proxy with two workers, its stats server and TCP checks; "
-                + "haproxy nbthread 2 with a stats listener and checks) run on both CPUs, shared with the load generator "
-                + "and backends; their CPU % is of one core (up to 200%); each is compared with the other only")
-        }
-        notes += bottleneckNotes()
-        notes += disturbanceNotes()
-        if let headline { notes.append("headline Berth row: \(headline.setup.label): \(headlineReason)") }
-        notes += relayModeNotes()
-        notes += haproxyNotes()
-        notes += scenarioReport?.notes() ?? []
-        let lags = ran.compactMap { $0.phases[.latency]?.latency }
-        if let worst = lags.max(by: { $0.sendLagP99 < $1.sendLagP99 }) {
-            notes.append("latency phase: the load generator sent on-time requests at most \(Format.fixed(worst.sendLagP99, 1)) us late at p99 "
-                + "(max \(Format.fixed(lags.map(\.sendLagMax).max() ?? 0, 1)) us); response times count from the actual send, "
-                + "or from the due time when a request had to wait for a free connection")
-        }
-        return notes
-    }
-
-    /// Where the proxy used well under its core in a throughput phase, the limit was elsewhere.
-    func bottleneckNotes() -> [String] {
-        var notes: [String] = []
-        let loadCPU = result.loadCPU
-        for row in ran where row.setup.isProxy && row.setup.threads == 1 {
-            var loadBound: [String] = []
-            var neither: [String] = []
-            var proxyBound: [String] = []
-            for phase in result.options.phases where phase.isThroughput {
-                guard let measurement = row.phases[phase], let share = measurement.proxyCPUShare else { continue }
-                let load = measurement.cpuBusy.count > loadCPU ? measurement.cpuBusy[loadCPU] : 0
-                let figures = "\(phase.rawValue) (proxy \(Format.fixed(share * 100, 0))%, CPU \(loadCPU) \(Format.fixed(load * 100, 0))%)"
-                if share >= Self.bottleneckShare {
-                    proxyBound.append(figures)
-                } else if load >= Self.saturatedShare {
-                    loadBound.append(figures)
-                } else {
-                    neither.append(figures)
-                }
-            }
-            let threshold = Format.fixed(Self.bottleneckShare * 100, 0)
-            if !loadBound.isEmpty {
-                notes.append("\(row.setup.label): the proxy used under \(threshold)% of its core in " + loadBound.joined(separator: ", ")
-                    + ": the load generator and backends (CPU \(loadCPU)) were the bottleneck for those figures")
-            }
-            if !neither.isEmpty {
-                notes.append("\(row.setup.label): no CPU saturated in " + neither.joined(separator: ", ")
-                    + ": those figures were bound by round trips between the CPUs (wake-ups), or disturbed by other processes")
-            }
-            if !proxyBound.isEmpty {
-                notes.append("\(row.setup.label): proxy-bound (its core at least \(threshold)% busy) in " + proxyBound.joined(separator: ", "))
-            }
-        }
-        return notes
-    }
-
-    /// Phases during which other processes, or the hypervisor, took a noticeable share of the
-    /// machine.
-    func disturbanceNotes() -> [String] {
-        var busy: [String] = []
-        var stolen: [String] = []
-        for row in ran {
-            for phase in result.options.phases {
-                guard let measurement = row.phases[phase] else { continue }
-                if measurement.foreignCPUs >= Self.disturbanceCPUs {
-                    busy.append("\(row.setup.label) \(phase.rawValue) (\(Format.fixed(measurement.foreignCPUs, 2)))")
-                }
-                if measurement.steal.contains(where: { $0 >= Self.disturbingSteal }) {
-                    stolen.append("\(row.setup.label) \(phase.rawValue) ("
-                        + measurement.steal.map { Format.fixed($0 * 100, 0) + "%" }.joined(separator: "/") + ")")
-                }
-            }
-        }
-        var notes: [String] = []
-        if !busy.isEmpty {
-            notes.append("other processes used CPU time (in CPUs) during " + busy.joined(separator: ", ")
-                + ": those figures are disturbed; rerun on a quieter machine (or with --repeat) to confirm them")
-        }
-        if !stolen.isEmpty {
-            notes.append("the hypervisor stole time from the CPUs (steal per CPU) during " + stolen.joined(separator: ", ")
-                + ": latency tails and the load generator's lateness follow steal")
-        }
-        return notes
-    }
-
-    /// Which relay mode was fastest, per throughput column and for the latency median.
-    func relayModeNotes() -> [String] {
-        let modes = berthRows.filter { $0.setup.threads == 1 }
-        guard modes.count > 1 else { return [] }
-        var notes: [String] = []
-        for column in throughputColumns + latencyColumns.prefix(1) {
-            let values = modes.compactMap { row in column.value(row).map { (row.setup, $0) } }
-            guard values.count > 1 else { continue }
-            let sorted = values.sorted { column.higherIsBetter ? $0.1 > $1.1 : $0.1 < $1.1 }
-            let ordering = sorted.map { "\($0.0.label.replacingBerthPrefix) \(column.format($0.1))" }
-                .joined(separator: column.higherIsBetter ? " > " : " < ")
-            let name = column.phase == .latency ? "latency \(column.header)" : column.header
-            notes.append("relay modes, \(name): \(ordering) \(column.unit)")
-        }
-        return notes
-    }
-
-    /// Which HAProxy setup was better, per column.
-    func haproxyNotes() -> [String] {
-        guard haproxyRows.count > 1 else { return [] }
-        var winners: [Setup: [String]] = [:]
-        for column in throughputColumns + latencyColumns.prefix(3) {
-            guard let best = bestHAProxy(column) else { continue }
-            winners[best.setup, default: []].append(column.phase == .latency ? "latency \(column.header)" : column.header)
-        }
-        return haproxyRows.compactMap { row in
-            guard let columns = winners[row.setup] else { return nil }
-            return "haproxy*: \(row.setup.label) was the better HAProxy for " + columns.joined(separator: ", ")
-        }
-    }
-}
-
-private extension String {
-    /// "berth splice" → "splice", for the relay-mode notes.
-    var replacingBerthPrefix: String { hasPrefix("berth ") ? String(dropFirst(6)) : self }
 }

@@ -14,6 +14,10 @@ extension Report {
                 setups.append(.object(members))
                 continue
             }
+            if row.setup.isProxy {
+                members.append(("threads", .integer(Int64(row.setup.threads))))
+                members.append(("cpus", .array(row.setup.proxyCPUs(result.proxyCPU).map { .integer(Int64($0)) })))
+            }
             members.append(("cpuSeconds", .optional(row.cpuSeconds)))
             members.append(("peakRSSBytes", row.peakRSS.map { .integer(Int64($0)) } ?? .null))
             var phases: [(String, JSONValue)] = []
@@ -39,12 +43,16 @@ extension Report {
                 if let error = measurement.lastError { fields.append(("lastError", .string(error))) }
                 if let rate = measurement.rate { fields.append(("rate", .integer(Int64(rate)))) }
                 if let latency = measurement.latency {
-                    fields.append(("latencyMicroseconds", .object([
+                    var percentiles: [(String, JSONValue)] = [
                         ("p50", .number(latency.p50)), ("p90", .number(latency.p90)), ("p99", .number(latency.p99)),
                         ("p99.9", .number(latency.p999)), ("max", .number(latency.max)),
                         ("samples", .integer(Int64(latency.samples))),
-                        ("sendLagP99", .number(latency.sendLagP99)), ("sendLagMax", .number(latency.sendLagMax)),
-                    ])))
+                    ]
+                    // A closed loop sends as soon as it can: no send lag to report.
+                    if phase.isOpenLoop {
+                        percentiles += [("sendLagP99", .number(latency.sendLagP99)), ("sendLagMax", .number(latency.sendLagMax))]
+                    }
+                    fields.append(("latencyMicroseconds", .object(percentiles)))
                 }
                 phases.append((phase.rawValue, .object(fields)))
             }
@@ -77,6 +85,10 @@ extension Report {
                 ("concurrentConnects", .integer(Int64(options.concurrentConnects))),
                 ("bulkStreams", .integer(Int64(options.bulkStreams))), ("latencyRate", .integer(Int64(options.rate))),
                 ("latencyConnections", .integer(Int64(options.latencyConnections))),
+                ("latencyHighRate", .integer(Int64(BenchOptions.highRate))),
+                ("loadedLatencyShare", .number(BenchOptions.loadedShare)),
+                ("loadedLatencyConnections", .integer(Int64(options.loadedLatencyConnections))),
+                ("crowdConnections", .integer(Int64(options.crowdConnections))),
                 ("rounds", .integer(Int64(options.rounds))),
             ])),
             ("setups", .array(setups)),

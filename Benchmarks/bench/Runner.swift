@@ -260,12 +260,16 @@ struct BenchmarkRunner {
                 proxy = try Launcher.startHAProxyTwoThreads(path: haproxy, web: web, bulk: bulk)
             }
         } catch {
-            result.skipped = "could not start: \(error)"
-            progress("\(setup.label): \(result.skipped!)")
+            let reason = "could not start: \(error)"
+            result.skipped = reason
+            progress("\(setup.label): \(reason)")
             return result
         }
         defer { proxy?.stop() }
-        if let proxy { progress("\(setup.label): pid \(proxy.pid) on CPU \(proxyCPU)") }
+        if let proxy {
+            let shared = setup.threads > 1 ? " (\(setup.threads) threads, shared with the load generator and backends)" : ""
+            progress("\(setup.label): pid \(proxy.pid) on CPU \(setup.proxyCPUList(proxyCPU))\(shared)")
+        }
 
         // The saturation point of latency-80: this setup's keep-alive requests/s in this round.
         var saturation: Double?
