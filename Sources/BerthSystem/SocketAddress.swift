@@ -89,7 +89,7 @@ public struct SocketAddress: Sendable, Hashable, CustomStringConvertible {
     }
 
     /// Reads an address the kernel filled in (accept, getsockname).
-    init?(_ raw: sockaddr_storage) {
+    public init?(_ raw: sockaddr_storage) {
         var raw = raw
         switch Int32(raw.ss_family) {
         case AF_INET:

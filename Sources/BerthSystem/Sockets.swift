@@ -40,6 +40,20 @@ public enum Sockets {
         try syscall("accept4") { cberth_accept4(listener, nil, nil) }
     }
 
+    /// `accept`, also giving the client's address (`peer`, set on `.done`; nil for a family
+    /// other than IPv4 and IPv6). The kernel fills it in the same call: no extra system call.
+    @inlinable @inline(__always)
+    public static func accept(_ listener: CInt, peer: inout SocketAddress?) throws(SystemError) -> IOResult<CInt> {
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let result = try withUnsafeMutableBytes(of: &storage) { raw throws(SystemError) -> IOResult<CInt> in
+            let address = raw.baseAddress!.assumingMemoryBound(to: sockaddr.self)
+            return try syscall("accept4") { cberth_accept4(listener, address, &length) }
+        }
+        if case .done = result { peer = SocketAddress(storage) }
+        return result
+    }
+
     /// Starts a nonblocking connect. Returns the socket and sets `connected` when it is already
     /// connected (otherwise EINPROGRESS: wait for writability, then read `pendingError`).
     /// Immediate failures (ECONNREFUSED, ENETUNREACH, ...) close the socket and throw.

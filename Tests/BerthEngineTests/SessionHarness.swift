@@ -58,6 +58,8 @@ final class ScriptedSockets: SocketIO {
     var pendingClients = 0
     /// Runs inside the next `accept`, before it returns: another worker's turn at that moment.
     var duringAccept: (() -> Void)?
+    /// The address `accept` gives for every client.
+    var clientAddress: SocketAddress? = try? SocketAddress(parsing: "192.0.2.7:40000")
     /// By backend address; `.inProgress` when absent.
     var plans: [SocketAddress: ConnectPlan] = [:]
     /// The scripted calls made, in order ("connect 10.9.0.1:80 -> 12", "pendingError 12").
@@ -80,8 +82,9 @@ final class ScriptedSockets: SocketIO {
 
     func peer(_ fd: CInt) -> Peer? { peers[fd] }
 
-    func accept(_ listener: CInt) throws(SystemError) -> IOResult<CInt> {
+    func accept(_ listener: CInt, peer: inout SocketAddress?) throws(SystemError) -> IOResult<CInt> {
         calls.append("accept \(listener)")
+        peer = clientAddress
         if let interleaved = duringAccept {
             duringAccept = nil
             interleaved()
@@ -145,7 +148,7 @@ final class SessionHarness {
     /// A client accepted now; the worker starts connecting it at once.
     func accept() -> Session {
         let fd = sockets.makeClient()
-        worker.startSession(client: fd, frontend: worker.frontends[Self.frontend]!)
+        worker.startSession(client: fd, peer: sockets.clientAddress, frontend: worker.frontends[Self.frontend]!)
         return worker.sessions.elements.first { $0.client.raw == fd }!
     }
 

@@ -55,11 +55,15 @@ public struct Backend: Sendable, Hashable {
     /// Takes new connections. A disabled backend (down, or drained by an operator) keeps its
     /// open connections with no deadline, unlike one removed from the table, which drains.
     public var enabled: Bool
+    /// Share of new connections relative to the frontend's other backends (0...256, HAProxy's
+    /// range). 0 takes no new connection; its open ones run on.
+    public var weight: Int
 
-    public init(name: String, address: SocketAddress, enabled: Bool = true) {
+    public init(name: String, address: SocketAddress, enabled: Bool = true, weight: Int = 1) {
         self.name = name
         self.address = address
         self.enabled = enabled
+        self.weight = weight
     }
 
     public init(_ address: SocketAddress) {
@@ -88,6 +92,12 @@ public struct FrontendSettings: Sendable, Equatable {
     public var retryOnResponseTimeout = false
     public var firstByteTimeout: Int64 = 2_000
     public var replayLimit = 16 * 1024
+    /// How a new connection picks its backend.
+    public var balance: BalanceMode = .roundRobin
+    /// Write a PROXY protocol header to the backend before the client's first byte (nil: none).
+    public var sendProxy: ProxyProtocolVersion?
+    /// One log record per closed connection (HAProxy's `option tcplog`).
+    public var logConnections = false
     /// Set by the health layer when every backend is down and they are all used anyway
     /// (`--all-down try-all`): new sessions are counted as `panicSessions`.
     public var panic = false
@@ -106,4 +116,20 @@ public struct FrontendSettings: Sendable, Equatable {
 
     /// The client's first bytes are kept for a replay (either retry kind).
     public var keepsReplay: Bool { retryOnEmptyResponse || retryOnResponseTimeout }
+}
+
+/// How a frontend picks a backend for a new connection (HAProxy's `balance`).
+public enum BalanceMode: String, Sendable, CaseIterable {
+    /// Smooth weighted round-robin, one rotation across all workers.
+    case roundRobin = "roundrobin"
+    /// The backend with the fewest open connections over all workers, relative to its weight.
+    case leastConn = "leastconn"
+    /// A consistent hash of the client's address: a client keeps its backend while it is up.
+    case source
+}
+
+/// The PROXY protocol version written to backends (HAProxy's `send-proxy`, `send-proxy-v2`).
+public enum ProxyProtocolVersion: String, Sendable, CaseIterable {
+    case v1
+    case v2
 }

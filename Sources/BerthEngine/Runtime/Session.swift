@@ -23,6 +23,8 @@ final class Session {
     var backend = Descriptor.none
     var clientRegistered = false
 
+    /// The client's address, as accept4 gave it (nil when unknown).
+    var peer: SocketAddress?
     var frontend: FrontendRuntime?
     var server: BackendRuntime?
     /// The rotation position this connection drew, and how many connects it has tried.
@@ -67,6 +69,7 @@ final class Session {
         precondition(!client.isOpen && !backend.isOpen)
         state = .free
         clientRegistered = false
+        peer = nil
         frontend = nil
         server = nil
         attempt = 0

@@ -10,7 +10,8 @@ import BerthSystem
 /// socket pairs, on which those calls behave as on TCP, and a protocol call there cost the relay
 /// a fifth more instructions per request (callgrind, keep-alive).
 protocol SocketIO {
-    func accept(_ listener: CInt) throws(SystemError) -> IOResult<CInt>
+    /// Accepts a client; `peer` is set to its address (nil when unknown).
+    func accept(_ listener: CInt, peer: inout SocketAddress?) throws(SystemError) -> IOResult<CInt>
     func connect(to address: SocketAddress, connected: inout Bool) throws(SystemError) -> Descriptor
     func pendingError(_ fd: CInt) -> CInt
 }
@@ -18,7 +19,9 @@ protocol SocketIO {
 /// The kernel's sockets.
 struct SystemSockets: SocketIO {
     @inline(__always)
-    func accept(_ listener: CInt) throws(SystemError) -> IOResult<CInt> { try Sockets.accept(listener) }
+    func accept(_ listener: CInt, peer: inout SocketAddress?) throws(SystemError) -> IOResult<CInt> {
+        try Sockets.accept(listener, peer: &peer)
+    }
 
     @inline(__always)
     func connect(to address: SocketAddress, connected: inout Bool) throws(SystemError) -> Descriptor {

@@ -120,8 +120,9 @@ final class Worker<IO: SocketIO> {
                 return
             }
             let fd: CInt
+            var peer: SocketAddress?
             do {
-                switch try io.accept(frontend.listener.raw) {
+                switch try io.accept(frontend.listener.raw, peer: &peer) {
                 case .wouldBlock:
                     shared.connections.subtract(1, ordering: .relaxed)
                     return
@@ -137,7 +138,7 @@ final class Worker<IO: SocketIO> {
                     continue  // ECONNABORTED, EPROTO, EPERM: that one connection is gone
                 }
             }
-            startSession(client: fd, frontend: frontend)
+            startSession(client: fd, peer: peer, frontend: frontend)
         }
     }
 
@@ -164,9 +165,10 @@ final class Worker<IO: SocketIO> {
 
     // MARK: Sessions
 
-    func startSession(client fd: CInt, frontend: FrontendRuntime) {
+    func startSession(client fd: CInt, peer: SocketAddress?, frontend: FrontendRuntime) {
         let session = sessions.take { Session(slot: $0) }
         session.client.adopt(fd)
+        session.peer = peer
         session.frontend = frontend
         session.rotation = frontend.cursor.next()
         session.clientSide.lastActivity = now
