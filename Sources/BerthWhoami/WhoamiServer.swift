@@ -5,6 +5,9 @@ import Synchronization
 /// The demo backend, like the seed's jwilder/whoami: an HTTP/1.1 server (keep-alive, pipelining)
 /// that answers every request with `I'm NAME`. `GET /bytes/N` answers N bytes instead (for bulk
 /// tests). Each of its threads runs its own epoll loop with its own SO_REUSEPORT listener.
+///
+/// With `acceptProxy`, every connection must start with a PROXY protocol header (v1 or v2, as
+/// a proxy's `send-proxy` writes it); answers then say the client it names (`From: ADDRESS`).
 public final class WhoamiServer: Sendable {
     public let identity: String
     /// The address bound (port 0 resolved).
@@ -17,7 +20,7 @@ public final class WhoamiServer: Sendable {
     public var requestsAnswered: UInt64 { answered.load(ordering: .relaxed) }
 
     /// Binds and starts serving on `threads` threads.
-    public init(listen: SocketAddress, identity: String, threads count: Int = 1) throws(SystemError) {
+    public init(listen: SocketAddress, identity: String, threads count: Int = 1, acceptProxy: Bool = false) throws(SystemError) {
         ignoreBrokenPipeSignal()
         self.identity = identity
         var loops: [WhoamiLoop] = []
@@ -33,7 +36,7 @@ public final class WhoamiServer: Sendable {
                 socket.close()
                 throw error
             }
-            loops.append(try WhoamiLoop(listener: socket.release(), body: body))
+            loops.append(try WhoamiLoop(listener: socket.release(), body: body, acceptProxy: acceptProxy))
         }
         address = bound
         stopSignals = loops.map { $0.wakeup }
@@ -79,22 +82,29 @@ private final class WhoamiLoop: @unchecked Sendable {
     final class Connection: StreamConnection {
         /// Body bytes of the current request still to skip.
         var skipping = 0
+        /// The PROXY header has not been read yet (`acceptProxy`).
+        var headerPending = false
+        /// The client the PROXY header named (nil for LOCAL/UNKNOWN, or without `acceptProxy`).
+        var proxiedClient: SocketAddress?
 
         override func open(_ fd: CInt) {
             super.open(fd)
             skipping = 0
+            proxiedClient = nil
         }
     }
 
     let body: [UInt8]
+    let acceptProxy: Bool
     var counter: WhoamiServer?
     var server: ServerLoop<Connection>
     let scratch: UnsafeMutableRawBufferPointer
 
     /// Takes `listener` (closed here if the loop cannot be made).
-    init(listener fd: CInt, body: [UInt8]) throws(SystemError) {
+    init(listener fd: CInt, body: [UInt8], acceptProxy: Bool) throws(SystemError) {
         server = try ServerLoop(listener: fd, capacity: 128)
         self.body = body
+        self.acceptProxy = acceptProxy
         // Last: an init that throws runs no deinit, so nothing above may own memory.
         scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 16)
     }
@@ -112,7 +122,7 @@ private final class WhoamiLoop: @unchecked Sendable {
                 let (events, token) = server.core.epoll.event(at: index)
                 if token == EventToken.wakeup { break serving }
                 if token == ServerLoop<Connection>.listenerToken {
-                    server.acceptAll()
+                    server.acceptAll(opened: { [acceptProxy] connection in connection.headerPending = acceptProxy })
                     continue
                 }
                 guard let connection = server.connections.lookup(token: token) else { continue }
@@ -151,6 +161,21 @@ private final class WhoamiLoop: @unchecked Sendable {
             bytes = UnsafeRawBufferPointer(rebasing: bytes[skipped...])
         }
         connection.input.append(contentsOf: bytes)
+        if connection.headerPending {
+            switch connection.input.withUnsafeBytes({ ProxyHeaderParser.parse($0) }) {
+            case .incomplete:
+                return
+            case .invalid(let reason):
+                respond(connection, status: "400 Bad Request", body: Array("\(reason)\n".utf8), close: true)
+                connection.input.removeAll()
+                flush(connection)
+                return
+            case .complete(let source, _, let length):
+                connection.headerPending = false
+                connection.proxiedClient = source
+                connection.input.removeFirst(length)
+            }
+        }
         answerComplete(connection)
         flush(connection)
     }
@@ -192,6 +217,8 @@ private final class WhoamiLoop: @unchecked Sendable {
                 var payload = body
                 if head.target.hasPrefix("/bytes/"), let size = Int(head.target.dropFirst(7)), size >= 0, size <= 1 << 30 {
                     payload = [UInt8](repeating: UInt8(ascii: "x"), count: size)
+                } else if let client = connection.proxiedClient {
+                    payload += Array("From: \(client)\n".utf8)
                 }
                 respond(connection, status: "200 OK", body: head.method == "HEAD" ? nil : payload,
                         contentLength: payload.count, close: !head.keepAlive)

@@ -15,7 +15,7 @@ struct WhoamiCommand: ParsableCommand {
 
     static let environment = EnvironmentFlags(command: "whoami", flags: [
         ("--listen", "BERTH_LISTEN"), ("--id", "BERTH_ID"), ("--threads", "BERTH_THREADS"),
-    ] + LoggingOptions.environment)
+    ] + LoggingOptions.environment, switches: [("--accept-proxy", "BERTH_ACCEPT_PROXY")])
 
     @Option(help: EnvironmentFlags.help("Address to listen on, HOST:PORT.", "BERTH_LISTEN"), transform: AddressArgument.parse)
     var listen: AddressArgument?
@@ -25,6 +25,9 @@ struct WhoamiCommand: ParsableCommand {
 
     @Option(help: EnvironmentFlags.help("Server threads.", "BERTH_THREADS"))
     var threads: Int = 1
+
+    @Flag(help: EnvironmentFlags.help("Every connection starts with a PROXY protocol header (v1 or v2, from a proxy's --send-proxy); answers add \"From: CLIENT\" with the client it names. A connection without one gets 400.", "BERTH_ACCEPT_PROXY"))
+    var acceptProxy = false
 
     @OptionGroup(title: "Logging")
     var logging: LoggingOptions
@@ -41,7 +44,7 @@ struct WhoamiCommand: ParsableCommand {
         guard let listen else { throw ValidationError("--listen HOST:PORT is required") }
         ProcessSignals.block([SIGTERM, SIGINT])
         let identity = id ?? hostName()
-        let server = try WhoamiServer(listen: listen.address, identity: identity, threads: threads)
+        let server = try WhoamiServer(listen: listen.address, identity: identity, threads: threads, acceptProxy: acceptProxy)
         log("whoami '\(identity)' listening on \(server.address)")
         _ = ProcessSignals.wait(for: [SIGTERM, SIGINT])
         server.stop()

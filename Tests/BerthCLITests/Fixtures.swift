@@ -341,9 +341,9 @@ class BerthTestCase: XCTestCase {
         throw FixtureError("no free port found")
     }
 
-    func startWhoami(id: String, threads: Int = 1, host: String = "127.0.0.1") throws -> ListeningChild {
+    func startWhoami(id: String, threads: Int = 1, host: String = "127.0.0.1", options: [String] = []) throws -> ListeningChild {
         try startListening(host) { port in
-            (BerthBinary.path, ["whoami", "--listen", ListeningChild.format(host, port), "--id", id, "--threads", "\(threads)"], [:])
+            (BerthBinary.path, ["whoami", "--listen", ListeningChild.format(host, port), "--id", id, "--threads", "\(threads)"] + options, [:])
         }
     }
 
