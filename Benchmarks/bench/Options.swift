@@ -152,6 +152,8 @@ struct BenchOptions: Sendable {
     var scenarios = Scenario.allCases
     /// The `berth` executable the scenarios run; nil: the one built beside this bench.
     var berthPath: String?
+    /// An older `berth` the features scenario also runs with its defaults (the "before" row).
+    var berthBeforePath: String?
 
     var phaseSeconds: Double { seconds ?? (quick ? 1 : 5) }
     /// Load before each measured window (connections open, TCP windows grow); not counted.
@@ -212,6 +214,7 @@ enum CommandLineParser {
                 options.rounds = rounds
             case "--haproxy": options.haproxyPath = try reader.value(for: flag)
             case "--berth": options.berthPath = try reader.value(for: flag)
+            case "--berth-before": options.berthBeforePath = try reader.value(for: flag)
             case "--proxy-wrapper":
                 options.proxyWrapper = try reader.value(for: flag).split(separator: " ").map(String.init)
                 guard !options.proxyWrapper.isEmpty else { throw UsageError(description: "--proxy-wrapper needs a command") }

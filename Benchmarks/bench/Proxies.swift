@@ -76,8 +76,9 @@ enum Launcher {
     }
 
     /// A whoami backend on `cpu`, on `listen` (default: a free port of 127.0.0.1).
-    static func startWhoami(name: String, cpu: Int, listen: SocketAddress? = nil) throws(BenchError) -> ServingProcess {
-        try startRole(name, arguments: ["--role", "whoami", "--name", name, "--listen", listen?.description ?? "127.0.0.1:0", "--cpu", "\(cpu)"])
+    static func startWhoami(name: String, cpu: Int, listen: SocketAddress? = nil, acceptProxy: Bool = false) throws(BenchError) -> ServingProcess {
+        try startRole(name, arguments: ["--role", "whoami", "--name", name, "--listen", listen?.description ?? "127.0.0.1:0", "--cpu", "\(cpu)"]
+            + (acceptProxy ? ["--accept-proxy"] : []))
     }
 
     /// The bulk backend on `cpu`.

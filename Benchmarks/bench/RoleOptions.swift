@@ -32,6 +32,8 @@ struct RoleOptions: Sendable {
     var frontends: [FrontendSpec] = []
     var listen: SocketAddress?
     var name = "whoami"
+    /// The whoami role reads a PROXY protocol header first on every connection.
+    var acceptProxy = false
     /// CPU to pin to: the engine's worker for `proxy`, the whole process otherwise.
     var cpu: Int?
     /// The watchdog's charge, and a temporary directory it removes after stopping it.
@@ -76,6 +78,7 @@ extension CommandLineParser {
                     options.frontends[options.frontends.count - 1].backends.append(try parseAddress(String(part)))
                 }
             case "--name": options.name = try reader.value(for: flag)
+            case "--accept-proxy": options.acceptProxy = true
             case "--pid":
                 let text = try reader.value(for: flag)
                 guard let pid = Int32(text), pid > 1 else { throw UsageError(description: "--pid \(text): expected a process id") }

@@ -70,7 +70,7 @@ enum RoleMain {
         guard let listen = options.listen else { throw .child("--listen is required") }
         let server: WhoamiServer
         do {
-            server = try WhoamiServer(listen: listen, identity: options.name, threads: 1)
+            server = try WhoamiServer(listen: listen, identity: options.name, threads: 1, acceptProxy: options.acceptProxy)
         } catch {
             throw .system(error)
         }

@@ -61,13 +61,15 @@ extension Launcher {
     /// as `name`. The whole process runs on `cpu` (taskset, and `--cpus` for the worker), its
     /// checker thread included, as HAProxy's checks run in its one thread on that CPU.
     static func startBerthBinary(name: String, path: String, backends: [SocketAddress], cpu: Int,
-                                 flags: [String]) throws(BenchError) -> ServingProcess {
+                                 flags: [String], weights: [Int]? = nil) throws(BenchError) -> ServingProcess {
         let directory = try TemporaryDirectory(prefix: "berth-bench")
         do throws(BenchError) {
             let address = SocketAddress(ipv4: (127, 0, 0, 1), port: try freePort())
             let arguments = [
                 "proxy", "--listen", address.description, "--name", name,
-                "--backend", backends.map(\.description).joined(separator: ","),
+                "--backend", backends.enumerated().map { index, backend in
+                    weights.map { weightedBackend(backend, weight: $0[index % $0.count]) } ?? backend.description
+                }.joined(separator: ","),
                 "--workers", "1", "--cpus", "\(cpu)", "--relay", EngineConfiguration().relay.rawValue, "--drain-timeout", "1s",
             ] + flags
             return try startExternal(name: name, path: path, arguments: arguments, cpus: "\(cpu)", directory: directory,
@@ -76,6 +78,11 @@ extension Launcher {
             directory.remove()
             throw error
         }
+    }
+
+    /// A `--backend` item with a weight, as `berth proxy` writes it.
+    static func weightedBackend(_ address: SocketAddress, weight: Int) -> String {
+        "\(address)*\(weight)"
     }
 
     /// HAProxy for the failover scenario: the settings Berth's row uses, in HAProxy's words.

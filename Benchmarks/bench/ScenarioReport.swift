@@ -9,10 +9,10 @@ struct ScenarioReport {
     let proxyCPU: Int
     let loadCPU: Int
 
-    private static let labelWidth = 30
-    private static let columnWidth = 11
+    static let labelWidth = 30
+    static let columnWidth = 11
 
-    private static func row(_ label: String, _ cells: [String]) -> String {
+    static func row(_ label: String, _ cells: [String]) -> String {
         Format.pad(label, labelWidth, alignRight: false) + cells.map { Format.pad($0, columnWidth) }.joined() + "\n"
     }
 
@@ -33,6 +33,7 @@ struct ScenarioReport {
         if let discovery = results.discovery { out += discoveryText(discovery) }
         if let statsFuzz = results.statsFuzz { out += statsFuzzText(statsFuzz) }
         if let hosts = results.hosts { out += hostsText(hosts) }
+        if let features = results.features { out += featuresText(features) }
         return out
     }
 
@@ -222,6 +223,13 @@ struct ScenarioReport {
                     + "\(Format.fixed(window.disturbance, 2)) CPU)" + (window.errors > 0 ? " and had \(window.errors) errors" : ""))
             }
         }
+        if let features = results.features {
+            for failure in features.failures { notes.append("features: \(failure)") }
+            for window in features.windows where window.disturbance >= 0.1 || window.errors > 0 {
+                notes.append("features: the \(window.variant) window of round \(window.round + 1) was disturbed (other processes and steal: "
+                    + "\(Format.fixed(window.disturbance, 2)) CPU)" + (window.errors > 0 ? " and had \(window.errors) errors" : ""))
+            }
+        }
         if let statsFuzz = results.statsFuzz {
             for failure in statsFuzz.failures { notes.append("stats-fuzz: \(failure)") }
             for window in statsFuzz.windows where window.disturbance >= 0.1 || window.errors > 0 {
@@ -261,6 +269,7 @@ struct ScenarioReport {
         if let discovery = results.discovery { members.append(("discovery", discoveryJSON(discovery))) }
         if let statsFuzz = results.statsFuzz { members.append(("statsFuzz", statsFuzzJSON(statsFuzz))) }
         if let hosts = results.hosts { members.append(("hosts", hostsJSON(hosts))) }
+        if let features = results.features { members.append(("features", featuresJSON(features))) }
         return .object(members)
     }
 

@@ -21,6 +21,10 @@ enum Scenario: String, CaseIterable, Sendable {
     /// The failure matrix on hosts in network namespaces (HostsScenario.swift): a partition, a
     /// dead host, a silent backend, delay, loss, etcd cut off; `berth discover` beside HAProxy.
     case hosts
+    /// New connections through `berth proxy` with each opt-in feature on (weights, balance
+    /// modes, slow start, PROXY protocol, the connection log), against all off in the same
+    /// round, and against an older binary (`--berth-before`) for "nothing changed when off".
+    case features
 }
 
 /// The order of a scenario's windows without (false) and with (true) what it measures:
@@ -208,6 +212,7 @@ struct ScenarioResults {
     var discovery: DiscoveryResult?
     var statsFuzz: StatsFuzzResult?
     var hosts: HostsResult?
+    var features: FeaturesResult?
     var notes: [String] = []
 }
 
@@ -248,6 +253,9 @@ struct ScenarioRunner {
                 results.discovery = DiscoveryScenario(options: options, proxyCPU: proxyCPU, loadCPU: loadCPU, web: web, berth: berth).run()
             case .statsFuzz:
                 results.statsFuzz = StatsFuzzScenario(options: options, proxyCPU: proxyCPU, loadCPU: loadCPU, berth: berth).run()
+            case .features:
+                results.features = FeaturesScenario(options: options, proxyCPU: proxyCPU, loadCPU: loadCPU, web: web, own: own,
+                                                    berth: berth).run()
             case .hosts:
                 results.hosts = HostsScenario(options: options, berth: berth, haproxy: Launcher.locateHAProxy(options.haproxyPath)).run()
             }
