@@ -235,7 +235,7 @@ let package = Package(
         ),
         .testTarget(
             name: "BerthCLITests",
-            dependencies: ["BerthTestSupport", "BerthEngine", "BerthSystem", "CBerthShims"],
+            dependencies: ["BerthTestSupport", "BerthDiscovery", "BerthEngine", "BerthEtcd", "BerthSystem", "CBerthShims"],
             swiftSettings: [memberImports]
         ),
         .testTarget(

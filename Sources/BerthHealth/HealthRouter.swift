@@ -27,6 +27,8 @@ public final class HealthRouter: Sendable {
     public let checker: HealthChecker?
     public let policy: HealthPolicy
     private let state = Mutex<State>(State())
+    /// Called after each table the engine accepted (`onPublish`).
+    private let publishObserver = Mutex<(@Sendable (AppliedRouting) -> Void)?>(nil)
 
     private struct State {
         var desired = RoutingTable()
@@ -40,6 +42,8 @@ public final class HealthRouter: Sendable {
         /// Operator overrides (drain, maint); `ready` is stored as no entry. Pruned to the
         /// backends of the desired table on every `apply`.
         var adminStates: [BackendKey: AdminState] = [:]
+        /// Health to start new check targets in (`seed`), used by the next `updateChecks` only.
+        var seededHealth: [BackendKey: HealthStatus] = [:]
     }
 
     /// `checker` must be the one the engine's `backendFailed` reports to (see `makeEngine`).
@@ -98,10 +102,11 @@ public final class HealthRouter: Sendable {
                 let key = BackendKey(frontend: frontend.name, backend: backend.name)
                 if state.adminStates[key] == .maint { continue }
                 checked.insert(key)
-                targets.append(CheckTarget(
-                    key: key, address: backend.address, settings: checks, initialState: policy.newBackendState))
+                let initial = state.seededHealth[key].map { $0 == .down ? NewBackendState.down : .up } ?? policy.newBackendState
+                targets.append(CheckTarget(key: key, address: backend.address, settings: checks, initialState: initial))
             }
         }
+        state.seededHealth = [:]
         state.checked = checked
         checker.update(targets)
     }
@@ -124,6 +129,22 @@ public final class HealthRouter: Sendable {
                 throw AdminError.engine(error.description)
             }
         }
+    }
+
+    /// Seeds the next `apply` (a table restored from a state file): its backends start in these
+    /// health states (checks then run and decide) and with these operator overrides.
+    public func seed(health: [BackendKey: HealthStatus], adminStates: [BackendKey: AdminState]) {
+        state.withLock { state in
+            state.seededHealth = health
+            state.adminStates = adminStates.filter { $0.value != .ready }
+        }
+    }
+
+    /// Calls `observer` after each table the engine accepted, with the desired table, health and
+    /// overrides it came from. It runs under the router's lock, on the control plane's or the
+    /// checker's thread: it must only hand the value on (never call back into the router).
+    public func onPublish(_ observer: @escaping @Sendable (AppliedRouting) -> Void) {
+        publishObserver.withLock { $0 = observer }
     }
 
     /// Operator overrides now in force (backends without one are `ready`).
@@ -195,6 +216,17 @@ public final class HealthRouter: Sendable {
         }
         let result = try engine.apply(effective)
         state.lastApplied = effective
+        if let observer = publishObserver.withLock({ $0 }) {
+            observer(AppliedRouting(desired: state.desired, health: health.mapValues(\.status), adminStates: state.adminStates))
+        }
         return result
     }
+}
+
+/// A table the router applied, as `HealthRouter.onPublish` reports it.
+public struct AppliedRouting: Sendable, Equatable {
+    /// The table before health and overrides (what discovery asked for).
+    public var desired: RoutingTable
+    public var health: [BackendKey: HealthStatus]
+    public var adminStates: [BackendKey: AdminState]
 }

@@ -64,6 +64,10 @@ enum HTMLRenderer {
                 ("last etcd event", discovery.secondsSinceLastEvent.map { duration($0) + " ago" } ?? "none yet"),
                 ("skipped values", String(discovery.skippedValues)),
             ]
+            if let source = discovery.source { rows.append(("table source", source)) }
+            if let path = discovery.stateFile {
+                rows.append(("state file", "\(path): \(discovery.stateFileWrites ?? 0) writes, \(discovery.stateFileFailures ?? 0) failed"))
+            }
         } else {
             rows.append(("discovery", "off (static backends)"))
         }

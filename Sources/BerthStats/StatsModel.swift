@@ -43,6 +43,13 @@ public struct DiscoveryView: Sendable, Codable, Equatable {
     public var secondsSinceLastEvent: Double?
     /// Values under the prefix that did not parse (skipped, counted, logged).
     public var skippedValues: UInt64
+    /// Where the table served comes from: "etcd", "state file" (etcd unreachable since start,
+    /// `--state-file`), or "none" (neither yet).
+    public var source: String?
+    /// With `--state-file`: its path, the writes done and those that failed.
+    public var stateFile: String?
+    public var stateFileWrites: UInt64?
+    public var stateFileFailures: UInt64?
 
     public init(endpoint: String, connected: Bool, appliedRevision: Int64,
                 secondsSinceLastEvent: Double? = nil, skippedValues: UInt64 = 0) {

@@ -60,6 +60,7 @@ struct DiscoverCommand: ParsableCommand {
 struct DiscoveryOptions: ParsableArguments {
     static let environment: [(flag: String, variable: String)] = [
         ("--bind", "BERTH_BIND"), ("--default-listen", "BERTH_DEFAULT_LISTEN"), ("--linger", "BERTH_LINGER"),
+        ("--state-file", "BERTH_STATE_FILE"),
     ]
 
     @Option(help: EnvironmentFlags.help("Address every service listens on (its port comes from the registry).", "BERTH_BIND"))
@@ -71,9 +72,13 @@ struct DiscoveryOptions: ParsableArguments {
     @Option(help: EnvironmentFlags.help("How long the listener of a service with no instance left stays open.", "BERTH_LINGER"), transform: DurationArgument.parse)
     var linger = DurationArgument(milliseconds: 30_000)
 
+    @Option(help: EnvironmentFlags.help("File that keeps the last routing table applied (written atomically, at most once a second); served from at start while etcd is unreachable.", "BERTH_STATE_FILE"))
+    var stateFile: String?
+
     func validate() throws {
         _ = try bindAddress()
         if defaultListen == 0 { throw invalid("--default-listen", "0", "a port from 1 to 65535") }
+        if stateFile?.isEmpty == true { throw invalid("--state-file", "", "a file path") }
     }
 
     func bindAddress() throws -> SocketAddress {
@@ -91,11 +96,14 @@ struct DiscoveryRuntime {
     let router: HealthRouter
     let service: DiscoveryService
     let task: Task<Void, Never>
+    /// With `--state-file`: the writer, and whether the first table came from the file.
+    let stateFile: StateFileSession?
 
     /// Connects to etcd (an authentication failure is fatal at once; an unreachable etcd is
     /// not: the watch keeps retrying), opens the proxy, and starts the watch.
     static func start(etcd: EtcdOptions, discovery: DiscoveryOptions, proxy: ProxyOptions, health: HealthOptions) throws -> DiscoveryRuntime {
         let client = try EtcdClient(configuration: etcd.configuration())
+        var etcdAnswered = true
         do {
             _ = try blockingAwait { try await client.get(key: etcd.prefix) }
         } catch let error as EtcdError {
@@ -103,10 +111,12 @@ struct DiscoveryRuntime {
                 client.close()
                 throw error
             }
-            log("warning: \(error); serving nothing until etcd answers")
+            etcdAnswered = false
+            log("warning: \(error); \(discovery.stateFile == nil ? "serving nothing" : "trying the state file") until etcd answers")
         }
         let configuration = proxy.engineConfiguration(observeErrors: health.observeErrors)
         let router = try HealthRouter.make(configuration: configuration, policy: health.policy, alwaysCheck: true)
+        let stateFile = discovery.stateFile.map { StateFileSession.start(path: $0, router: router, restore: !etcdAnswered) }
         var settings = DiscoverySettings(
             catalog: Catalog.Options(layout: RegistryLayout(prefix: etcd.prefix), defaultListen: discovery.defaultListen,
                                      linger: discovery.linger.milliseconds),
@@ -122,23 +132,28 @@ struct DiscoveryRuntime {
                 kill(getpid(), SIGTERM)
             }
         }
+        stateFile?.announceTakeover(by: service)
         log("watching \(etcd.prefix)/ on \(etcd.etcd); services listen on \(discovery.bind); \(proxy.summary(configuration)), checks \(health.summary)")
-        return DiscoveryRuntime(client: client, router: router, service: service, task: task)
+        return DiscoveryRuntime(client: client, router: router, service: service, task: task, stateFile: stateFile)
     }
 
     func stop() {
         task.cancel()
         client.close()
+        stateFile?.stop()
     }
 
     /// Starts the stats server (unless `--stats off`) over the router, discovery and, when
     /// given, the registrar. A failure to start stops what `start` started.
     func startStats(_ options: StatsOptions, registrar: Registrar? = nil) throws -> StatsServer? {
         let service = self.service
+        let stateFile = self.stateFile
         let discoveryView: @Sendable () -> DiscoveryView = {
             let status = service.status
-            return DiscoveryView(endpoint: status.endpoint, connected: status.connected, appliedRevision: status.appliedRevision,
-                                 secondsSinceLastEvent: status.secondsSinceLastEvent, skippedValues: status.skippedValues)
+            var view = DiscoveryView(endpoint: status.endpoint, connected: status.connected, appliedRevision: status.appliedRevision,
+                                     secondsSinceLastEvent: status.secondsSinceLastEvent, skippedValues: status.skippedValues)
+            stateFile?.describe(into: &view, listings: status.listings)
+            return view
         }
         var registrarView: (@Sendable () -> RegistrarView)?
         if let registrar {

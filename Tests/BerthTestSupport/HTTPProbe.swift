@@ -6,6 +6,17 @@ public enum HTTPProbe {
     /// GET `path` on 127.0.0.1:`port` with `Connection: close`; returns the body.
     /// Throws on refusal, reset, a timeout (`timeout` seconds for each step) or no HTTP answer.
     public static func get(port: Int, host: String = "127.0.0.1", path: String = "/", timeout: Double = 5) throws -> String {
+        let request = Array("GET \(path) HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".utf8)
+        let text = try exchange(port: port, host: host, request: request, timeout: timeout)
+        guard text.hasPrefix("HTTP/1."), let split = text.range(of: "\r\n\r\n") else {
+            throw FixtureFailure("no HTTP response from \(host):\(port): \(text.prefix(200).debugDescription)")
+        }
+        return String(text[split.upperBound...])
+    }
+
+    /// Sends `request` as it is on a new connection and returns everything the peer sent until it
+    /// closed (at most 16 MiB). The same bounds as `get`.
+    public static func exchange(port: Int, host: String = "127.0.0.1", request: [UInt8], timeout: Double = 5) throws -> String {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { throw FixtureFailure("socket: errno \(errno)") }
         defer { close(fd) }
@@ -20,7 +31,6 @@ public enum HTTPProbe {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
         }
         guard connected == 0 else { throw FixtureFailure("connect to \(host):\(port): errno \(errno)") }
-        let request = Array("GET \(path) HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".utf8)
         guard send(fd, request, request.count, Int32(MSG_NOSIGNAL)) == request.count else {
             throw FixtureFailure("send to \(host):\(port): errno \(errno)")
         }
@@ -36,11 +46,7 @@ public enum HTTPProbe {
             response += buffer[0..<got]
             if response.count > 16 * 1024 * 1024 { break }
         }
-        let text = String(decoding: response, as: UTF8.self)
-        guard text.hasPrefix("HTTP/1."), let split = text.range(of: "\r\n\r\n") else {
-            throw FixtureFailure("no HTTP response from \(host):\(port): \(text.prefix(200).debugDescription)")
-        }
-        return String(text[split.upperBound...])
+        return String(decoding: response, as: UTF8.self)
     }
 
     /// Whether something accepts connections on 127.0.0.1:`port`.
