@@ -143,3 +143,58 @@ final class TakeoverTests: BerthTestCase {
         return received == wanted
     }
 }
+
+/// The host's registrations survive a takeover: `berth run` replaced by another `berth run`
+/// keeps the keys under the same lease, and a watcher never sees a delete.
+final class TakeoverRegistrationTests: BerthTestCase {
+    func testRunReplacedKeepsTheKeysUnderTheSameLease() throws {
+        let etcd = try EtcdFixture()
+        defer { etcd.stop() }
+        let whoami = try startWhoami(id: "kept")
+        let listen = try freeLoopbackPort()
+        let socketPath = "\(NSTemporaryDirectory())berth-takeover-run-\(getpid()).sock"
+        defer { unlink(socketPath) }
+        let endpoint = etcd.members[0].clientURL
+        let watcher = try launch(EtcdFixture.etcdctlPath, ["--endpoints", endpoint, "watch", "--prefix", "/backends/"])
+        let arguments = ["run", "--no-docker", "--static", "web=127.0.0.1:\(whoami.port)@\(listen)", "--bind", "127.0.0.1",
+                         "--workers", "1", "--stats", "off", "--ttl", "3s", "--takeover-socket", socketPath]
+        let environment = ["ETCD_HOST": "127.0.0.1:\(etcd.members[0].clientPort)"]
+        let first = try launch(BerthBinary.path, arguments, environment: environment)
+        XCTAssertTrue(first.waitForStandardError(containing: "takeover socket", timeout: 15), first.standardError)
+        var lease = ""
+        XCTAssertNotNil(waitUntil(timeout: 10) {
+            lease = Self.leases(try? etcd.etcdctl(["get", "--prefix", "/backends/web/", "-w", "fields"])).first ?? ""
+            return !lease.isEmpty
+        }, "the first process registered web")
+        XCTAssertTrue(try HTTPProbe.get(port: listen, timeout: 2).contains("kept"))
+
+        let second = try launch(BerthBinary.path, arguments, environment: environment)
+        XCTAssertTrue(second.waitForStandardError(containing: "takeover complete", timeout: 30), second.standardError)
+        XCTAssertEqual(first.waitForExit(timeout: 15), .exited(0), first.standardError)
+        XCTAssertTrue(first.standardError.contains("left to the successor"), first.standardError)
+        XCTAssertTrue(second.standardError.contains("lease \(lease) adopted"), second.standardError)
+
+        // Past the TTL (3 s) twice over: the successor keeps the lease alive.
+        sleep(seconds: 7)
+        let after = Self.leases(try etcd.etcdctl(["get", "--prefix", "/backends/web/", "-w", "fields"]))
+        XCTAssertEqual(after, [lease], "the key stays, under the same lease")
+        XCTAssertTrue(try HTTPProbe.get(port: listen, timeout: 2).contains("kept"), "the new process serves the port")
+        let events = watcher.standardOutput
+        print("watch across the takeover:\n\(events)")
+        XCTAssertFalse(events.contains("DELETE"), "a watcher saw a delete: \(events)")
+        XCTAssertTrue(events.contains("PUT"))
+
+        second.signal(SIGTERM)
+        XCTAssertEqual(second.waitForExit(timeout: 15), .exited(0), second.standardError)
+        XCTAssertNotNil(waitUntil(timeout: 5) { watcher.standardOutput.contains("DELETE") }, "a plain stop still revokes")
+    }
+
+    /// The "Lease" fields of `etcdctl get -w fields`.
+    static func leases(_ output: String?) -> [String] {
+        (output ?? "").split(separator: "\n").compactMap { line in
+            guard line.hasPrefix("\"Lease\" : ") else { return nil }
+            let value = String(line.dropFirst("\"Lease\" : ".count))
+            return value == "0" ? nil : value
+        }
+    }
+}
