@@ -17,6 +17,9 @@ public struct RegistrarConfiguration: Sendable {
     /// Event-stream reconnects: jittered, doubling from `initial` to `maximum`.
     public var reconnectInitial: Duration = .milliseconds(100)
     public var reconnectMaximum: Duration = .seconds(5)
+    /// A lease handed over by the process this one took over (`--takeover-socket`): kept alive
+    /// and written under instead of granting a new one (a new one is granted if it is gone).
+    public var adoptedLease: Int64?
 
     public init(layout: RecordLayout = RecordLayout(), hostIP: String? = nil, ttlSeconds: Int64 = 15,
                 resyncInterval: Duration = .seconds(30), statics: [Registration] = [], docker: DockerClient? = nil) {
@@ -97,6 +100,7 @@ public final class Registrar: Sendable {
     private let commands: AsyncStream<Command>
     private let continuation: AsyncStream<Command>.Continuation
     private let stopRequested = Atomic<Bool>(false)
+    private let revokeOnStop = Atomic<Bool>(true)
     private let started = Atomic<Bool>(false)
     private let dropped = Atomic<Int>(0)
 
@@ -128,7 +132,9 @@ public final class Registrar: Sendable {
     }
 
     /// Asks `run()` to revoke the lease and return. Safe from any thread, more than once.
-    public func shutdown() {
+    /// `revokingLease: false` (a successor took the lease over): the lease and its keys stay.
+    public func shutdown(revokingLease: Bool = true) {
+        if !revokingLease { revokeOnStop.store(false, ordering: .relaxed) }
         stopRequested.store(true, ordering: .relaxed)
         continuation.yield(.shutdown)
     }
@@ -172,7 +178,11 @@ public final class Registrar: Sendable {
             }
             if stopRequested.load(ordering: .relaxed) { break }
         }
-        await loop.revoke()
+        if revokeOnStop.load(ordering: .relaxed) {
+            await loop.revoke()
+        } else {
+            loop.handOver()
+        }
     }
 
     // MARK: - Docker events

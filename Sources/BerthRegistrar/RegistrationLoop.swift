@@ -39,6 +39,13 @@ final class RegistrationLoop {
         self.store = store
         self.logger = logger
         self.shared = shared
+        if let adopted = configuration.adoptedLease {
+            // Every desired key is put again under it at the first sync (same values: watchers
+            // see puts, never a delete).
+            lease = adopted
+            shared.setLease(adopted)
+            logger.info("lease \(adopted) adopted from the previous process")
+        }
     }
 
     // MARK: - Docker
@@ -198,6 +205,13 @@ final class RegistrationLoop {
         } catch {
             logger.warning("etcd: cannot read back \(configuration.layout.readPrefix): \(error)")
         }
+    }
+
+    /// Taken over: the successor keeps the lease alive and its keys; nothing is revoked.
+    func handOver() {
+        if let lease { logger.info("lease \(lease) and \(written.count) key(s) left to the successor") }
+        lease = nil
+        shared.setLease(nil)
     }
 
     /// SIGTERM path: revoking the lease removes every key at once.

@@ -13,6 +13,9 @@ public struct StatsServerConfiguration: Sendable {
     public var version: String
     /// Connections open at once; past it, new ones are closed at once.
     public var maxConnections = 256
+    /// Bind with SO_REUSEPORT, so that a process taking over (`--takeover-socket`) can listen
+    /// on the same address while the one it replaces still runs.
+    public var reusePort = false
     /// Milliseconds a connection may take to send a complete request (from its opening, or from
     /// the previous response): slowloris clients and idle keep-alive connections are closed.
     public var requestTimeout: Int64 = 5_000
@@ -58,7 +61,7 @@ public final class StatsServer: Sendable {
     /// Binds and starts serving; returns the address bound (port 0 resolved).
     @discardableResult
     public func start() throws -> SocketAddress {
-        var listener = try Sockets.listen(on: configuration.listen, reusePort: false, backlog: 256)
+        var listener = try Sockets.listen(on: configuration.listen, reusePort: configuration.reusePort, backlog: 256)
         let address: SocketAddress
         do {
             address = try Sockets.localAddress(listener.raw)

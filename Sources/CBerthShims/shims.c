@@ -6,6 +6,8 @@
 #include <sys/syscall.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#include <string.h>
+#include <errno.h>
 #include <pthread.h>
 #include "CBerthShims.h"
 
@@ -52,4 +54,44 @@ int cberth_set_thread_nice(int nice) {
 
 int cberth_set_thread_name(pthread_t thread, const char *name) {
     return pthread_setname_np(thread, name);
+}
+
+ssize_t cberth_send_fds(int socket, const void *bytes, size_t length, const int *fds, int count) {
+    if (count < 0 || count > CBERTH_MAX_PASSED_FDS) { errno = EINVAL; return -1; }
+    union { char buffer[CMSG_SPACE(sizeof(int) * CBERTH_MAX_PASSED_FDS)]; struct cmsghdr align; } control;
+    struct iovec vector = { .iov_base = (void *)bytes, .iov_len = length };
+    struct msghdr message = { .msg_iov = &vector, .msg_iovlen = 1 };
+    if (count > 0) {
+        message.msg_control = control.buffer;
+        message.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)count);
+        struct cmsghdr *header = CMSG_FIRSTHDR(&message);
+        header->cmsg_level = SOL_SOCKET;
+        header->cmsg_type = SCM_RIGHTS;
+        header->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)count);
+        memcpy(CMSG_DATA(header), fds, sizeof(int) * (size_t)count);
+    }
+    return sendmsg(socket, &message, MSG_NOSIGNAL);
+}
+
+ssize_t cberth_receive_fds(int socket, void *bytes, size_t length, int *fds, int capacity, int *received, int *truncated) {
+    union { char buffer[CMSG_SPACE(sizeof(int) * CBERTH_MAX_PASSED_FDS)]; struct cmsghdr align; } control;
+    struct iovec vector = { .iov_base = bytes, .iov_len = length };
+    struct msghdr message = { .msg_iov = &vector, .msg_iovlen = 1,
+                              .msg_control = control.buffer, .msg_controllen = sizeof(control.buffer) };
+    *received = 0;
+    *truncated = 0;
+    ssize_t result = recvmsg(socket, &message, MSG_CMSG_CLOEXEC);
+    if (result < 0) return result;
+    for (struct cmsghdr *header = CMSG_FIRSTHDR(&message); header; header = CMSG_NXTHDR(&message, header)) {
+        if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
+        size_t count = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        const int *passed = (const int *)CMSG_DATA(header);
+        for (size_t index = 0; index < count; index++) {
+            // Never more than asked for; extra ones (a peer not following the protocol) are closed.
+            if (*received < capacity) fds[(*received)++] = passed[index];
+            else { close(passed[index]); *truncated = 1; }
+        }
+    }
+    if (message.msg_flags & MSG_CTRUNC) *truncated = 1;
+    return result;
 }

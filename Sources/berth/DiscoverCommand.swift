@@ -1,5 +1,6 @@
 import ArgumentParser
 import BerthDiscovery
+import BerthEngine
 import BerthRegistry
 import BerthSystem
 import BerthEtcd
@@ -28,7 +29,7 @@ struct DiscoverCommand: ParsableCommand {
     static let environment = EnvironmentFlags(
         command: "discover",
         flags: EtcdOptions.environment + DiscoveryOptions.environment + ProxyOptions.environment + HealthOptions.environment
-            + StatsOptions.environment + LoggingOptions.environment)
+            + StatsOptions.environment + LoggingOptions.environment + TakeoverOptions.environment)
 
     @OptionGroup(title: "etcd")
     var etcd: EtcdOptions
@@ -48,11 +49,24 @@ struct DiscoverCommand: ParsableCommand {
     @OptionGroup(title: "Logging")
     var logging: LoggingOptions
 
+    @OptionGroup(title: "Restarts")
+    var takeover: TakeoverOptions
+
     func run() throws {
         ProcessSignals.block([SIGTERM, SIGINT])
-        let running = try DiscoveryRuntime.start(etcd: etcd, discovery: discovery, proxy: proxy, health: health)
-        let server = try running.startStats(stats)
-        proxy.waitForSignalThenDrain(running.router, beforeDrain: { running.stop() }, afterDrain: { server?.stop() })
+        let incoming = takeover.request()
+        if let lease = incoming?.offer.leaseID {
+            log("takeover: lease \(lease) is not adopted by discover (only run registers); the previous process keeps it until it exits")
+        }
+        let running = try DiscoveryRuntime.start(etcd: etcd, discovery: discovery, proxy: proxy, health: health,
+                                                 prepare: { takeover.adopt(incoming, into: $0.engine) })
+        takeover.complete(incoming, engine: running.router.engine, ready: { running.router.engine.statistics().revision > 0 })
+        let server = try running.startStats(stats, reusePort: takeover.enabled)
+        let takeoverServer = try running.serveTakeover(takeover, taken: TakenOver())
+        proxy.waitForSignalThenDrain(running.router, beforeDrain: {
+            takeoverServer?.stop()
+            running.stop()
+        }, afterDrain: { server?.stop() })
     }
 }
 
@@ -101,7 +115,10 @@ struct DiscoveryRuntime {
 
     /// Connects to etcd (an authentication failure is fatal at once; an unreachable etcd is
     /// not: the watch keeps retrying), opens the proxy, and starts the watch.
-    static func start(etcd: EtcdOptions, discovery: DiscoveryOptions, proxy: ProxyOptions, health: HealthOptions) throws -> DiscoveryRuntime {
+    /// `prepare` runs once the router exists, before the watch can apply a table (a takeover's
+    /// sockets are adopted there).
+    static func start(etcd: EtcdOptions, discovery: DiscoveryOptions, proxy: ProxyOptions, health: HealthOptions,
+                      prepare: (HealthRouter) -> Void = { _ in }) throws -> DiscoveryRuntime {
         let client = try EtcdClient(configuration: etcd.configuration())
         var etcdAnswered = true
         do {
@@ -116,6 +133,7 @@ struct DiscoveryRuntime {
         }
         let configuration = proxy.engineConfiguration(observeErrors: health.observeErrors)
         let router = try HealthRouter.make(configuration: configuration, policy: health.policy, alwaysCheck: true)
+        prepare(router)
         let stateFile = discovery.stateFile.map { StateFileSession.start(path: $0, router: router, restore: !etcdAnswered) }
         var settings = DiscoverySettings(
             catalog: Catalog.Options(layout: RegistryLayout(prefix: etcd.prefix), defaultListen: discovery.defaultListen,
@@ -145,7 +163,7 @@ struct DiscoveryRuntime {
 
     /// Starts the stats server (unless `--stats off`) over the router, discovery and, when
     /// given, the registrar. A failure to start stops what `start` started.
-    func startStats(_ options: StatsOptions, registrar: Registrar? = nil) throws -> StatsServer? {
+    func startStats(_ options: StatsOptions, registrar: Registrar? = nil, reusePort: Bool = false) throws -> StatsServer? {
         let service = self.service
         let stateFile = self.stateFile
         let discoveryView: @Sendable () -> DiscoveryView = {
@@ -165,7 +183,20 @@ struct DiscoveryRuntime {
             }
         }
         do {
-            return try options.start(provider: .router(router, discovery: discoveryView, registrar: registrarView))
+            return try options.start(provider: .router(router, discovery: discoveryView, registrar: registrarView), reusePort: reusePort)
+        } catch {
+            stop()
+            router.shutdown(drainTimeout: 0)
+            throw error
+        }
+    }
+}
+
+extension DiscoveryRuntime {
+    /// Listens on the takeover socket (when set); a failure stops what `start` started.
+    func serveTakeover(_ options: TakeoverOptions, taken: TakenOver, leaseID: @escaping @Sendable () -> Int64? = { nil }) throws -> TakeoverServer? {
+        do {
+            return try options.serve(engine: router.engine, taken: taken, leaseID: leaseID)
         } catch {
             stop()
             router.shutdown(drainTimeout: 0)

@@ -22,7 +22,8 @@ struct ProxyCommand: ParsableCommand {
 
     static let environment = EnvironmentFlags(command: "proxy", flags: [
         ("--listen", "BERTH_LISTEN"), ("--backend", "BERTH_BACKENDS"), ("--name", "BERTH_NAME"),
-    ] + ProxyOptions.environment + HealthOptions.environment + StatsOptions.environment + LoggingOptions.environment)
+    ] + ProxyOptions.environment + HealthOptions.environment + StatsOptions.environment + LoggingOptions.environment
+        + TakeoverOptions.environment)
 
     @Option(help: EnvironmentFlags.help("Address to listen on, HOST:PORT ([::1]:8000 for IPv6, *:8000 for all).", "BERTH_LISTEN"), transform: AddressArgument.parse)
     var listen: AddressArgument?
@@ -45,6 +46,9 @@ struct ProxyCommand: ParsableCommand {
     @OptionGroup(title: "Logging")
     var logging: LoggingOptions
 
+    @OptionGroup(title: "Restarts")
+    var takeover: TakeoverOptions
+
     func validate() throws {
         if listen == nil { throw ValidationError("--listen HOST:PORT is required") }
         if backend.isEmpty { throw ValidationError("at least one --backend HOST:PORT is required") }
@@ -56,25 +60,32 @@ struct ProxyCommand: ParsableCommand {
         let configuration = proxy.engineConfiguration(observeErrors: health.observeErrors)
         let settings = proxy.frontendSettings
         let backends = backend.flatMap(\.addresses).map(Backend.init)
+        let incoming = takeover.request()
         let router = try HealthRouter.make(configuration: configuration, policy: health.policy)
+        takeover.adopt(incoming, into: router.engine)
         let result = try router.apply(RoutingTable(frontends: [
             Frontend(name: name, listen: listen.address, backends: backends, settings: settings),
         ]))
         if let failure = result.failures[name] {
+            incoming?.abort(reason: "cannot listen on \(listen.address)")
             router.shutdown(drainTimeout: 0)
             throw ListenFailure(address: listen.address, error: failure)
         }
+        takeover.complete(incoming, engine: router.engine)
         let bound = result.listening[name]!
         let statsServer: StatsServer?
+        let taken = TakenOver()
+        let takeoverServer: TakeoverServer?
         do {
-            statsServer = try stats.start(provider: .router(router))
+            statsServer = try stats.start(provider: .router(router), reusePort: takeover.enabled)
+            takeoverServer = try takeover.serve(engine: router.engine, taken: taken)
         } catch {
             router.shutdown(drainTimeout: 0)
             throw error
         }
         log("listening on \(bound) (\(name)): \(backends.count) backend(s), \(proxy.summary(configuration)), checks \(health.summary)")
         // The stats page stays up while connections drain, so the drain can be watched.
-        proxy.waitForSignalThenDrain(router, afterDrain: { statsServer?.stop() })
+        proxy.waitForSignalThenDrain(router, beforeDrain: { takeoverServer?.stop() }, afterDrain: { statsServer?.stop() })
     }
 }
 

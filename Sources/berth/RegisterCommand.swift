@@ -115,11 +115,13 @@ struct RegistrationOptions: ParsableArguments {
     }
 
     /// The registrar these flags describe, writing through `client` under `prefix`.
-    func makeRegistrar(client: EtcdClient, prefix: String) throws -> Registrar {
+    /// `adoptedLease`: a lease handed over by the process this one took over.
+    func makeRegistrar(client: EtcdClient, prefix: String, adoptedLease: Int64? = nil) throws -> Registrar {
         var configuration = RegistrarConfiguration(
             layout: RecordLayout(prefix: prefix, compat: compat), hostIP: hostIP,
             ttlSeconds: ttl.milliseconds / 1000, resyncInterval: .milliseconds(resync.milliseconds),
             statics: try staticRegistrations())
+        configuration.adoptedLease = adoptedLease
         if usesDocker {
             configuration.docker = try DockerClient(host: dockerHost ?? Self.defaultDockerSocket)
         }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import BerthEngine
 import BerthSystem
 import BerthHealth
 import BerthRegistrar
@@ -17,13 +18,16 @@ struct RunCommand: ParsableCommand {
             client: this host's containers (and --static services) are kept in etcd under one \
             lease, and every service in the registry is balanced on --bind at its listen port. \
             SIGTERM revokes the lease first (every key of this host goes at once, so other hosts \
-            stop sending new connections here), then drains open connections.
+            stop sending new connections here), then drains open connections. With \
+            --takeover-socket, a new `berth run` takes over the listening sockets and the lease \
+            instead: nothing is revoked, and the old process drains and exits.
             """)
 
     static let environment = EnvironmentFlags(
         command: "run",
         flags: EtcdOptions.environment + RegistrationOptions.environment + DiscoveryOptions.environment
-            + ProxyOptions.environment + HealthOptions.environment + StatsOptions.environment + LoggingOptions.environment,
+            + ProxyOptions.environment + HealthOptions.environment + StatsOptions.environment + LoggingOptions.environment
+            + TakeoverOptions.environment,
         switches: RegistrationOptions.switches)
 
     @OptionGroup(title: "etcd")
@@ -47,22 +51,34 @@ struct RunCommand: ParsableCommand {
     @OptionGroup(title: "Logging")
     var logging: LoggingOptions
 
+    @OptionGroup(title: "Restarts")
+    var takeover: TakeoverOptions
+
     func run() throws {
         ProcessSignals.block([SIGTERM, SIGINT])
-        let running = try DiscoveryRuntime.start(etcd: etcd, discovery: discovery, proxy: proxy, health: health)
+        let incoming = takeover.request()
+        let running = try DiscoveryRuntime.start(etcd: etcd, discovery: discovery, proxy: proxy, health: health,
+                                                 prepare: { takeover.adopt(incoming, into: $0.engine) })
         let registrar: Registrar
         do {
-            registrar = try registration.makeRegistrar(client: running.client, prefix: etcd.prefix)
+            registrar = try registration.makeRegistrar(client: running.client, prefix: etcd.prefix,
+                                                       adoptedLease: incoming?.offer.leaseID)
         } catch {
             running.stop()
             running.router.shutdown(drainTimeout: 0)
             throw error
         }
-        let server = try running.startStats(stats, registrar: registrar)
+        takeover.complete(incoming, engine: running.router.engine, ready: { running.router.engine.statistics().revision > 0 })
+        let server = try running.startStats(stats, registrar: registrar, reusePort: takeover.enabled)
+        // Registration starts once the previous process has let go (it stops its own without
+        // revoking): the lease it handed over is kept alive from here.
         let registering = RegistrarTask(registrar)
         log("registering this host's \(registration.usesDocker ? "containers" : "static services") under \(etcd.prefix), TTL \(registration.ttl)")
+        let taken = TakenOver()
+        let takeoverServer = try running.serveTakeover(takeover, taken: taken, leaseID: { registrar.status.leaseID })
         proxy.waitForSignalThenDrain(running.router, beforeDrain: {
-            registering.stop(within: 4)
+            takeoverServer?.stop()
+            registering.stop(within: 4, revokingLease: !taken.isSet)
             running.stop()
         }, afterDrain: { server?.stop() })
     }
@@ -91,9 +107,10 @@ final class RegistrarTask: Sendable {
         }
     }
 
-    /// Asks the registrar to revoke its lease and stop; cancels it after `seconds`.
-    func stop(within seconds: Double) {
-        registrar.shutdown()
+    /// Asks the registrar to stop, revoking its lease unless a successor took it over; cancels
+    /// it after `seconds`.
+    func stop(within seconds: Double, revokingLease: Bool = true) {
+        registrar.shutdown(revokingLease: revokingLease)
         let deadline = MonotonicClock.nanoseconds() + UInt64(seconds * 1e9)
         while !finished.value.load(ordering: .acquiring) && MonotonicClock.nanoseconds() < deadline { usleep(5_000) }
         if !finished.value.load(ordering: .acquiring) { task.cancel() }

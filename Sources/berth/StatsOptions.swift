@@ -39,9 +39,10 @@ struct StatsOptions: ParsableArguments {
     /// Starts the stats server unless `--stats off`. An address given explicitly must bind (the
     /// error is fatal); the default one may be taken (another berth on this host): then a
     /// warning, and the proxy runs without stats.
-    func start(provider: StatsProvider) throws -> StatsServer? {
+    func start(provider: StatsProvider, reusePort: Bool = false) throws -> StatsServer? {
         guard let address else { return nil }
         var configuration = StatsServerConfiguration(listen: address, version: berthVersion)
+        configuration.reusePort = reusePort
         configuration.credentials = statsAuth.flatMap(StatsCredentials.init)
         let server = StatsServer(configuration: configuration, provider: provider)
         do {

@@ -142,7 +142,7 @@ final class SessionHarness {
     func install(_ backends: [(String, SocketAddress)], listeners: [String: CInt] = [:]) {
         let frontend = Frontend(name: Self.frontend, listen: Self.address(0, port: 8080),
                                 backends: backends.map { Backend(name: $0.0, address: $0.1) }, settings: settings)
-        worker.install(PublishedTable(table: RoutingTable(frontends: [frontend]), cursors: [:]), listeners: listeners)
+        worker.install(PublishedTable(table: RoutingTable(frontends: [frontend]), cursors: [:]), listeners: listeners.mapValues { [$0] })
     }
 
     /// A client accepted now; the worker starts connecting it at once.

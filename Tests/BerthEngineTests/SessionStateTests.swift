@@ -128,8 +128,9 @@ final class SessionStateTests: XCTestCase {
             harness.sockets.pendingClients = 1
         }
         let secondFrontend = try XCTUnwrap(second.worker.frontends[SessionHarness.frontend])
-        first.sockets.duringAccept = { second.worker.acceptConnections(secondFrontend) }
-        first.worker.acceptConnections(try XCTUnwrap(first.worker.frontends[SessionHarness.frontend]))
+        let firstFrontend = try XCTUnwrap(first.worker.frontends[SessionHarness.frontend])
+        first.sockets.duringAccept = { second.worker.acceptConnections(secondFrontend, listener: secondFrontend.listener.raw) }
+        first.worker.acceptConnections(firstFrontend, listener: firstFrontend.listener.raw)
 
         XCTAssertEqual(first.worker.activeSessions + second.worker.activeSessions, 1, "sessions open on both workers")
         XCTAssertEqual(shared.connections.load(ordering: .relaxed), 1)

@@ -10,13 +10,17 @@ import Synchronization
 /// on the per-connection path takes a lock.
 public final class Engine: Sendable {
     public let configuration: EngineConfiguration
-    private let handles: [WorkerHandle]
+    let handles: [WorkerHandle]
     private let shared = EngineShared()
-    private let control: Mutex<ControlState>
+    let control: Mutex<ControlState>
 
-    private struct ControlState: ~Copyable {
-        /// Per frontend name: the address asked for, the address bound (port 0 resolved).
-        var listening: [String: (requested: SocketAddress, bound: SocketAddress)] = [:]
+    struct ControlState: ~Copyable {
+        /// Per frontend name: the address asked for, the address bound (port 0 resolved), and
+        /// the group's sockets (owned by the workers, or by an install message on its way to
+        /// them: open while they are listed here; the takeover sends duplicates of them).
+        var listening: [String: ListenerGroup] = [:]
+        /// Sockets handed over by a previous process (`adopt`), not yet taken by a frontend.
+        var adopted: [ListenerGroup] = []
         var cursors: [String: RoundRobinCursor] = [:]
         var threads: [pthread_t] = []
         var revision: UInt64 = 0
@@ -75,21 +79,27 @@ public final class Engine: Sendable {
         return try control.withLock { state throws(EngineError) -> ApplyResult in
             guard !state.stopped else { throw EngineError.stopped }
             var result = ApplyResult()
-            var handoffs = Array(repeating: [String: CInt](), count: handles.count)
+            var handoffs = Array(repeating: [String: [CInt]](), count: handles.count)
             var served: [Frontend] = []
-            var listening: [String: (requested: SocketAddress, bound: SocketAddress)] = [:]
+            var listening: [String: ListenerGroup] = [:]
             for frontend in table.frontends {
                 // Unchanged when asked for the same address, or for the address it is bound to
                 // (a caller that asked for port 0 may pass the port it got). Rebinding would close
                 // the old sockets and reset the connections waiting in their accept queues.
-                if let current = state.listening[frontend.name],
-                   current.requested == frontend.listen || current.bound == frontend.listen {
+                if let current = state.listening[frontend.name], current.serves(frontend.listen) {
                     listening[frontend.name] = current
                 } else {
                     do throws(SystemError) {
-                        let (fds, bound) = try openListenerGroup(frontend.listen, count: handles.count)
-                        for (index, fd) in fds.enumerated() { handoffs[index][frontend.name] = fd }
-                        listening[frontend.name] = (frontend.listen, bound)
+                        var group: ListenerGroup
+                        if let adopted = takeAdopted(frontend.listen, from: &state.adopted) {
+                            group = adopted
+                        } else {
+                            group = try openListenerGroup(frontend.listen, count: handles.count)
+                        }
+                        for (index, fds) in group.distribute(over: handles.count).enumerated() where !fds.isEmpty {
+                            handoffs[index][frontend.name] = fds
+                        }
+                        listening[frontend.name] = group
                     } catch {
                         result.failures[frontend.name] = error
                         continue
@@ -113,29 +123,27 @@ public final class Engine: Sendable {
 
     /// Binds one socket per worker to `address` (the first decides the port when it is 0).
     /// Closes all of them if any fails.
-    private func openListenerGroup(_ address: SocketAddress, count: Int) throws(SystemError) -> ([CInt], SocketAddress) {
+    private func openListenerGroup(_ address: SocketAddress, count: Int) throws(SystemError) -> ListenerGroup {
         var fds: [CInt] = []
         var bound = address
         do throws(SystemError) {
             for _ in 0..<count {
-                var socket = try Sockets.listen(on: bound, reusePort: true)
-                // Accepted sockets inherit TCP_NODELAY: one system call per listener, not per client.
-                Sockets.setNoDelay(socket.raw)
-                if fds.isEmpty && address.port == 0 {
-                    do throws(SystemError) {
-                        bound = try Sockets.localAddress(socket.raw)
-                    } catch {
-                        socket.close()
-                        throw error
-                    }
-                }
-                fds.append(socket.release())
+                fds.append(try Self.openListener(bound))
+                if fds.count == 1 && address.port == 0 { bound = try Sockets.localAddress(fds[0]) }
             }
         } catch {
             for fd in fds { closeDescriptor(fd) }
             throw error
         }
-        return (fds, bound)
+        return ListenerGroup(requested: address, bound: bound, fds: fds)
+    }
+
+    /// One more SO_REUSEPORT socket of a group at `address`, as a raw fd the caller owns.
+    static func openListener(_ address: SocketAddress) throws(SystemError) -> CInt {
+        var socket = try Sockets.listen(on: address, reusePort: true)
+        // Accepted sockets inherit TCP_NODELAY: one system call per listener, not per client.
+        Sockets.setNoDelay(socket.raw)
+        return socket.release()
     }
 
     /// Stops accepting on every frontend, lets open connections finish for up to `drainTimeout`

@@ -20,8 +20,8 @@ final class Worker<IO: SocketIO> {
     var deferredSessions: [Session] = []
     private var deferredRound: [Session] = []
     var frontends: [String: FrontendRuntime] = [:]
-    /// Frontends indexed by listener token index.
-    var listenerFrontends: [FrontendRuntime?] = []
+    /// Listening sockets and their frontends, indexed by listener token slot.
+    var listenerSlots: [ListenerSlot?] = []
     var now: Int64 = MonotonicClock.milliseconds()
     var acceptPaused = false
     var acceptResumeAt: Int64 = .max
@@ -97,8 +97,8 @@ final class Worker<IO: SocketIO> {
             sessionEvent(session, backendSide: kind == WorkerToken.backend, events: events)
         case WorkerToken.listener:
             let slot = EventToken.slot(token)
-            guard slot < listenerFrontends.count, let frontend = listenerFrontends[slot] else { return }
-            acceptConnections(frontend)
+            guard slot < listenerSlots.count, let listener = listenerSlots[slot] else { return }
+            acceptConnections(listener.frontend, listener: listener.fd)
         default:
             handle.wakeup.drain()
             processMailbox()
@@ -107,7 +107,7 @@ final class Worker<IO: SocketIO> {
 
     // MARK: Accepting
 
-    func acceptConnections(_ frontend: FrontendRuntime) {
+    func acceptConnections(_ frontend: FrontendRuntime, listener: CInt) {
         for _ in 0..<configuration.acceptBurst {
             // A session of this burst may have paused accepting (out of descriptors for its
             // backend socket): the rest wait in the backlog, not accepted only to be dropped.
@@ -122,7 +122,7 @@ final class Worker<IO: SocketIO> {
             let fd: CInt
             var peer: SocketAddress?
             do {
-                switch try io.accept(frontend.listener.raw, peer: &peer) {
+                switch try io.accept(listener, peer: &peer) {
                 case .wouldBlock:
                     shared.connections.subtract(1, ordering: .relaxed)
                     return
@@ -150,8 +150,7 @@ final class Worker<IO: SocketIO> {
         acceptResumeAt = Deadline.after(configuration.acceptRetryDelay, from: now)
         handle.registry.acceptPauses.add(1, ordering: .relaxed)
         for frontend in frontends.values where frontend.listenerRegistered {
-            loop.epoll.remove(frontend.listener.raw)
-            frontend.listenerRegistered = false
+            deregisterListener(frontend)
         }
     }
 

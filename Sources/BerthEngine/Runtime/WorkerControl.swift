@@ -22,7 +22,7 @@ extension Worker {
         }
     }
 
-    func install(_ published: PublishedTable, listeners: [String: CInt]) {
+    func install(_ published: PublishedTable, listeners: [String: [CInt]]) {
         assertOnLoop()
         var next: [String: FrontendRuntime] = [:]
         var live = Set<CounterRegistry.Key>()
@@ -51,9 +51,10 @@ extension Worker {
             }
             runtime.candidates = runtime.backends.filter { $0.backend.enabled }
             for gone in existing.values { gone.removed = true }
-            if let fd = listeners[spec.name] {
+            if let fds = listeners[spec.name], let first = fds.first {
                 closeListener(runtime)
-                runtime.listener.adopt(fd)
+                runtime.listener.adopt(first)
+                runtime.extraListeners.append(contentsOf: Array(fds.dropFirst()))
                 registerListener(runtime)
             }
             next[spec.name] = runtime
@@ -64,7 +65,7 @@ extension Worker {
             closeListener(runtime)
         }
         // Sockets for frontends this table does not contain (raced with a newer table): close.
-        for (name, fd) in listeners where next[name] == nil { closeDescriptor(fd) }
+        for (name, fds) in listeners where next[name] == nil { for fd in fds { closeDescriptor(fd) } }
         frontends = next
         // Removed backends and frontends: their open connections drain, and their counters
         // (those of these sessions, connecting ones included: they count only once connected)
@@ -80,34 +81,46 @@ extension Worker {
         handle.registry.prune(keeping: live)
     }
 
+    /// Polls every socket of the frontend's listener group (one, or more after a takeover).
     func registerListener(_ frontend: FrontendRuntime) {
-        guard frontend.listener.isOpen, !stopping else { return }
-        var slot = listenerFrontends.firstIndex { $0 === frontend } ?? listenerFrontends.firstIndex { $0 == nil }
-        if slot == nil {
-            listenerFrontends.append(nil)
-            slot = listenerFrontends.count - 1
+        guard frontend.listener.isOpen, !stopping, !frontend.listenerRegistered else { return }
+        for fd in [frontend.listener.raw] + frontend.extraListeners.fds {
+            var slot = listenerSlots.firstIndex { $0?.fd == fd } ?? listenerSlots.firstIndex { $0 == nil }
+            if slot == nil {
+                listenerSlots.append(nil)
+                slot = listenerSlots.count - 1
+            }
+            listenerSlots[slot!] = ListenerSlot(frontend: frontend, fd: fd)
         }
-        listenerFrontends[slot!] = frontend
         guard !acceptPaused else { return }
         do {
-            try loop.epoll.add(frontend.listener.raw, events: Epoll.readable,
-                          token: EventToken.make(kind: WorkerToken.listener, slot: Int32(slot!), generation: 0))
-            frontend.listenerRegistered = true
+            for (slot, listener) in listenerSlots.enumerated() where listener?.frontend === frontend {
+                try loop.epoll.add(listener!.fd, events: Epoll.readable,
+                                   token: EventToken.make(kind: WorkerToken.listener, slot: Int32(slot), generation: 0))
+                frontend.listenerRegistered = true
+            }
         } catch {
             // ENOSPC (max_user_watches) or ENOMEM: counted; accepting pauses and
             // `resumeAccepting` registers the listener again after `acceptRetryDelay`.
             handle.registry.loopErrors.add(1, ordering: .relaxed)
             pauseAccepting()
+            if frontend.listenerRegistered { deregisterListener(frontend) }
         }
     }
 
-    func closeListener(_ frontend: FrontendRuntime) {
-        if frontend.listenerRegistered {
-            loop.epoll.remove(frontend.listener.raw)
-            frontend.listenerRegistered = false
+    /// Stops polling the frontend's listening sockets (they stay open).
+    func deregisterListener(_ frontend: FrontendRuntime) {
+        for listener in listenerSlots where listener?.frontend === frontend {
+            loop.epoll.remove(listener!.fd)
         }
+        frontend.listenerRegistered = false
+    }
+
+    func closeListener(_ frontend: FrontendRuntime) {
+        if frontend.listenerRegistered { deregisterListener(frontend) }
         frontend.listener.close()
-        if let slot = listenerFrontends.firstIndex(where: { $0 === frontend }) { listenerFrontends[slot] = nil }
+        frontend.extraListeners.close()
+        for (slot, listener) in listenerSlots.enumerated() where listener?.frontend === frontend { listenerSlots[slot] = nil }
     }
 
     func beginStopping(deadline: Int64) {

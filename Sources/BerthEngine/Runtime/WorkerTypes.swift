@@ -15,6 +15,10 @@ final class FrontendRuntime {
     /// The enabled ones: the round-robin rotation runs over these.
     var candidates: [BackendRuntime] = []
     var listener = Descriptor.none
+    /// Further sockets of the listener group this worker accepts on: only after a takeover that
+    /// handed over more sockets than this engine has workers (none of them may be closed while
+    /// it may hold queued connections). Registered and closed with `listener`.
+    var extraListeners = DescriptorBatch()
     var listenerRegistered = false
     var removed = false
 
@@ -43,9 +47,10 @@ final class BackendRuntime {
 
 /// What the control plane sends a worker (through `WorkerHandle.post`).
 enum WorkerCommand: Sendable {
-    /// Serve `table`; `listeners` are freshly bound sockets (raw fds, owned by the message
-    /// until the worker adopts them) for frontends that are new or moved to another address.
-    case install(PublishedTable, listeners: [String: CInt])
+    /// Serve `table`; `listeners` are freshly bound (or adopted) sockets (raw fds, owned by the
+    /// message until the worker adopts them) for frontends that are new or moved to another
+    /// address: one each, more only after a takeover from an engine with more workers.
+    case install(PublishedTable, listeners: [String: [CInt]])
     /// Stop accepting, let connections finish until `deadline` (monotonic ms), then exit.
     case stop(deadline: Int64)
 }
@@ -87,7 +92,13 @@ final class EngineShared: Sendable {
 }
 
 /// A worker's token kinds (`EventToken`; kind 0 is the wake-up): a listener's slot is its index
-/// in `listenerFrontends`, a session's its slot in `sessions`.
+/// in `listenerSlots`, a session's its slot in `sessions`.
+/// One listening socket a worker polls, and its frontend.
+struct ListenerSlot {
+    let frontend: FrontendRuntime
+    let fd: CInt
+}
+
 enum WorkerToken {
     static let listener: UInt64 = 1
     static let client: UInt64 = 2

@@ -87,6 +87,13 @@ static inline int cberth_socket(int domain, int type, int protocol) {
     return socket(domain, type | SOCK_NONBLOCK | SOCK_CLOEXEC, protocol);
 }
 
+// SCM_RIGHTS over a unix stream socket (the CMSG_* macros are not visible to Swift): one
+// sendmsg/recvmsg each. Received fds are close-on-exec (MSG_CMSG_CLOEXEC); `*truncated` is set
+// when the kernel dropped control data (MSG_CTRUNC: the fds it did pass are still returned).
+enum { CBERTH_MAX_PASSED_FDS = 64 };
+ssize_t cberth_send_fds(int socket, const void *bytes, size_t length, const int *fds, int count);
+ssize_t cberth_receive_fds(int socket, void *bytes, size_t length, int *fds, int capacity, int *received, int *truncated);
+
 /// Pins the calling thread to one CPU (used by `bench` and `--cpu`).
 int cberth_pin_to_cpu(int cpu);
 // The same for another thread (or process) by its kernel id (a tid from /proc/PID/task).
