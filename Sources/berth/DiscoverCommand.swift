@@ -62,8 +62,9 @@ struct DiscoverCommand: ParsableCommand {
                                                  prepare: { takeover.adopt(incoming, into: $0.engine) })
         takeover.complete(incoming, engine: running.router.engine, ready: { running.router.engine.statistics().revision > 0 })
         let server = try running.startStats(stats, reusePort: takeover.enabled)
-        let takeoverServer = try running.serveTakeover(takeover, taken: TakenOver())
-        proxy.waitForSignalThenDrain(running.router, beforeDrain: {
+        let taken = TakenOver()
+        let takeoverServer = try running.serveTakeover(takeover, taken: taken)
+        proxy.waitForSignalThenDrain(running.router, taken: taken, beforeDrain: {
             takeoverServer?.stop()
             running.stop()
         }, afterDrain: { server?.stop() })

@@ -85,7 +85,7 @@ struct ProxyCommand: ParsableCommand {
         }
         log("listening on \(bound) (\(name)): \(backends.count) backend(s), \(proxy.summary(configuration)), checks \(health.summary)")
         // The stats page stays up while connections drain, so the drain can be watched.
-        proxy.waitForSignalThenDrain(router, beforeDrain: { takeoverServer?.stop() }, afterDrain: { statsServer?.stop() })
+        proxy.waitForSignalThenDrain(router, taken: taken, beforeDrain: { takeoverServer?.stop() }, afterDrain: { statsServer?.stop() })
     }
 }
 

@@ -94,13 +94,26 @@ struct ProxyOptions: ParsableArguments {
     /// Blocks until SIGTERM or SIGINT, then stops accepting and drains for up to
     /// --drain-timeout; a second signal ends the drain at once. The caller blocked both
     /// signals first (`ProcessSignals.block`), so no other thread takes them.
-    func waitForSignalThenDrain(_ router: HealthRouter, beforeDrain: () -> Void = {}, afterDrain: () -> Void = {}) {
+    ///
+    /// After a takeover the first SIGTERM is the process's own (`taken` is set): the operator's
+    /// `docker stop` of the old container that follows is then the first signal from outside,
+    /// and the drain goes on; only a further one ends it at once.
+    func waitForSignalThenDrain(_ router: HealthRouter, taken: TakenOver? = nil, beforeDrain: () -> Void = {}, afterDrain: () -> Void = {}) {
         let signal = ProcessSignals.wait(for: [SIGTERM, SIGINT])
+        let takenOver = taken?.isSet == true
         log("signal \(signal): stopping; draining \(router.engine.openConnections) connection(s) for up to \(drainTimeout)")
         _ = OSThread(name: "berth-signals") {
-            _ = ProcessSignals.wait(for: [SIGTERM, SIGINT])
-            log("second signal: exiting without waiting")
-            _exit(1)
+            var tolerated = takenOver ? 1 : 0
+            while true {
+                let next = ProcessSignals.wait(for: [SIGTERM, SIGINT])
+                if tolerated > 0 {
+                    tolerated -= 1
+                    log("signal \(next): already draining after the takeover; a further signal ends the drain at once")
+                    continue
+                }
+                log("second signal: exiting without waiting")
+                _exit(1)
+            }
         }
         beforeDrain()
         router.shutdown(drainTimeout: drainTimeout.milliseconds)

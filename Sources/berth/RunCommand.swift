@@ -76,7 +76,7 @@ struct RunCommand: ParsableCommand {
         log("registering this host's \(registration.usesDocker ? "containers" : "static services") under \(etcd.prefix), TTL \(registration.ttl)")
         let taken = TakenOver()
         let takeoverServer = try running.serveTakeover(takeover, taken: taken, leaseID: { registrar.status.leaseID })
-        proxy.waitForSignalThenDrain(running.router, beforeDrain: {
+        proxy.waitForSignalThenDrain(running.router, taken: taken, beforeDrain: {
             takeoverServer?.stop()
             registering.stop(within: 4, revokingLease: !taken.isSet)
             running.stop()

@@ -31,7 +31,7 @@ final class ImageTests: XCTestCase {
     }
 
     /// The repository's root (this file is Tests/BerthRegistrarTests/ImageTests.swift).
-    private var repository: String {
+    var repository: String {
         var root = URL(fileURLWithPath: #filePath)
         for _ in 0..<3 { root.deleteLastPathComponent() }
         return root.path

@@ -17,20 +17,8 @@ public enum HTTPProbe {
     /// Sends `request` as it is on a new connection and returns everything the peer sent until it
     /// closed (at most 16 MiB). The same bounds as `get`.
     public static func exchange(port: Int, host: String = "127.0.0.1", request: [UInt8], timeout: Double = 5) throws -> String {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { throw FixtureFailure("socket: errno \(errno)") }
+        let fd = try connect(port: port, host: host, timeout: timeout)
         defer { close(fd) }
-        var limit = timeval(tv_sec: Int(timeout), tv_usec: Int((timeout - Double(Int(timeout))) * 1e6))
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
-        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_port = UInt16(port).bigEndian
-        inet_pton(AF_INET, host, &address.sin_addr)
-        let connected = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        }
-        guard connected == 0 else { throw FixtureFailure("connect to \(host):\(port): errno \(errno)") }
         guard send(fd, request, request.count, Int32(MSG_NOSIGNAL)) == request.count else {
             throw FixtureFailure("send to \(host):\(port): errno \(errno)")
         }
@@ -49,6 +37,29 @@ public enum HTTPProbe {
         return String(decoding: response, as: UTF8.self)
     }
 
+    /// A blocking IPv4 connection to host:`port` whose sends and receives time out after
+    /// `timeout` seconds; the caller closes it.
+    public static func connect(port: Int, host: String = "127.0.0.1", timeout: Double = 5) throws -> CInt {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw FixtureFailure("socket: errno \(errno)") }
+        var limit = timeval(tv_sec: Int(timeout), tv_usec: Int((timeout - Double(Int(timeout))) * 1e6))
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = UInt16(port).bigEndian
+        inet_pton(AF_INET, host, &address.sin_addr)
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard connected == 0 else {
+            let code = errno
+            close(fd)
+            throw FixtureFailure("connect to \(host):\(port): errno \(code)")
+        }
+        return fd
+    }
+
     /// Whether something accepts connections on 127.0.0.1:`port`.
     public static func isListening(port: Int, host: String = "127.0.0.1") -> Bool {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
@@ -59,7 +70,7 @@ public enum HTTPProbe {
         address.sin_port = UInt16(port).bigEndian
         inet_pton(AF_INET, host, &address.sin_addr)
         return withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
         } == 0
     }
 }

@@ -178,6 +178,11 @@ public final class NetworkTestBed: @unchecked Sendable {
     }
 
     func withNamespace<T>(_ namespace: String, _ body: () throws -> T) throws -> T {
+        try Self.withNetworkNamespace(namespace, body)
+    }
+
+    /// `withNetwork` for any namespace of `/run/netns` (one a test made with `ip netns add`).
+    public static func withNetworkNamespace<T>(_ namespace: String, _ body: () throws -> T) throws -> T {
         let original = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC)
         guard original >= 0 else { throw FixtureFailure("open /proc/thread-self/ns/net: \(String(cString: strerror(errno)))") }
         defer { close(original) }
