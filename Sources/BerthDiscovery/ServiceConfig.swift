@@ -11,7 +11,8 @@ import BerthHealth
 /// {"listen":8000,
 ///  "check":{"kind":"http","path":"/health","interval":"2s","timeout":"1s","rise":2,"fall":3,
 ///           "status":"200-399","host":"example.org","sni":"example.org"},
-///  "connect_timeout":"5s","client_timeout":"1m","server_timeout":"1m","retries":3,"linger":"30s"}
+///  "connect_timeout":"5s","client_timeout":"1m","server_timeout":"1m","retries":3,"linger":"30s",
+///  "log_connections":true}
 /// ```
 /// Durations as HAProxy writes them (`500ms`, `2s`, `1m`; a bare number is ms) or JSON numbers
 /// of milliseconds.
@@ -25,6 +26,8 @@ public struct ServiceConfig: Sendable, Equatable {
     public var retries: Int?
     /// How long the frontend of a service with no instances stays open (ms).
     public var linger: Int64?
+    /// One log line per closed connection (`--log-connections` for this service only).
+    public var logConnections: Bool?
 
     public init(listen: UInt16? = nil, check: CheckOverrides? = nil, connectTimeout: Int64? = nil,
                 clientTimeout: Int64? = nil, serverTimeout: Int64? = nil, retries: Int? = nil, linger: Int64? = nil) {
@@ -50,6 +53,7 @@ public struct ServiceConfig: Sendable, Equatable {
         config.serverTimeout = try object.duration("server_timeout")
         config.retries = try object.integer("retries", in: 0...100).map { Int($0) }
         config.linger = try object.duration("linger")
+        config.logConnections = try object.bool("log_connections")
         if let check = object["check"] {
             config.check = try CheckOverrides.parse(JSONObject(check, what: "'check'"))
         }
@@ -63,6 +67,7 @@ public struct ServiceConfig: Sendable, Equatable {
         if let clientTimeout { settings.clientTimeout = clientTimeout }
         if let serverTimeout { settings.serverTimeout = serverTimeout }
         if let retries { settings.retries = retries }
+        if let logConnections { settings.logConnections = logConnections }
         return settings
     }
 }

@@ -56,6 +56,9 @@ enum HTMLRenderer {
             ("admin API", process.adminEnabled ? "enabled" : "off (start with --stats-auth)"),
             ("refresh", refresh.map { "every \($0) s" } ?? "off (add ?refresh=5)"),
         ]
+        if let written = process.connectionLogWritten {
+            rows.append(("connection log", "\(grouped(written)) written, \(grouped(process.connectionLogDropped ?? 0)) dropped"))
+        }
         if let discovery = snapshot.discovery {
             rows += [
                 ("etcd endpoint", discovery.endpoint),

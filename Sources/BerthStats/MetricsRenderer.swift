@@ -37,6 +37,12 @@ enum MetricsRenderer {
         families.append(single("berth_workers", "gauge", "Data-plane worker threads.", Double(process.workers)))
         families.append(single("berth_open_connections", "gauge", "Client connections open now, all services.", Double(process.openConnections)))
         families.append(single("berth_table_revision", "gauge", "Revision of the routing table served.", Double(process.tableRevision)))
+        if let written = process.connectionLogWritten {
+            families.append(single("berth_connection_log_records_total", "counter", "Connection log records written.", Double(written)))
+            families.append(single("berth_connection_log_dropped_total", "counter",
+                                   "Connection log records dropped: a worker's ring was full while the writer fell behind.",
+                                   Double(process.connectionLogDropped ?? 0)))
+        }
         families += trafficFamilies(prefix: "berth_frontend", what: "clients of the service",
                                     rows: snapshot.services.map { ([("service", $0.name)], $0.frontend) })
         var backendRows: [([(String, String)], TrafficStats)] = []

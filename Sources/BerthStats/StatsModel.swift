@@ -29,6 +29,10 @@ public struct ProcessView: Sendable, Codable, Equatable {
     public var tableRevision: UInt64
     /// Admin API enabled (`--stats-auth` given).
     public var adminEnabled: Bool
+    /// The connection log's records written and dropped (a worker's ring was full while the
+    /// writer fell behind); nil without a connection log.
+    public var connectionLogWritten: UInt64?
+    public var connectionLogDropped: UInt64?
 }
 
 /// Discovery's state, as discovery reports it through `StatsProvider.discovery`.

@@ -128,10 +128,12 @@ final class StatsCollector {
                 status: backends.contains { $0.status.takesTraffic } ? "UP" : "DOWN",
                 allDownEvents: allDown[frontend.name] ?? 0))
         }
-        let process = ProcessView(
+        var process = ProcessView(
             version: version, pid: getpid(), uptimeSeconds: Double(now - started) / 1000,
             workers: provider.workers, openConnections: provider.openConnections(),
             tableRevision: statistics.revision, adminEnabled: adminEnabled)
+        process.connectionLogWritten = statistics.connectionLogWritten
+        process.connectionLogDropped = statistics.connectionLogDropped
         return StatsSnapshot(process: process, discovery: provider.discovery?(),
                              registrar: provider.registrar?(), services: services)
     }

@@ -29,7 +29,8 @@ struct DiscoverCommand: ParsableCommand {
     static let environment = EnvironmentFlags(
         command: "discover",
         flags: EtcdOptions.environment + DiscoveryOptions.environment + ProxyOptions.environment + HealthOptions.environment
-            + StatsOptions.environment + LoggingOptions.environment + TakeoverOptions.environment)
+            + StatsOptions.environment + LoggingOptions.environment + TakeoverOptions.environment,
+        switches: ProxyOptions.switches)
 
     @OptionGroup(title: "etcd")
     var etcd: EtcdOptions
@@ -132,7 +133,7 @@ struct DiscoveryRuntime {
             etcdAnswered = false
             log("warning: \(error); \(discovery.stateFile == nil ? "serving nothing" : "trying the state file") until etcd answers")
         }
-        let configuration = proxy.engineConfiguration(observeErrors: health.observeErrors)
+        let configuration = proxy.engineConfiguration(observeErrors: health.observeErrors, logAvailable: true)
         let router = try HealthRouter.make(configuration: configuration, policy: health.policy, alwaysCheck: true)
         prepare(router)
         let stateFile = discovery.stateFile.map { StateFileSession.start(path: $0, router: router, restore: !etcdAnswered) }

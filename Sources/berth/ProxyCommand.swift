@@ -23,7 +23,7 @@ struct ProxyCommand: ParsableCommand {
     static let environment = EnvironmentFlags(command: "proxy", flags: [
         ("--listen", "BERTH_LISTEN"), ("--backend", "BERTH_BACKENDS"), ("--name", "BERTH_NAME"),
     ] + ProxyOptions.environment + HealthOptions.environment + StatsOptions.environment + LoggingOptions.environment
-        + TakeoverOptions.environment)
+        + TakeoverOptions.environment, switches: ProxyOptions.switches)
 
     @Option(help: EnvironmentFlags.help("Address to listen on, HOST:PORT ([::1]:8000 for IPv6, *:8000 for all).", "BERTH_LISTEN"), transform: AddressArgument.parse)
     var listen: AddressArgument?

@@ -12,8 +12,9 @@ struct ProxyOptions: ParsableArguments {
         ("--server-timeout", "BERTH_SERVER_TIMEOUT"), ("--drain-timeout", "BERTH_DRAIN_TIMEOUT"),
         ("--maxconn", "BERTH_MAXCONN"), ("--relay", "BERTH_RELAY"), ("--pipe-size", "BERTH_PIPE_SIZE"),
         ("--cpus", "BERTH_CPUS"), ("--retry-on", "BERTH_RETRY_ON"),
-        ("--first-byte-timeout", "BERTH_FIRST_BYTE_TIMEOUT"),
+        ("--first-byte-timeout", "BERTH_FIRST_BYTE_TIMEOUT"), ("--log-format", "BERTH_LOG_FORMAT"),
     ]
+    static let switches: [(flag: String, variable: String)] = [("--log-connections", "BERTH_LOG_CONNECTIONS")]
 
     @Option(help: EnvironmentFlags.help("Worker threads, each with its own event loop (default: the CPUs this process may run on: its affinity mask, capped by its cgroup CPU quota).", "BERTH_WORKERS"))
     var workers: Int?
@@ -51,7 +52,23 @@ struct ProxyOptions: ParsableArguments {
     @Option(help: EnvironmentFlags.help("With --retry-on response-timeout: how long a backend may stay silent after the client's first byte before the connection moves on.", "BERTH_FIRST_BYTE_TIMEOUT"), transform: DurationArgument.parse)
     var firstByteTimeout = DurationArgument(milliseconds: 2_000)
 
+    @Flag(help: EnvironmentFlags.help("Log one line per closed connection to stderr, with HAProxy's tcplog fields (client, accept date, frontend, backend/server, Tw/Tc/Tt, bytes, termination state, retries). Per service: \"log_connections\" in its _config.", "BERTH_LOG_CONNECTIONS"))
+    var logConnections = false
+
+    @Option(help: EnvironmentFlags.help("Connection log lines: plain (HAProxy's tcplog) or json (one object per line).", "BERTH_LOG_FORMAT"))
+    var logFormat: ConnectionLogFormat = .plain
+
+    /// Records each worker holds for the log writer before dropping (tests make it tiny).
+    @Option(help: .hidden)
+    var logRing = 4_096
+
+    /// How often the log writer drains (ms).
+    @Option(help: .hidden)
+    var logFlushInterval: Int = 50
+
     func validate() throws {
+        if logRing < 2 || logRing > 1 << 20 { throw invalid("--log-ring", "\(logRing)", "a number from 2 to 1048576") }
+        if logFlushInterval < 1 || logFlushInterval > 60_000 { throw invalid("--log-flush-interval", "\(logFlushInterval)", "milliseconds from 1 to 60000") }
         if let workers, workers < 1 || workers > 256 { throw invalid("--workers", "\(workers)", "a number from 1 to 256") }
         if retries < 0 || retries > 100 { throw invalid("--retries", "\(retries)", "a number from 0 to 100") }
         if let maxconn, maxconn < 1 { throw invalid("--maxconn", "\(maxconn)", "a positive number") }
@@ -67,8 +84,16 @@ struct ProxyOptions: ParsableArguments {
         return values.map { $0! }
     }
 
-    func engineConfiguration(observeErrors: Int) -> EngineConfiguration {
+    /// `logAvailable`: the commands whose services may turn the log on in their `_config`
+    /// (discovery) get a connection log even without `--log-connections`.
+    func engineConfiguration(observeErrors: Int, logAvailable: Bool = false) -> EngineConfiguration {
         var configuration = EngineConfiguration()
+        if logConnections || logAvailable {
+            var log = ConnectionLogSettings(format: logFormat)
+            log.ringCapacity = logRing
+            log.flushInterval = Int64(logFlushInterval)
+            configuration.connectionLog = log
+        }
         configuration.workers = workers ?? availableCPUCount()
         configuration.relay = relay
         configuration.drainTimeout = drainTimeout.milliseconds
@@ -80,11 +105,13 @@ struct ProxyOptions: ParsableArguments {
     }
 
     var frontendSettings: FrontendSettings {
-        FrontendSettings(
+        var settings = FrontendSettings(
             retries: retries, connectTimeout: connectTimeout.milliseconds,
             clientTimeout: clientTimeout.milliseconds, serverTimeout: serverTimeout.milliseconds,
             retryOnEmptyResponse: retryOn.emptyResponse, retryOnResponseTimeout: retryOn.responseTimeout,
             firstByteTimeout: firstByteTimeout.milliseconds)
+        settings.logConnections = logConnections
+        return settings
     }
 
     func summary(_ configuration: EngineConfiguration) -> String {

@@ -28,7 +28,7 @@ struct RunCommand: ParsableCommand {
         flags: EtcdOptions.environment + RegistrationOptions.environment + DiscoveryOptions.environment
             + ProxyOptions.environment + HealthOptions.environment + StatsOptions.environment + LoggingOptions.environment
             + TakeoverOptions.environment,
-        switches: RegistrationOptions.switches)
+        switches: RegistrationOptions.switches + ProxyOptions.switches)
 
     @OptionGroup(title: "etcd")
     var etcd: EtcdOptions

@@ -187,6 +187,13 @@ final class SchemaTests: XCTestCase {
         let tls = try ServiceConfig.parse(bytes(#"{"check":{"kind":"tls","sni":"db"}}"#))
         XCTAssertEqual(tls.check?.settings(over: CheckSettings()).kind, .tls(TLSCheck(serverName: "db")))
         XCTAssertEqual(try ServiceConfig.parse(bytes("{}")), ServiceConfig())
+        let logged = try ServiceConfig.parse(bytes(#"{"log_connections":true}"#))
+        XCTAssertEqual(logged.logConnections, true)
+        XCTAssertTrue(logged.frontendSettings(over: FrontendSettings()).logConnections)
+        var loggingDefaults = FrontendSettings()
+        loggingDefaults.logConnections = true
+        XCTAssertFalse(try ServiceConfig.parse(bytes(#"{"log_connections":false}"#)).frontendSettings(over: loggingDefaults).logConnections,
+                       "a service turns the command line's log off for itself")
         let bad: [(String, ValueError.Reason)] = [
             (#"{"listen":0}"#, .badPort), (#"{"listen":"8000"}"#, .wrongType), (#"{"retries":-1}"#, .outOfRange),
             (#"{"connect_timeout":"5 parsecs"}"#, .badDuration), (#"{"linger":true}"#, .badDuration),
@@ -196,6 +203,7 @@ final class SchemaTests: XCTestCase {
             (#"{"check":{"kind":"icmp"}}"#, .badCheck), (#"{"check":{"kind":"tcp","path":"/x"}}"#, .badCheck),
             (#"{"check":{"path":"health"}}"#, .badCheck), (#"{"check":{"status":"600"}}"#, .badCheck),
             (#"{"check":{"interval":"1ms"}}"#, .badCheck), (#"{"check":{"rise":0}}"#, .outOfRange),
+            (#"{"log_connections":"yes"}"#, .wrongType),
             ("[]", .notObject), ("8000", .notObject), ("", .empty), ("{", .notJSON),
         ]
         for (text, reason) in bad {

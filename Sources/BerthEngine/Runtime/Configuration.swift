@@ -45,6 +45,8 @@ public struct EngineConfiguration: Sendable {
     public var observeErrors = 0
     /// Called on a worker thread, so it must be quick and must not block (queue and wake).
     public var backendFailed: (@Sendable (_ frontend: String, _ backend: String) -> Void)?
+    /// The connection log (nil: none; frontends' `logConnections` then logs nothing).
+    public var connectionLog: ConnectionLogSettings?
 
     public init() {}
 }

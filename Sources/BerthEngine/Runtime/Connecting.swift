@@ -15,6 +15,7 @@ extension Worker {
             let backends = frontend.candidates
             guard !backends.isEmpty, session.attempt <= frontend.settings.retries, !frontend.removed else {
                 frontend.counters.add(frontend.counters.failedSessions, 1)
+                session.termination = session.lastConnectTimedOut ? Termination.connectTimedOut : Termination.connectFailed
                 closeSession(session)
                 return
             }
@@ -44,11 +45,13 @@ extension Worker {
                     // Out of fds, buffers or ports here: not the backend's fault, and the next
                     // backend would fail the same way. Close the client and stop accepting a while.
                     frontend.counters.add(frontend.counters.failedSessions, 1)
+                    session.termination = Termination.resource
                     closeSession(session)
                     pauseAccepting()
                     return
                 }
                 // Refused, unreachable: count it on this backend and try the next.
+                session.lastConnectTimedOut = false
                 observeFailure(frontend: frontend, server: server)
                 server.counters.add(server.counters.connectErrors, 1)
                 session.attempt += 1
@@ -81,6 +84,7 @@ extension Worker {
     func connectFailed(_ session: Session, error: CInt) {
         session.backend.close()  // no EPOLL_CTL_DEL needed: see `closeSession`
         session.connectDeadline = .max
+        session.lastConnectTimedOut = error == ETIMEDOUT
         if error == ETIMEDOUT, let server = session.server { session.silentHost = server.backend.address.withPort(0) }
         if let server = session.server, let frontend = session.frontend {
             observeFailure(frontend: frontend, server: server)
@@ -106,6 +110,7 @@ extension Worker {
         session.clientSide.lastActivity = now
         session.server?.counters.sessionStarted(at: now)
         session.server?.consecutiveFailures = 0
+        if session.logs { session.connectedAt = now }
         let mode = configuration.relay
         // While the session may still be replayed elsewhere, the client's bytes go through user
         // space (the copy path) so that they can be kept.

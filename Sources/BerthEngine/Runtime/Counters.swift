@@ -100,6 +100,10 @@ public struct EngineStatistics: Sendable {
     /// ENOMEM: accepting pauses and is tried again).
     public var loopErrors: UInt64 = 0
     public var revision: UInt64 = 0
+    /// The connection log's records written and dropped (a worker's ring was full); nil
+    /// without a connection log.
+    public var connectionLogWritten: UInt64?
+    public var connectionLogDropped: UInt64?
 }
 
 /// The counters a worker has registered, for readers on other threads.

@@ -11,7 +11,9 @@ import Synchronization
 public final class Engine: Sendable {
     public let configuration: EngineConfiguration
     let handles: [WorkerHandle]
-    private let shared = EngineShared()
+    private let shared: EngineShared
+    /// With `configuration.connectionLog`: the rings and the writer.
+    public var connectionLog: ConnectionLog? { shared.connectionLog }
     let control: Mutex<ControlState>
 
     struct ControlState: ~Copyable {
@@ -35,6 +37,7 @@ public final class Engine: Sendable {
         var handles: [WorkerHandle] = []
         for index in 0..<configuration.workers { handles.append(try WorkerHandle(index: index)) }
         self.handles = handles
+        shared = EngineShared(connectionLog: configuration.connectionLog.map { ConnectionLog(settings: $0, workers: configuration.workers) })
         control = Mutex(ControlState())
         let shared = self.shared
         var threads: [pthread_t] = []
@@ -109,6 +112,7 @@ public final class Engine: Sendable {
                 if state.cursors[frontend.name] == nil { state.cursors[frontend.name] = RoundRobinCursor() }
                 served.append(frontend)
             }
+            if served.contains(where: \.settings.logConnections) { shared.connectionLog?.start() }
             state.listening = listening
             state.cursors = state.cursors.filter { listening[$0.key] != nil }
             state.revision = table.revision
@@ -159,6 +163,7 @@ public final class Engine: Sendable {
         let deadline = Deadline.after(drainTimeout ?? configuration.drainTimeout, from: MonotonicClock.milliseconds())
         for handle in handles { handle.post(.stop(deadline: deadline)) }
         for thread in threads { pthread_join(thread, nil) }
+        if !threads.isEmpty { shared.connectionLog?.stop() }
     }
 
     /// An engine dropped without `shutdown` stops at once (its threads must not outlive it).
@@ -178,6 +183,10 @@ public final class Engine: Sendable {
     public func statistics() -> EngineStatistics {
         var statistics = EngineStatistics()
         statistics.revision = control.withLock { $0.revision }
+        if let log = shared.connectionLog {
+            statistics.connectionLogWritten = log.writtenRecords
+            statistics.connectionLogDropped = log.droppedRecords
+        }
         for handle in handles {
             statistics.sessionsPerWorker.append(handle.registry.sessions.load(ordering: .relaxed))
             statistics.pipesInUse.append(handle.registry.pipesInUse.load(ordering: .relaxed))

@@ -62,6 +62,11 @@ extension Worker {
         }
         if up == .sourceFailed || up == .destinationFailed || down == .sourceFailed || down == .destinationFailed
             || (session.request.finished && session.response.finished) {
+            if up == .sourceFailed || down == .destinationFailed {
+                session.termination = Termination.clientAborted
+            } else if up == .destinationFailed || down == .sourceFailed {
+                session.termination = Termination.serverAborted
+            }
             closeSession(session)
             return
         }
@@ -245,6 +250,9 @@ extension Worker {
     @inline(__always)
     private func count(_ bytes: Int, isRequest: Bool, session: Session) {
         let amount = UInt64(bytes)
+        if session.logs {
+            if isRequest { session.bytesFromClient &+= amount } else { session.bytesToClient &+= amount }
+        }
         if let server = session.server?.counters {
             server.countBytes(amount, fromClient: isRequest)
         }

@@ -60,6 +60,20 @@ final class Session {
     /// The backend sent its first byte.
     var responseStarted = false
 
+    // The connection log (frontends with `logConnections`); `logs` is false otherwise, and
+    // nothing below is read or written.
+    var logs = false
+    /// Wall clock at accept (ms since the epoch); loop time at accept and at connect.
+    var acceptedWall: Int64 = 0
+    var startedAt: Int64 = 0
+    var connectedAt: Int64 = -1
+    var bytesToClient: UInt64 = 0
+    var bytesFromClient: UInt64 = 0
+    /// The last connect failed by timing out (its final failure is `sC`, not `SC`).
+    var lastConnectTimedOut = false
+    /// How the session ended, HAProxy's two letters; set where it ends ("--": normally).
+    var termination = Termination.normal
+
     init(slot: Int32) {
         self.slot = slot
     }
@@ -87,6 +101,12 @@ final class Session {
         replayCount = 0
         replayArmed = false
         responseStarted = false
+        logs = false
+        connectedAt = -1
+        bytesToClient = 0
+        bytesFromClient = 0
+        lastConnectTimedOut = false
+        termination = Termination.normal
     }
 
     /// Frees the replay buffer; the session can no longer be moved to another backend.
@@ -112,6 +132,25 @@ final class Session {
                        firstByteDeadline, drainDeadline)
         }
     }
+}
+
+/// HAProxy's termination states (the first letter: who ended it; the second: in which phase).
+enum Termination {
+    static let normal: (UInt8, UInt8) = (UInt8(ascii: "-"), UInt8(ascii: "-"))
+    /// The client aborted (reset) while data moved.
+    static let clientAborted: (UInt8, UInt8) = (UInt8(ascii: "C"), UInt8(ascii: "D"))
+    /// The server aborted (reset) while data moved.
+    static let serverAborted: (UInt8, UInt8) = (UInt8(ascii: "S"), UInt8(ascii: "D"))
+    /// Every connect failed (refused, unreachable) or there was no backend.
+    static let connectFailed: (UInt8, UInt8) = (UInt8(ascii: "S"), UInt8(ascii: "C"))
+    /// The last connect timed out.
+    static let connectTimedOut: (UInt8, UInt8) = (UInt8(ascii: "s"), UInt8(ascii: "C"))
+    static let clientTimedOut: (UInt8, UInt8) = (UInt8(ascii: "c"), UInt8(ascii: "D"))
+    static let serverTimedOut: (UInt8, UInt8) = (UInt8(ascii: "s"), UInt8(ascii: "D"))
+    /// Ended by Berth: the drain deadline of a stop or a removed frontend/backend.
+    static let killed: (UInt8, UInt8) = (UInt8(ascii: "K"), UInt8(ascii: "D"))
+    /// A local resource ran out (descriptors, buffers, ports) while connecting.
+    static let resource: (UInt8, UInt8) = (UInt8(ascii: "R"), UInt8(ascii: "C"))
 }
 
 /// Readiness of one socket as the edge-triggered epoll last reported it, cleared when a call

@@ -82,7 +82,10 @@ final class Worker<IO: SocketIO> {
         fireTimers()
         if acceptPaused && now >= acceptResumeAt { resumeAccepting() }
         if stopping && now >= stopDeadline {
-            for session in sessions.live { closeSession(session) }
+            for session in sessions.live {
+                session.termination = Termination.killed
+                closeSession(session)
+            }
         }
     }
 
@@ -172,6 +175,11 @@ final class Worker<IO: SocketIO> {
         session.rotation = frontend.cursor.next()
         session.clientSide.lastActivity = now
         session.replayArmed = frontend.settings.keepsReplay
+        if frontend.settings.logConnections, shared.connectionLog != nil {
+            session.logs = true
+            session.startedAt = now
+            session.acceptedWall = ConnectionLog.wallMilliseconds()
+        }
         if frontend.settings.panic { frontend.counters.add(frontend.counters.panicSessions, 1) }
         if stopping || frontend.removed { session.drainDeadline = stopDeadline }
         activeSessions += 1
@@ -189,6 +197,7 @@ final class Worker<IO: SocketIO> {
     /// per second). Listeners, eventfds and the checker's sockets are still deregistered first.
     func closeSession(_ session: Session) {
         assertOnLoop()
+        if session.logs { logClosed(session) }
         session.client.close()
         session.backend.close()
         releaseFlow(&session.request)
@@ -202,6 +211,29 @@ final class Worker<IO: SocketIO> {
         handle.registry.sessions.store(activeSessions, ordering: .relaxed)
         shared.connections.subtract(1, ordering: .relaxed)
         if acceptPaused { resumeAccepting() }
+    }
+
+    /// Hands the closing session's record to this worker's ring (the writer thread formats it).
+    func logClosed(_ session: Session) {
+        guard let ring = shared.connectionLog?.rings[handle.index], let frontend = session.frontend else { return }
+        var record = ConnectionRecord()
+        record.client = session.peer
+        record.acceptedAt = session.acceptedWall
+        record.frontend = frontend.name
+        record.backend = session.server?.backend.name
+        record.connectTime = session.connectedAt < 0 ? -1 : session.connectedAt - session.startedAt
+        record.totalTime = now - session.startedAt
+        record.bytesToClient = session.bytesToClient
+        record.bytesFromClient = session.bytesFromClient
+        var termination = session.termination
+        if session.state == .connecting && termination == Termination.normal {
+            termination = session.lastConnectTimedOut ? Termination.connectTimedOut : Termination.connectFailed
+        }
+        record.termination = termination
+        // `attempt` counts the connects that failed; a session that never connected made one more.
+        record.retries = session.state == .connecting ? max(0, session.attempt - 1) : session.attempt
+        record.activeConnections = shared.connections.load(ordering: .relaxed)
+        ring.push(record)
     }
 
     func releaseFlow(_ flow: inout Flow) {
@@ -251,10 +283,12 @@ final class Worker<IO: SocketIO> {
             return
         }
         if let frontend = session.frontend { frontend.counters.add(frontend.counters.timeouts, 1) }
+        session.termination = session.drainDeadline <= now ? Termination.killed : Termination.clientTimedOut
         // The backend's silence (--server-timeout) is counted on that backend too.
         if session.state == .relaying, let server = session.server, let settings = session.frontend?.settings,
            Deadline.idle(settings.serverTimeout, since: session.backendSide.lastActivity) <= now {
             server.counters.add(server.counters.timeouts, 1)
+            if session.drainDeadline > now { session.termination = Termination.serverTimedOut }
         }
         closeSession(session)
     }

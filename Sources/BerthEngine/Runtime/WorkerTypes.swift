@@ -89,6 +89,11 @@ final class WorkerHandle: Sendable {
 final class EngineShared: Sendable {
     /// Client connections open across all workers (for `maxConnections`).
     let connections = Atomic<Int>(0)
+    let connectionLog: ConnectionLog?
+
+    init(connectionLog: ConnectionLog? = nil) {
+        self.connectionLog = connectionLog
+    }
 }
 
 /// A worker's token kinds (`EventToken`; kind 0 is the wake-up): a listener's slot is its index
