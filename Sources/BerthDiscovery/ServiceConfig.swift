@@ -12,7 +12,7 @@ import BerthHealth
 ///  "check":{"kind":"http","path":"/health","interval":"2s","timeout":"1s","rise":2,"fall":3,
 ///           "status":"200-399","host":"example.org","sni":"example.org"},
 ///  "connect_timeout":"5s","client_timeout":"1m","server_timeout":"1m","retries":3,"linger":"30s",
-///  "log_connections":true}
+///  "log_connections":true,"send_proxy":"v2"}
 /// ```
 /// Durations as HAProxy writes them (`500ms`, `2s`, `1m`; a bare number is ms) or JSON numbers
 /// of milliseconds.
@@ -28,6 +28,9 @@ public struct ServiceConfig: Sendable, Equatable {
     public var linger: Int64?
     /// One log line per closed connection (`--log-connections` for this service only).
     public var logConnections: Bool?
+    /// `"send_proxy"`: `"v1"`, `"v2"` (the PROXY protocol header to its backends) or `"none"`
+    /// (`.some(nil)`: off for this service whatever the command line says).
+    public var sendProxy: ProxyProtocolVersion??
 
     public init(listen: UInt16? = nil, check: CheckOverrides? = nil, connectTimeout: Int64? = nil,
                 clientTimeout: Int64? = nil, serverTimeout: Int64? = nil, retries: Int? = nil, linger: Int64? = nil) {
@@ -54,6 +57,12 @@ public struct ServiceConfig: Sendable, Equatable {
         config.retries = try object.integer("retries", in: 0...100).map { Int($0) }
         config.linger = try object.duration("linger")
         config.logConnections = try object.bool("log_connections")
+        if let text = try object.string("send_proxy") {
+            guard text == "none" || ProxyProtocolVersion(rawValue: text) != nil else {
+                throw ValueError(.wrongType, "'send_proxy' '\(text.prefix(20))' is not v1, v2 or none")
+            }
+            config.sendProxy = .some(ProxyProtocolVersion(rawValue: text))
+        }
         if let check = object["check"] {
             config.check = try CheckOverrides.parse(JSONObject(check, what: "'check'"))
         }
@@ -68,6 +77,7 @@ public struct ServiceConfig: Sendable, Equatable {
         if let serverTimeout { settings.serverTimeout = serverTimeout }
         if let retries { settings.retries = retries }
         if let logConnections { settings.logConnections = logConnections }
+        if let sendProxy { settings.sendProxy = sendProxy }
         return settings
     }
 }

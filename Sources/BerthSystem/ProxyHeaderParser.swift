@@ -110,3 +110,45 @@ public enum ProxyHeaderParser {
         return SocketAddress(raw)
     }
 }
+
+/// Writes a PROXY protocol header (HAProxy's doc/proxy-protocol.txt), what a proxy with
+/// `send-proxy` sends a backend before the client's first byte. Pure.
+public enum ProxyHeaderEncoder {
+    /// The longest header written: a v1 line for two IPv6 addresses (107 bytes) or a v2 IPv6
+    /// block (52).
+    public static let maximumLength = 108
+
+    /// The header naming `source` (the client) and `destination` (the address it connected to);
+    /// with either unknown, or of different families: v1 `UNKNOWN`, v2 `LOCAL`.
+    public static func encode(v2: Bool, source: SocketAddress?, destination: SocketAddress?) -> [UInt8] {
+        let known = source.flatMap { source in destination.map { (source, $0) } }.flatMap { pair in
+            pair.0.family == pair.1.family ? pair : nil
+        }
+        if !v2 {
+            guard let (source, destination) = known else { return Array("PROXY UNKNOWN\r\n".utf8) }
+            let family = source.family == AF_INET6 ? "TCP6" : "TCP4"
+            return Array("PROXY \(family) \(source.host) \(destination.host) \(source.port) \(destination.port)\r\n".utf8)
+        }
+        var bytes = ProxyHeaderParser.v2Signature
+        guard let (source, destination) = known else { return bytes + [0x20, 0x00, 0x00, 0x00] }
+        let six = source.family == AF_INET6
+        bytes += [0x21, six ? 0x21 : 0x11, 0x00, six ? 36 : 12]
+        bytes += addressBytes(source) + addressBytes(destination)
+        bytes += [UInt8(source.port >> 8), UInt8(source.port & 0xFF), UInt8(destination.port >> 8), UInt8(destination.port & 0xFF)]
+        return bytes
+    }
+
+    /// The address's bytes in network order (4 or 16).
+    static func addressBytes(_ address: SocketAddress) -> [UInt8] {
+        address.withSockAddr { pointer, _ in
+            if address.family == AF_INET6 {
+                return pointer.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { six in
+                    withUnsafeBytes(of: six.pointee.sin6_addr) { Array($0) }
+                }
+            }
+            return pointer.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { four in
+                withUnsafeBytes(of: four.pointee.sin_addr) { Array($0) }
+            }
+        }
+    }
+}

@@ -13,6 +13,7 @@ struct ProxyOptions: ParsableArguments {
         ("--maxconn", "BERTH_MAXCONN"), ("--relay", "BERTH_RELAY"), ("--pipe-size", "BERTH_PIPE_SIZE"),
         ("--cpus", "BERTH_CPUS"), ("--retry-on", "BERTH_RETRY_ON"),
         ("--first-byte-timeout", "BERTH_FIRST_BYTE_TIMEOUT"), ("--log-format", "BERTH_LOG_FORMAT"),
+        ("--send-proxy", "BERTH_SEND_PROXY"),
     ]
     static let switches: [(flag: String, variable: String)] = [("--log-connections", "BERTH_LOG_CONNECTIONS")]
 
@@ -51,6 +52,9 @@ struct ProxyOptions: ParsableArguments {
 
     @Option(help: EnvironmentFlags.help("With --retry-on response-timeout: how long a backend may stay silent after the client's first byte before the connection moves on.", "BERTH_FIRST_BYTE_TIMEOUT"), transform: DurationArgument.parse)
     var firstByteTimeout = DurationArgument(milliseconds: 2_000)
+
+    @Option(help: EnvironmentFlags.help("Write a PROXY protocol header (v1 text or v2 binary, as HAProxy's send-proxy and send-proxy-v2) to each backend before the client's first byte, so that it sees the client's address; none to send none. Per service: \"send_proxy\" in its _config.", "BERTH_SEND_PROXY"))
+    var sendProxy: SendProxyArgument = .none
 
     @Flag(help: EnvironmentFlags.help("Log one line per closed connection to stderr, with HAProxy's tcplog fields (client, accept date, frontend, backend/server, Tw/Tc/Tt, bytes, termination state, retries). Per service: \"log_connections\" in its _config.", "BERTH_LOG_CONNECTIONS"))
     var logConnections = false
@@ -111,6 +115,7 @@ struct ProxyOptions: ParsableArguments {
             retryOnEmptyResponse: retryOn.emptyResponse, retryOnResponseTimeout: retryOn.responseTimeout,
             firstByteTimeout: firstByteTimeout.milliseconds)
         settings.logConnections = logConnections
+        settings.sendProxy = sendProxy.version
         return settings
     }
 
@@ -147,4 +152,11 @@ struct ProxyOptions: ParsableArguments {
         afterDrain()
         log("stopped")
     }
+}
+
+/// `--send-proxy`: the PROXY protocol version written to backends, or none.
+enum SendProxyArgument: String, ExpressibleByArgument, CaseIterable {
+    case none, v1, v2
+
+    var version: ProxyProtocolVersion? { ProxyProtocolVersion(rawValue: rawValue) }
 }

@@ -58,6 +58,32 @@ final class ProxyHeaderTests: BerthTestCase {
         }
     }
 
+    func testEncoderWritesExactHeadersThatReadBack() throws {
+        let four = (try address("192.0.2.7:40000"), try address("198.51.100.1:80"))
+        let six = (try address("[2001:db8::7]:65535"), try address("[::1]:8080"))
+        XCTAssertEqual(String(decoding: ProxyHeaderEncoder.encode(v2: false, source: four.0, destination: four.1), as: UTF8.self),
+                       "PROXY TCP4 192.0.2.7 198.51.100.1 40000 80\r\n")
+        XCTAssertEqual(String(decoding: ProxyHeaderEncoder.encode(v2: false, source: six.0, destination: six.1), as: UTF8.self),
+                       "PROXY TCP6 2001:db8::7 ::1 65535 8080\r\n")
+        XCTAssertEqual(ProxyHeaderEncoder.encode(v2: true, source: four.0, destination: four.1),
+                       ProxyHeaderParser.v2Signature + [0x21, 0x11, 0x00, 12, 192, 0, 2, 7, 198, 51, 100, 1, 0x9C, 0x40, 0x00, 0x50])
+        let sixBytes = ProxyHeaderEncoder.encode(v2: true, source: six.0, destination: six.1)
+        XCTAssertEqual(Array(sixBytes.prefix(16)), ProxyHeaderParser.v2Signature + [0x21, 0x21, 0x00, 36])
+        XCTAssertEqual(sixBytes.count, 52)
+        for v2 in [false, true] {
+            for (source, destination) in [four, six] {
+                let header = ProxyHeaderEncoder.encode(v2: v2, source: source, destination: destination)
+                XCTAssertLessThanOrEqual(header.count, ProxyHeaderEncoder.maximumLength)
+                XCTAssertEqual(ProxyHeaderParser.parse(header), .complete(source: source, destination: destination, length: header.count))
+            }
+            // Unknown or mixed families: UNKNOWN (v1), LOCAL (v2).
+            let unknown = ProxyHeaderEncoder.encode(v2: v2, source: nil, destination: four.1)
+            XCTAssertEqual(ProxyHeaderParser.parse(unknown), .complete(source: nil, destination: nil, length: unknown.count))
+            let mixed = ProxyHeaderEncoder.encode(v2: v2, source: four.0, destination: six.1)
+            XCTAssertEqual(ProxyHeaderParser.parse(mixed), .complete(source: nil, destination: nil, length: mixed.count))
+        }
+    }
+
     /// whoami --accept-proxy answers with the client the header names, both versions, and
     /// refuses a connection that starts without one.
     func testWhoamiAcceptProxyNamesTheClient() throws {

@@ -187,6 +187,11 @@ final class SchemaTests: XCTestCase {
         let tls = try ServiceConfig.parse(bytes(#"{"check":{"kind":"tls","sni":"db"}}"#))
         XCTAssertEqual(tls.check?.settings(over: CheckSettings()).kind, .tls(TLSCheck(serverName: "db")))
         XCTAssertEqual(try ServiceConfig.parse(bytes("{}")), ServiceConfig())
+        XCTAssertEqual(try ServiceConfig.parse(bytes(#"{"send_proxy":"v2"}"#)).frontendSettings(over: FrontendSettings()).sendProxy, .v2)
+        var proxied = FrontendSettings()
+        proxied.sendProxy = .v1
+        XCTAssertNil(try ServiceConfig.parse(bytes(#"{"send_proxy":"none"}"#)).frontendSettings(over: proxied).sendProxy)
+        XCTAssertEqual(try ServiceConfig.parse(bytes("{}")).frontendSettings(over: proxied).sendProxy, .v1)
         let logged = try ServiceConfig.parse(bytes(#"{"log_connections":true}"#))
         XCTAssertEqual(logged.logConnections, true)
         XCTAssertTrue(logged.frontendSettings(over: FrontendSettings()).logConnections)
@@ -203,7 +208,7 @@ final class SchemaTests: XCTestCase {
             (#"{"check":{"kind":"icmp"}}"#, .badCheck), (#"{"check":{"kind":"tcp","path":"/x"}}"#, .badCheck),
             (#"{"check":{"path":"health"}}"#, .badCheck), (#"{"check":{"status":"600"}}"#, .badCheck),
             (#"{"check":{"interval":"1ms"}}"#, .badCheck), (#"{"check":{"rise":0}}"#, .outOfRange),
-            (#"{"log_connections":"yes"}"#, .wrongType),
+            (#"{"log_connections":"yes"}"#, .wrongType), (#"{"send_proxy":"v3"}"#, .wrongType), (#"{"send_proxy":2}"#, .wrongType),
             ("[]", .notObject), ("8000", .notObject), ("", .empty), ("{", .notJSON),
         ]
         for (text, reason) in bad {

@@ -30,4 +30,4 @@ ensure_swift() {
 
 # The packages Berth's scripts use: build tools and the programs tests and benchmarks talk to.
 # chromium (headless: the stats page test) and prometheus (promtool: the /metrics test).
-BERTH_PACKAGES=(build-essential pkg-config libssl-dev curl util-linux procps iproute2 iptables haproxy etcd-server etcd-client docker.io busybox-static chromium prometheus)
+BERTH_PACKAGES=(build-essential pkg-config libssl-dev curl util-linux procps iproute2 iptables haproxy etcd-server etcd-client docker.io busybox-static chromium prometheus nginx-light)

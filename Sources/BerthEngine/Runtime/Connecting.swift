@@ -116,13 +116,21 @@ extension Worker {
         // space (the copy path) so that they can be kept.
         session.request.splicing = mode == .splice && !session.replayArmed
         session.response.splicing = mode == .splice
-        if session.replayCount > 0, let replay = session.replay {
-            let held = UnsafeMutableRawPointer.allocate(byteCount: session.replayCount, alignment: 16)
-            held.copyMemory(from: replay, byteCount: session.replayCount)
+        // `sendProxy`: the PROXY header goes first, before the client's bytes, to every backend
+        // the session is connected to (a replay to the next backend starts with it again).
+        let header = session.frontend?.settings.sendProxy.map { proxyHeader(session, version: $0) }
+        let heldCount = (header?.count ?? 0) + session.replayCount
+        if heldCount > 0 {
+            let held = UnsafeMutableRawPointer.allocate(byteCount: heldCount, alignment: 16)
+            let headerCount = header?.count ?? 0
+            if let header { header.withUnsafeBytes { held.copyMemory(from: $0.baseAddress!, byteCount: headerCount) } }
+            if session.replayCount > 0, let replay = session.replay {
+                (held + headerCount).copyMemory(from: replay, byteCount: session.replayCount)
+            }
             session.request.held = held
             session.request.heldStart = 0
-            session.request.heldEnd = session.replayCount
-            startFirstByteTimer(session)
+            session.request.heldEnd = heldCount
+            if session.replayCount > 0 { startFirstByteTimer(session) }
         }
         if !session.clientRegistered {
             do {
@@ -139,6 +147,16 @@ extension Worker {
             || session.request.sourceClosed {
             pump(session)
         }
+    }
+
+    /// The PROXY header of `session`: its client (from accept) and the address it connected to
+    /// (getsockname, once per session, only with `sendProxy`).
+    func proxyHeader(_ session: Session, version: ProxyProtocolVersion) -> [UInt8] {
+        if !session.destinationKnown {
+            session.destination = try? Sockets.localAddress(session.client.raw)
+            session.destinationKnown = true
+        }
+        return ProxyHeaderEncoder.encode(v2: version == .v2, source: session.peer, destination: session.destination)
     }
 
     /// relaying → connecting again: the backend closed or reset before its first byte and the

@@ -25,6 +25,9 @@ final class Session {
 
     /// The client's address, as accept4 gave it (nil when unknown).
     var peer: SocketAddress?
+    /// With `sendProxy`: the address the client connected to, read once (nil: unknown).
+    var destination: SocketAddress?
+    var destinationKnown = false
     var frontend: FrontendRuntime?
     var server: BackendRuntime?
     /// The rotation position this connection drew, and how many connects it has tried.
@@ -84,6 +87,8 @@ final class Session {
         state = .free
         clientRegistered = false
         peer = nil
+        destination = nil
+        destinationKnown = false
         frontend = nil
         server = nil
         attempt = 0
