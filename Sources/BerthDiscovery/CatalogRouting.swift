@@ -209,7 +209,7 @@ extension Catalog {
                     continue
                 }
             }
-            backends.append(Backend(name: id, address: address, enabled: !instance.draining))
+            backends.append(Backend(name: id, address: address, enabled: !instance.draining, weight: instance.weight ?? 1))
         }
         return backends
     }

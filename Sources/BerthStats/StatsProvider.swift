@@ -29,7 +29,7 @@ public struct StatsProvider: Sendable {
     public var discovery: (@Sendable () -> DiscoveryView)?
     /// The registrar's state; nil in processes that register nothing.
     public var registrar: (@Sendable () -> RegistrarView)?
-    /// A backend's balancing weight (nil: every backend 1).
+    /// A backend's balancing weight (nil: the table's).
     public var weight: (@Sendable (BackendKey) -> Int)?
 
     public init(engine: @escaping @Sendable () -> EngineStatistics,
@@ -116,7 +116,7 @@ final class StatsCollector {
                 backends.append(BackendStats(
                     name: backend.name, address: backend.address.description,
                     status: Self.status(admin: adminState, health: record, enabled: backend.enabled),
-                    adminState: adminState, weight: provider.weight?(key) ?? 1, check: check,
+                    adminState: adminState, weight: provider.weight?(key) ?? backend.weight, check: check,
                     traffic: traffic(counters?.backends[backend.name], rate: rates.rate(key), now: now)))
             }
             var totals = TrafficStats()

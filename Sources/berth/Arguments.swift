@@ -20,11 +20,32 @@ struct AddressArgument: Sendable {
 /// A list of `HOST:PORT`, repeatable and comma separated: `--backend a:1,b:2 --backend c:3`.
 struct AddressListArgument: Sendable {
     let addresses: [SocketAddress]
+    /// Each address's weight: `HOST:PORT*WEIGHT` (0 to 256, HAProxy's `weight`), 1 without one.
+    let weights: [Int]
 
     static func parse(_ text: String) throws -> AddressListArgument {
         let items = text.split(separator: ",", omittingEmptySubsequences: true)
-        guard !items.isEmpty else { throw ValidationError("invalid address list '\(text)': expected HOST:PORT[,HOST:PORT...]") }
-        return AddressListArgument(addresses: try items.map { try AddressArgument.parse(String($0)).address })
+        guard !items.isEmpty else { throw ValidationError("invalid address list '\(text)': expected HOST:PORT[*WEIGHT][,HOST:PORT...]") }
+        var addresses: [SocketAddress] = []
+        var weights: [Int] = []
+        for item in items {
+            let parts = item.split(separator: "*", maxSplits: 1, omittingEmptySubsequences: false)
+            addresses.append(try AddressArgument.parse(String(parts[0])).address)
+            if parts.count == 2 {
+                guard let weight = Int(parts[1]), (0...256).contains(weight) else {
+                    throw ValidationError("invalid weight in '\(item)': expected HOST:PORT*WEIGHT with a weight from 0 to 256")
+                }
+                weights.append(weight)
+            } else {
+                weights.append(1)
+            }
+        }
+        return AddressListArgument(addresses: addresses, weights: weights)
+    }
+
+    /// The backends named as their address, with their weights.
+    var backends: [Backend] {
+        zip(addresses, weights).map { Backend(name: $0.description, address: $0, weight: $1) }
     }
 }
 

@@ -12,7 +12,7 @@ struct ProxyCommand: ParsableCommand {
         commandName: "proxy",
         abstract: "Balance TCP connections from one listening address over static backends.",
         discussion: """
-            Each new connection goes to the next backend in round-robin order (one rotation across \
+            Each new connection goes to the next backend in a smooth weighted round-robin (one rotation across \
             all workers). A backend that refuses or does not answer in time is skipped and the next \
             one is tried (--retries); the client's bytes are not read until a backend is connected, \
             so nothing is lost. SIGTERM or SIGINT stops accepting, lets open connections finish for \
@@ -28,7 +28,7 @@ struct ProxyCommand: ParsableCommand {
     @Option(help: EnvironmentFlags.help("Address to listen on, HOST:PORT ([::1]:8000 for IPv6, *:8000 for all).", "BERTH_LISTEN"), transform: AddressArgument.parse)
     var listen: AddressArgument?
 
-    @Option(help: EnvironmentFlags.help("A backend HOST:PORT; repeat the flag or separate with commas.", "BERTH_BACKENDS"), transform: AddressListArgument.parse)
+    @Option(help: EnvironmentFlags.help("A backend HOST:PORT, or HOST:PORT*WEIGHT (0 to 256, default 1: its share of new connections in a smooth weighted rotation; 0 takes none); repeat the flag or separate with commas.", "BERTH_BACKENDS"), transform: AddressListArgument.parse)
     var backend: [AddressListArgument] = []
 
     @Option(help: EnvironmentFlags.help("Name of the frontend in statistics and logs.", "BERTH_NAME"))
@@ -59,7 +59,7 @@ struct ProxyCommand: ParsableCommand {
         ProcessSignals.block([SIGTERM, SIGINT])
         let configuration = proxy.engineConfiguration(observeErrors: health.observeErrors)
         let settings = proxy.frontendSettings
-        let backends = backend.flatMap(\.addresses).map(Backend.init)
+        let backends = backend.flatMap(\.backends)
         let incoming = takeover.request()
         let router = try HealthRouter.make(configuration: configuration, policy: health.policy)
         takeover.adopt(incoming, into: router.engine)

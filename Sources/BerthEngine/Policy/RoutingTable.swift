@@ -28,6 +28,9 @@ public struct RoutingTable: Sendable, Equatable {
                 return "frontend '\(frontend.name)' has backend '\(backend.name)' twice"
             }
             if frontend.settings.retries < 0 { return "frontend '\(frontend.name)': retries must be >= 0" }
+            if let bad = frontend.backends.first(where: { !(0...256).contains($0.weight) }) {
+                return "frontend '\(frontend.name)': backend '\(bad.name)' has weight \(bad.weight) (0 to 256)"
+            }
         }
         return nil
     }

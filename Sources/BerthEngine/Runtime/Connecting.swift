@@ -19,7 +19,14 @@ extension Worker {
                 closeSession(session)
                 return
             }
-            var index = RoundRobin.index(position: session.rotation, attempt: session.attempt, count: backends.count)
+            var index: Int
+            if let schedule = frontend.schedule {
+                // The weighted pick for this position; a retry moves on to the next backends in order.
+                let first = Int(schedule[Int(session.rotation % UInt64(schedule.count))])
+                index = (first + session.attempt) % backends.count
+            } else {
+                index = RoundRobin.index(position: session.rotation, attempt: session.attempt, count: backends.count)
+            }
             if let silent = session.silentHost, backends[index].backend.address.withPort(0) == silent {
                 index = Self.nextOnAnotherHost(backends, after: index, avoiding: silent) ?? index
             }

@@ -12,8 +12,11 @@ final class FrontendRuntime {
     var settings: FrontendSettings
     /// Every backend of the table (identity and counters of open sessions).
     var backends: [BackendRuntime] = []
-    /// The enabled ones: the round-robin rotation runs over these.
+    /// The enabled ones of weight > 0: the round-robin rotation runs over these.
     var candidates: [BackendRuntime] = []
+    /// With unequal weights: one period of the smooth weighted rotation (indices into
+    /// `candidates`; `WeightedSchedule`); nil: the plain rotation.
+    var schedule: [Int32]?
     var listener = Descriptor.none
     /// Further sockets of the listener group this worker accepts on: only after a takeover that
     /// handed over more sockets than this engine has workers (none of them may be closed while
