@@ -49,9 +49,8 @@ extension Worker {
                     backend: backend,
                     counters: handle.registry.counters(frontend: spec.name, backend: backend.name))
             }
-            runtime.candidates = runtime.backends.filter { $0.backend.enabled && $0.backend.weight > 0 }
-            // The same table gives every worker the same schedule: one weighted rotation.
-            runtime.schedule = WeightedSchedule.make(runtime.candidates.map(\.backend.weight))
+            runtime.candidates = runtime.backends.filter { PublishedTable.isCandidate($0.backend) }
+            runtime.schedule = published.schedules[spec.name]
             for gone in existing.values { gone.removed = true }
             if let fds = listeners[spec.name], let first = fds.first {
                 closeListener(runtime)

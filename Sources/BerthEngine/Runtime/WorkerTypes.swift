@@ -62,10 +62,24 @@ enum WorkerCommand: Sendable {
 final class PublishedTable: Sendable {
     let table: RoutingTable
     let cursors: [String: RoundRobinCursor]
+    /// Per frontend with unequal weights: its smooth weighted schedule over the candidates
+    /// (`isCandidate`), built once here on the control thread and shared by every worker.
+    let schedules: [String: [Int32]]
 
     init(table: RoutingTable, cursors: [String: RoundRobinCursor]) {
         self.table = table
         self.cursors = cursors
+        var schedules: [String: [Int32]] = [:]
+        for frontend in table.frontends {
+            schedules[frontend.name] = WeightedSchedule.make(frontend.backends.filter(Self.isCandidate).map(\.weight))
+        }
+        self.schedules = schedules
+    }
+
+    /// Whether new connections may go to `backend`: enabled, weight above 0. Workers filter
+    /// their candidates with it too, so the schedule's indices match theirs.
+    static func isCandidate(_ backend: Backend) -> Bool {
+        backend.enabled && backend.weight > 0
     }
 }
 
