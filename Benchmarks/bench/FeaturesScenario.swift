@@ -20,6 +20,9 @@ struct FeaturesScenario {
         var before = false
         /// Backend weights, in the order of the backends (nil: none given).
         var weights: [Int]?
+        /// The second backend is put in maintenance and back through the admin API once the
+        /// proxy answers, so that it ramps up (slow start) through the whole window.
+        var ramping = false
     }
 
     static let variants: [Variant] = [
@@ -28,7 +31,7 @@ struct FeaturesScenario {
         Variant(name: "weights 3,1", flags: [], weights: [3, 1]),
         Variant(name: "leastconn", flags: ["--balance", "leastconn"]),
         Variant(name: "source", flags: ["--balance", "source"]),
-        Variant(name: "slow-start 60s (ramping)", flags: ["--slow-start", "60s"]),
+        Variant(name: "slow-start 60s (ramping)", flags: ["--slow-start", "60s"], ramping: true),
         Variant(name: "send-proxy v1", flags: ["--send-proxy", "v1"], proxied: true),
         Variant(name: "send-proxy v2", flags: ["--send-proxy", "v2"], proxied: true),
         Variant(name: "log-connections plain", flags: ["--log-connections", "--log-format", "plain"]),
@@ -92,12 +95,20 @@ struct FeaturesScenario {
     }
 
     private func measure(_ variant: Variant, path: String, backends: [SocketAddress], round: Int) throws(BenchError) -> FeaturesWindow {
+        var flags = variant.flags
+        let stats = variant.ramping ? try Launcher.freePort() : 0
+        if variant.ramping { flags += ["--stats", "127.0.0.1:\(stats)", "--stats-auth", "bench:bench"] }
         let proxy = try Launcher.startBerthBinary(name: "features", path: path, backends: backends, cpu: proxyCPU,
-                                                  flags: variant.flags, weights: variant.weights)
+                                                  flags: flags, weights: variant.weights)
         defer { proxy.stop() }
         let address = try proxy.address("features")
         guard Launcher.awaitAnswer(from: address, timeout: Launcher.startTimeout) else {
             throw BenchError.child("no answer through the proxy within \(Launcher.startTimeout) ms")
+        }
+        if variant.ramping, let second = backends.dropFirst().first {
+            for action in ["maint", "enable"] {
+                try control(path, [action, "features", second.description, "--stats", "127.0.0.1:\(stats)", "--auth", "bench:bench"])
+            }
         }
         let limits = PhaseLimits(warmup: UInt64(options.warmupSeconds * 1e9), duration: UInt64(options.phaseSeconds * 1e9),
                                  operationCap: 100_000_000)
@@ -112,6 +123,19 @@ struct FeaturesScenario {
             proxyMicrosecondsPerConnection: cpu.flatMap { outcome.operations > 0 ? $0 * 1e6 / Double(outcome.operations) : nil },
             disturbance: outcome.end.foreignCPUs(since: outcome.start) + outcome.end.stealShares(since: outcome.start).reduce(0, +),
             errors: outcome.errors)
+    }
+}
+
+extension FeaturesScenario {
+    /// Runs `berth ctl ARGUMENTS` and waits for it (at most 10 s); throws unless it exits 0.
+    func control(_ berth: String, _ arguments: [String]) throws(BenchError) {
+        let child = try ChildProcess.spawn(name: "berth ctl", path: berth, arguments: ["ctl"] + arguments, logFile: "/dev/null")
+        let deadline = MonotonicClock.milliseconds() + 10_000
+        while !child.hasExited() && MonotonicClock.milliseconds() < deadline { usleep(5_000) }
+        guard child.hasExited(), let status = child.exitStatus, status == 0 else {
+            child.stop()
+            throw .child("berth ctl \(arguments.prefix(2).joined(separator: " ")) failed")
+        }
     }
 }
 

@@ -12,7 +12,7 @@ import BerthHealth
 ///  "check":{"kind":"http","path":"/health","interval":"2s","timeout":"1s","rise":2,"fall":3,
 ///           "status":"200-399","host":"example.org","sni":"example.org"},
 ///  "connect_timeout":"5s","client_timeout":"1m","server_timeout":"1m","retries":3,"linger":"30s",
-///  "log_connections":true,"send_proxy":"v2"}
+///  "log_connections":true,"send_proxy":"v2","balance":"leastconn","slow_start":"30s"}
 /// ```
 /// Durations as HAProxy writes them (`500ms`, `2s`, `1m`; a bare number is ms) or JSON numbers
 /// of milliseconds.
@@ -31,6 +31,10 @@ public struct ServiceConfig: Sendable, Equatable {
     /// `"send_proxy"`: `"v1"`, `"v2"` (the PROXY protocol header to its backends) or `"none"`
     /// (`.some(nil)`: off for this service whatever the command line says).
     public var sendProxy: ProxyProtocolVersion??
+    /// `"balance"`: `"roundrobin"`, `"leastconn"` or `"source"`.
+    public var balance: BalanceMode?
+    /// `"slow_start"`: ms (0: off for this service).
+    public var slowStart: Int64?
 
     public init(listen: UInt16? = nil, check: CheckOverrides? = nil, connectTimeout: Int64? = nil,
                 clientTimeout: Int64? = nil, serverTimeout: Int64? = nil, retries: Int? = nil, linger: Int64? = nil) {
@@ -63,6 +67,13 @@ public struct ServiceConfig: Sendable, Equatable {
             }
             config.sendProxy = .some(ProxyProtocolVersion(rawValue: text))
         }
+        if let text = try object.string("balance") {
+            guard let balance = BalanceMode(rawValue: text) else {
+                throw ValueError(.wrongType, "'balance' '\(text.prefix(20))' is not roundrobin, leastconn or source")
+            }
+            config.balance = balance
+        }
+        config.slowStart = try object.duration("slow_start")
         if let check = object["check"] {
             config.check = try CheckOverrides.parse(JSONObject(check, what: "'check'"))
         }
@@ -78,6 +89,8 @@ public struct ServiceConfig: Sendable, Equatable {
         if let retries { settings.retries = retries }
         if let logConnections { settings.logConnections = logConnections }
         if let sendProxy { settings.sendProxy = sendProxy }
+        if let balance { settings.balance = balance }
+        if let slowStart { settings.slowStart = slowStart }
         return settings
     }
 }

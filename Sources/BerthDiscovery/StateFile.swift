@@ -13,6 +13,8 @@ public struct SavedState: Sendable, Equatable {
     public var health: [BackendKey: HealthStatus]
     /// Operator overrides in force (`ready` is no entry).
     public var adminStates: [BackendKey: AdminState]
+    /// Operator weights in force (`berth ctl weight`).
+    public var weights: [BackendKey: Int] = [:]
     /// Unix time (seconds) of the write; 0 until written.
     public var savedAt: Int64
 
@@ -37,7 +39,7 @@ public enum StateFileError: Error, Equatable, CustomStringConvertible, Sendable 
     public var description: String {
         switch self {
         case .notAStateFile: "not a Berth state file (no 'berth-state' header line)"
-        case .unsupportedVersion(let version): "state file version \(version) is not supported (this Berth reads version \(StateFile.version))"
+        case .unsupportedVersion(let version): "state file version \(version) is not supported (this Berth reads versions 1 to \(StateFile.version))"
         case .wrongLength(let expected, let found): "truncated or damaged: the header says \(expected) bytes of body, the file has \(found)"
         case .checksumMismatch: "damaged: the body's CRC32 does not match the header"
         case .malformed(let line, let reason): "line \(line): \(reason)"
@@ -45,18 +47,20 @@ public enum StateFileError: Error, Equatable, CustomStringConvertible, Sendable 
     }
 }
 
-/// The state file's format, version 1. One header line, then a text body:
+/// The state file's format, version 2. One header line, then a text body:
 /// ```
-/// berth-state 1 <body length in bytes> <CRC32 of the body, 8 hex digits>
+/// berth-state 2 <body length in bytes> <CRC32 of the body, 8 hex digits>
 /// revision 42
 /// saved 1764930000
-/// frontend web 0.0.0.0:8080 retries=3 connect=5000 client=60000 server=60000 retry-empty=0 retry-timeout=0 first-byte=2000 replay=16384 balance=roundrobin proxy=none log=0
-/// backend web-1 10.0.0.5:8000 weight=1 enabled=1 health=up admin=ready
+/// frontend web 0.0.0.0:8080 retries=3 connect=5000 client=60000 server=60000 retry-empty=0 retry-timeout=0 first-byte=2000 replay=16384 balance=roundrobin proxy=none log=0 slow-start=0
+/// backend web-1 10.0.0.5:8000 weight=1 enabled=1 health=up admin=ready set-weight=none
 /// ```
 /// Names are percent-encoded; a backend line belongs to the frontend line above it. Decoding
 /// checks the length and checksum first, then every value as the registry's parsers do.
+/// Version 1 (written before slow start and operator weights) is still read: its lines lack
+/// the last field.
 public enum StateFile {
-    public static let version = 1
+    public static let version = 2
     static let magic = "berth-state"
     /// A longer header line is not ours.
     static let headerLimit = 64
@@ -73,12 +77,14 @@ public enum StateFile {
                 + " server=\(settings.serverTimeout) retry-empty=\(flag(settings.retryOnEmptyResponse))"
                 + " retry-timeout=\(flag(settings.retryOnResponseTimeout)) first-byte=\(settings.firstByteTimeout)"
                 + " replay=\(settings.replayLimit) balance=\(settings.balance.rawValue)"
-                + " proxy=\(settings.sendProxy?.rawValue ?? "none") log=\(flag(settings.logConnections))\n"
+                + " proxy=\(settings.sendProxy?.rawValue ?? "none") log=\(flag(settings.logConnections))"
+                + " slow-start=\(settings.slowStart)\n"
             for backend in frontend.backends {
                 let key = BackendKey(frontend: frontend.name, backend: backend.name)
                 body += "backend \(escape(backend.name)) \(backend.address) weight=\(backend.weight)"
                     + " enabled=\(flag(backend.enabled)) health=\(state.health[key]?.rawValue ?? "none")"
-                    + " admin=\((state.adminStates[key] ?? .ready).rawValue)\n"
+                    + " admin=\((state.adminStates[key] ?? .ready).rawValue)"
+                    + " set-weight=\(state.weights[key].map(String.init) ?? "none")\n"
             }
         }
         let bytes = Array(body.utf8)
@@ -90,7 +96,9 @@ public enum StateFile {
               let header = String(validating: bytes[..<newline], as: UTF8.self) else { throw .notAStateFile }
         let fields = header.split(separator: " ", omittingEmptySubsequences: false)
         guard fields.count == 4, fields[0] == magic else { throw .notAStateFile }
-        guard fields[1] == "\(version)" else { throw .unsupportedVersion(String(fields[1].prefix(16))) }
+        guard let fileVersion = Int(fields[1]), fields[1].utf8.count == 1, (1...version).contains(fileVersion) else {
+            throw .unsupportedVersion(String(fields[1].prefix(16)))
+        }
         guard let length = Int(fields[2]), length >= 0, fields[3].utf8.count == 8, let crc = UInt32(fields[3], radix: 16) else {
             throw .notAStateFile
         }
@@ -98,7 +106,7 @@ public enum StateFile {
         guard body.count == length else { throw .wrongLength(expected: length, found: body.count) }
         guard CRC32.checksum(body) == crc else { throw .checksumMismatch }
         guard let text = String(validating: body, as: UTF8.self) else { throw .malformed(line: 2, reason: "not UTF-8") }
-        var parser = BodyParser()
+        var parser = BodyParser(version: fileVersion)
         return try parser.parse(text)
     }
 
@@ -110,8 +118,10 @@ public enum StateFile {
     }
 }
 
-/// Reads a version-1 body line by line; every value is checked, the first problem throws.
+/// Reads a body line by line; every value is checked, the first problem throws.
 private struct BodyParser {
+    /// The file's version: 1 lacks the last field of frontend and backend lines.
+    let version: Int
     var state = SavedState(table: RoutingTable())
     var lineNumber = 1
     var sawRevision = false
@@ -129,9 +139,9 @@ private struct BodyParser {
             case "saved" where words.count == 2 && !sawSaved:
                 state.savedAt = try number(words[1], in: 0...Int64.max, "saved")
                 sawSaved = true
-            case "frontend" where words.count == 14:
+            case "frontend" where words.count == (version == 1 ? 14 : 15):
                 try frontend(words)
-            case "backend" where words.count == 7:
+            case "backend" where words.count == (version == 1 ? 7 : 8):
                 try backend(words)
             default:
                 throw fail("unexpected line '\(line.prefix(80))'")
@@ -146,7 +156,7 @@ private struct BodyParser {
         let name = try self.name(words[1])
         let listen = try address(words[2], "listen address")
         let values = try keyValues(words[3...], ["retries", "connect", "client", "server", "retry-empty", "retry-timeout",
-                                                  "first-byte", "replay", "balance", "proxy", "log"])
+                                                  "first-byte", "replay", "balance", "proxy", "log"] + (version == 1 ? [] : ["slow-start"]))
         var settings = FrontendSettings()
         settings.retries = try number(values[0], in: 0...100, "retries")
         settings.connectTimeout = try number(values[1], in: StateFile.timeRange, "connect")
@@ -163,6 +173,7 @@ private struct BodyParser {
             settings.sendProxy = proxy
         }
         settings.logConnections = try flag(values[10], "log")
+        if version > 1 { settings.slowStart = try number(values[11], in: StateFile.timeRange, "slow-start") }
         state.table.frontends.append(Frontend(name: name, listen: listen, backends: [], settings: settings))
     }
 
@@ -170,7 +181,7 @@ private struct BodyParser {
         guard let frontend = state.table.frontends.last?.name else { throw fail("a backend before any frontend") }
         let name = try self.name(words[1])
         let address = try address(words[2], "backend address")
-        let values = try keyValues(words[3...], ["weight", "enabled", "health", "admin"])
+        let values = try keyValues(words[3...], ["weight", "enabled", "health", "admin"] + (version == 1 ? [] : ["set-weight"]))
         let backend = Backend(name: name, address: address, enabled: try flag(values[1], "enabled"),
                               weight: try number(values[0], in: 0...256, "weight"))
         let key = BackendKey(frontend: frontend, backend: name)
@@ -180,6 +191,7 @@ private struct BodyParser {
         }
         guard let admin = AdminState(rawValue: values[3]) else { throw fail("unknown admin state '\(values[3].prefix(32))'") }
         if admin != .ready { state.adminStates[key] = admin }
+        if version > 1 && values[4] != "none" { state.weights[key] = try number(values[4], in: 0...256, "set-weight") }
         state.table.frontends[state.table.frontends.count - 1].backends.append(backend)
     }
 

@@ -16,11 +16,14 @@ public enum AdminState: String, Sendable, Codable, CaseIterable {
 public enum AdminError: Error, Equatable, CustomStringConvertible, Sendable {
     /// No such service, or no such backend in it, in the desired table.
     case unknownBackend(BackendKey)
+    /// A weight outside 0...256.
+    case badWeight(Int)
     case engine(String)
 
     public var description: String {
         switch self {
         case .unknownBackend(let key): "no backend '\(key.backend)' in service '\(key.frontend)'"
+        case .badWeight(let weight): "weight \(weight) is out of range (0 to 256)"
         case .engine(let reason): reason
         }
     }

@@ -29,6 +29,8 @@ public final class HealthRouter: Sendable {
     private let state = Mutex<State>(State())
     /// Called after each table the engine accepted (`onPublish`).
     private let publishObserver = Mutex<(@Sendable (AppliedRouting) -> Void)?>(nil)
+    /// Republishes while backends ramp up (slow start); its thread starts with the first ramp.
+    private let rampTimer = RampTimer()
 
     private struct State {
         var desired = RoutingTable()
@@ -44,6 +46,16 @@ public final class HealthRouter: Sendable {
         var adminStates: [BackendKey: AdminState] = [:]
         /// Health to start new check targets in (`seed`), used by the next `updateChecks` only.
         var seededHealth: [BackendKey: HealthStatus] = [:]
+        /// Operator weights (HAProxy's `set server weight`), in place of the table's; pruned
+        /// like `adminStates`.
+        var weightOverrides: [BackendKey: Int] = [:]
+        /// Slow start: when each ramping backend came up (monotonic ms); dropped at full weight.
+        var upSince: [BackendKey: Int64] = [:]
+        /// Backends that took new connections in the last published table, and the frontends
+        /// published before: a backend ramps when it starts taking traffic in a known frontend
+        /// (the first table of a frontend, at start for instance, is served at full weight).
+        var takingTraffic: Set<BackendKey> = []
+        var publishedFrontends: Set<String> = []
     }
 
     /// `checker` must be the one the engine's `backendFailed` reports to (see `makeEngine`).
@@ -84,6 +96,7 @@ public final class HealthRouter: Sendable {
                 frontend.backends.map { BackendKey(frontend: frontend.name, backend: $0.name) }
             })
             state.adminStates = state.adminStates.filter { present.contains($0.key) }
+            state.weightOverrides = state.weightOverrides.filter { present.contains($0.key) }
             updateChecks(&state)
             return try publish(&state)
         }
@@ -131,12 +144,49 @@ public final class HealthRouter: Sendable {
         }
     }
 
+    /// Sets an operator weight (HAProxy's `set server weight`), 0 to 256, in place of the
+    /// table's until the backend leaves it; nil goes back to the table's weight. Open
+    /// connections are not touched; weight 0 takes no new ones.
+    public func setWeight(_ weight: Int?, for key: BackendKey) throws(AdminError) {
+        if let weight, !(0...256).contains(weight) { throw AdminError.badWeight(weight) }
+        try state.withLock { state throws(AdminError) in
+            let known = state.desired.frontends.contains { frontend in
+                frontend.name == key.frontend && frontend.backends.contains { $0.name == key.backend }
+            }
+            guard known else { throw AdminError.unknownBackend(key) }
+            state.weightOverrides[key] = weight
+            do throws(EngineError) {
+                _ = try publish(&state)
+            } catch {
+                throw AdminError.engine(error.description)
+            }
+        }
+    }
+
     /// Seeds the next `apply` (a table restored from a state file): its backends start in these
     /// health states (checks then run and decide) and with these operator overrides.
-    public func seed(health: [BackendKey: HealthStatus], adminStates: [BackendKey: AdminState]) {
+    public func seed(health: [BackendKey: HealthStatus], adminStates: [BackendKey: AdminState],
+                     weights: [BackendKey: Int] = [:]) {
         state.withLock { state in
             state.seededHealth = health
             state.adminStates = adminStates.filter { $0.value != .ready }
+            state.weightOverrides = weights.filter { (0...256).contains($0.value) }
+        }
+    }
+
+    /// Each backend's balancing weight as last published: the operator's or the table's, and
+    /// its slow-start warmup.
+    public func weights() -> [BackendKey: WeightInForce] {
+        state.withLock { state in
+            var weights: [BackendKey: WeightInForce] = [:]
+            for frontend in state.lastApplied?.frontends ?? [] {
+                for backend in frontend.backends {
+                    let key = BackendKey(frontend: frontend.name, backend: backend.name)
+                    weights[key] = WeightInForce(weight: backend.weight, warmup: backend.warmup,
+                                                 overridden: state.weightOverrides[key] != nil)
+                }
+            }
+            return weights
         }
     }
 
@@ -169,6 +219,7 @@ public final class HealthRouter: Sendable {
 
     /// Stops checks and the engine (draining for up to `drainTimeout` ms).
     public func shutdown(drainTimeout: Int64? = nil) {
+        rampTimer.stop()
         checker?.stop()
         engine.shutdown(drainTimeout: drainTimeout)
     }
@@ -214,12 +265,57 @@ public final class HealthRouter: Sendable {
                 state.allDownNow.remove(frontend.name)
             }
         }
+        let nextStep = applyWeights(&effective, &state)
         let result = try engine.apply(effective)
         state.lastApplied = effective
+        if let nextStep { rampTimer.schedule(at: nextStep) { [weak self] in self?.republish() } }
         if let observer = publishObserver.withLock({ $0 }) {
-            observer(AppliedRouting(desired: state.desired, health: health.mapValues(\.status), adminStates: state.adminStates))
+            observer(AppliedRouting(desired: state.desired, health: health.mapValues(\.status), adminStates: state.adminStates,
+                                    weights: state.weightOverrides))
         }
         return result
+    }
+
+    /// Puts the operators' weights and the slow-start warmups into `effective` (whose `enabled`
+    /// flags are final); returns when the next ramp step is due, nil when nothing ramps.
+    private func applyWeights(_ effective: inout RoutingTable, _ state: inout State) -> Int64? {
+        let now = MonotonicClock.milliseconds()
+        var taking: Set<BackendKey> = []
+        var nextStep: Int64?
+        for index in effective.frontends.indices {
+            let frontend = effective.frontends[index]
+            let known = state.publishedFrontends.contains(frontend.name)
+            let slowStart = frontend.settings.slowStart
+            for backendIndex in frontend.backends.indices {
+                let backend = frontend.backends[backendIndex]
+                let key = BackendKey(frontend: frontend.name, backend: backend.name)
+                if let weight = state.weightOverrides[key] { effective.frontends[index].backends[backendIndex].weight = weight }
+                guard backend.enabled else {
+                    state.upSince[key] = nil
+                    continue
+                }
+                taking.insert(key)
+                guard slowStart > 0 else {
+                    state.upSince[key] = nil
+                    continue
+                }
+                if known && !state.takingTraffic.contains(key) && state.upSince[key] == nil { state.upSince[key] = now }
+                guard let since = state.upSince[key] else { continue }
+                let warmup = SlowStart.warmup(elapsed: now - since, over: slowStart)
+                if warmup >= Backend.fullWarmup {
+                    state.upSince[key] = nil
+                } else {
+                    effective.frontends[index].backends[backendIndex].warmup = warmup
+                    let due = now + SlowStart.step(slowStart)
+                    nextStep = min(nextStep ?? due, due)
+                }
+            }
+        }
+        let present = Set(effective.frontends.map(\.name))
+        state.upSince = state.upSince.filter { present.contains($0.key.frontend) }
+        state.takingTraffic = taking
+        state.publishedFrontends = present
+        return nextStep
     }
 }
 
@@ -229,4 +325,83 @@ public struct AppliedRouting: Sendable, Equatable {
     public var desired: RoutingTable
     public var health: [BackendKey: HealthStatus]
     public var adminStates: [BackendKey: AdminState]
+    /// Operator weights in force (`HealthRouter.setWeight`).
+    public var weights: [BackendKey: Int] = [:]
+}
+
+/// A backend's balancing weight as published (`HealthRouter.weights`).
+public struct WeightInForce: Sendable, Equatable {
+    /// The operator's weight when `overridden`, else the table's.
+    public var weight: Int
+    /// Slow start: thousandths of `weight` in force (`Backend.fullWarmup`: all of it).
+    public var warmup: Int
+    public var overridden: Bool
+
+    public init(weight: Int, warmup: Int = Backend.fullWarmup, overridden: Bool = false) {
+        self.weight = weight
+        self.warmup = warmup
+        self.overridden = overridden
+    }
+}
+
+/// Slow start's ramp (HAProxy's `slowstart`): linear from a thousandth of the weight to all of
+/// it over the period, republished in steps. Pure.
+public enum SlowStart {
+    /// Thousandths of its weight a backend up for `elapsed` ms has (at least 1).
+    public static func warmup(elapsed: Int64, over period: Int64) -> Int {
+        guard period > 0, elapsed < period else { return Backend.fullWarmup }
+        return max(1, Int(max(0, elapsed) * Int64(Backend.fullWarmup) / period))
+    }
+
+    /// Time between republished steps: a tenth of the period, at least 100 ms.
+    public static func step(_ period: Int64) -> Int64 { max(100, period / 10) }
+}
+
+/// Calls a function once a deadline passes, on a thread of its own started with the first
+/// deadline (processes without slow start never start it).
+final class RampTimer: @unchecked Sendable {
+    /// Guards the fields below it.
+    private let condition = ConditionLock()
+    private var deadline = Int64.max
+    private var started = false
+    private var stopped = false
+
+    /// Fires `action` at `time` (monotonic ms), or earlier when an earlier time is pending. The
+    /// action is fixed by the first call.
+    func schedule(at time: Int64, _ action: @escaping @Sendable () -> Void) {
+        let start: Bool = condition.withLock {
+            guard !stopped else { return false }
+            deadline = min(deadline, time)
+            defer { started = true }
+            return !started
+        }
+        if start {
+            _ = OSThread(name: "berth-slowstart") { [self] in run(action) }
+        } else {
+            condition.signal()
+        }
+    }
+
+    func stop() {
+        condition.withLock { stopped = true }
+        condition.signal()
+    }
+
+    private func run(_ action: @Sendable () -> Void) {
+        condition.lock()
+        while !stopped {
+            let left = deadline == .max ? Int64.max : deadline - MonotonicClock.milliseconds()
+            if left == .max {
+                condition.wait()
+            } else if left > 0 {
+                _ = condition.wait(milliseconds: left)
+            } else {
+                deadline = .max
+                condition.unlock()
+                action()
+                condition.lock()
+            }
+        }
+        condition.unlock()
+    }
 }

@@ -76,7 +76,8 @@ enum CSVRenderer {
         row["dresp"] = "0"
         row["eresp"] = "0"
         row["status"] = backend.status.rawValue
-        row["weight"] = String(backend.weight)
+        // HAProxy's weight is the effective one (slow start included), uweight the user's.
+        row["weight"] = String(backend.warmupPercent.map { max(1, backend.weight * $0 / 100) } ?? backend.weight)
         row["uweight"] = String(backend.weight)
         row["act"] = "1"
         row["bck"] = "0"

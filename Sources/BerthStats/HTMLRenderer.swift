@@ -135,7 +135,7 @@ enum HTMLRenderer {
             case .noCheck: "nocheck"
             }
             html += row(class: cls, name: "\(backend.name) (\(backend.address))", status: backend.status.rawValue,
-                        check: backend.check, weight: String(backend.weight), traffic: backend.traffic,
+                        check: backend.check, weight: backend.weightText, traffic: backend.traffic,
                         lastChange: backend.check.map { duration($0.secondsSinceChange) } ?? "")
         }
         let weight = service.backends.filter { $0.status.takesTraffic }.reduce(0) { $0 + $1.weight }

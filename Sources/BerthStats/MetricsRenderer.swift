@@ -48,7 +48,8 @@ enum MetricsRenderer {
         var backendRows: [([(String, String)], TrafficStats)] = []
         var up = Family("berth_backend_up", "gauge", "1 when the backend takes new connections (UP or no check), else 0.")
         var status = Family("berth_backend_status", "gauge", "1 for the backend's current status (UP, DOWN, DRAIN, MAINT, no check).")
-        var weight = Family("berth_backend_weight", "gauge", "Balancing weight.")
+        var weight = Family("berth_backend_weight", "gauge", "Balancing weight in force (an operator's or the registry's).")
+        var warmup = Family("berth_backend_warmup_ratio", "gauge", "Slow start: the part of its weight a backend has now (1: all).")
         var checkDuration = Family("berth_backend_check_duration_seconds", "gauge", "Duration of the last active check.")
         var checkUp = Family("berth_backend_check_success", "gauge", "1 when the last active check succeeded.")
         var checks = Family("berth_backend_checks_total", "counter", "Active checks run.")
@@ -62,6 +63,7 @@ enum MetricsRenderer {
                 up.add(labels, backend.status.takesTraffic ? 1 : 0)
                 status.add(labels + [("state", backend.status.rawValue)], 1)
                 weight.add(labels, backend.weight)
+                warmup.add(labels, Double(backend.warmupPercent ?? 100) / 100)
                 if let check = backend.check, check.code != "INI" {
                     if let duration = check.durationMilliseconds { checkDuration.add(labels, Double(duration) / 1000) }
                     checkUp.add(labels, check.code.hasSuffix("OK") ? 1 : 0)
@@ -72,7 +74,7 @@ enum MetricsRenderer {
                 }
             }
         }
-        families += [up, status, weight, checkDuration, checkUp, checks, ejections, allDown]
+        families += [up, status, weight, warmup, checkDuration, checkUp, checks, ejections, allDown]
         families += trafficFamilies(prefix: "berth_backend", what: "the backend", rows: backendRows)
         if let discovery = snapshot.discovery {
             families.append(single("berth_etcd_connected", "gauge", "1 while the etcd watch is established.", discovery.connected ? 1 : 0, labels: [("endpoint", discovery.endpoint)]))

@@ -172,11 +172,25 @@ public struct BackendStats: Sendable, Codable, Equatable {
     public var address: String
     public var status: BackendStatus
     public var adminState: AdminState
-    /// Balancing weight (round-robin: every backend 1).
+    /// Balancing weight in force: the operator's (`operatorWeight`) or the registry's.
     public var weight: Int
+    /// true when an operator set `weight` (`berth ctl weight`, the admin API); nil otherwise.
+    public var operatorWeight: Bool?
+    /// Slow start: the percentage of `weight` in force while the backend ramps up; nil at full.
+    public var warmupPercent: Int?
     /// nil without active checks (or in maintenance, whose checks pause).
     public var check: CheckStats?
     public var traffic: TrafficStats
+}
+
+extension BackendStats {
+    /// The weight in force, marked when an operator set it or while it ramps up (slow start).
+    public var weightText: String {
+        var text = String(weight)
+        if operatorWeight == true { text += " (set)" }
+        if let warmupPercent { text += " (slow start \(warmupPercent)%)" }
+        return text
+    }
 }
 
 /// The last active check of a backend.

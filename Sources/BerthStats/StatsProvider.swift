@@ -29,8 +29,10 @@ public struct StatsProvider: Sendable {
     public var discovery: (@Sendable () -> DiscoveryView)?
     /// The registrar's state; nil in processes that register nothing.
     public var registrar: (@Sendable () -> RegistrarView)?
-    /// A backend's balancing weight (nil: the table's).
-    public var weight: (@Sendable (BackendKey) -> Int)?
+    /// Balancing weights as published (operators' weights, slow start); nil: the table's.
+    public var weights: (@Sendable () -> [BackendKey: WeightInForce])?
+    /// Sets or clears (nil) an operator weight; nil disables that admin route.
+    public var setWeight: (@Sendable (Int?, BackendKey) throws(AdminError) -> Void)?
 
     public init(engine: @escaping @Sendable () -> EngineStatistics,
                 table: @escaping @Sendable () -> RoutingTable,
@@ -73,6 +75,8 @@ public struct StatsProvider: Sendable {
             setAdminState: { (state, key) throws(AdminError) in try router.setAdminState(state, for: key) },
             discovery: discovery, registrar: registrar)
         provider.listening = { engine.listeningAddresses() }
+        provider.weights = { router.weights() }
+        provider.setWeight = { (weight, key) throws(AdminError) in try router.setWeight(weight, for: key) }
         return provider
     }
 }
@@ -105,6 +109,7 @@ final class StatsCollector {
         let allDown = provider.allDownEvents()
         var services: [ServiceStats] = []
         let listening = provider.listening()
+        let weights = provider.weights?() ?? [:]
         for frontend in provider.table().frontends {
             let counters = statistics.frontends[frontend.name]
             var backends: [BackendStats] = []
@@ -113,10 +118,14 @@ final class StatsCollector {
                 let adminState = admin[key] ?? .ready
                 let record = health[key]
                 let check = record.flatMap { CheckReport.stats($0, settings: provider.checks, now: now) }
+                let inForce = weights[key]
+                let warmup = inForce.map(\.warmup) ?? Backend.fullWarmup
                 backends.append(BackendStats(
                     name: backend.name, address: backend.address.description,
                     status: Self.status(admin: adminState, health: record, enabled: backend.enabled),
-                    adminState: adminState, weight: provider.weight?(key) ?? backend.weight, check: check,
+                    adminState: adminState, weight: inForce?.weight ?? backend.weight,
+                    operatorWeight: inForce?.overridden == true ? true : nil,
+                    warmupPercent: warmup < Backend.fullWarmup ? warmup / 10 : nil, check: check,
                     traffic: traffic(counters?.backends[backend.name], rate: rates.rate(key), now: now)))
             }
             var totals = TrafficStats()

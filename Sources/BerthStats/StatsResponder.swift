@@ -31,17 +31,37 @@ struct StatsResponder {
             return StatsResponse(status: 200, contentType: "text/plain; version=0.0.4; charset=utf-8",
                                  body: MetricsRenderer.render(collector.snapshot()))
         case .admin(let service, let backend, let action):
-            // Admin needs credentials configured: without --stats-auth nobody may change state.
-            guard credentials != nil, let apply = collector.provider.setAdminState else {
-                return .text(403, "the admin API is off: start berth with --stats-auth USER:PASS")
-            }
-            do throws(AdminError) {
-                try apply(action, BackendKey(frontend: service, backend: backend))
-            } catch {
-                if case .unknownBackend = error { return .json(404, ["error": error.description]) }
-                return .json(500, ["error": error.description])
+            let key = BackendKey(frontend: service, backend: backend)
+            if let refusal = adminCall(collector.provider.setAdminState, { (apply) throws(AdminError) in try apply(action, key) }) {
+                return refusal
             }
             return .json(200, ["service": service, "backend": backend, "state": action.rawValue])
+        case .weight(let service, let backend, let weight):
+            let key = BackendKey(frontend: service, backend: backend)
+            if let refusal = adminCall(collector.provider.setWeight, { (apply) throws(AdminError) in try apply(weight, key) }) {
+                return refusal
+            }
+            return .json(200, ["service": service, "backend": backend, "weight": weight.map(String.init) ?? "reset"])
+        }
+    }
+}
+
+extension StatsResponder {
+    /// Runs an admin action; nil when it was applied, else the answer saying why not. Admin
+    /// needs credentials configured: without --stats-auth nobody may change state.
+    private func adminCall<Setter>(_ setter: Setter?, _ call: (Setter) throws(AdminError) -> Void) -> StatsResponse? {
+        guard credentials != nil, let setter else {
+            return .text(403, "the admin API is off: start berth with --stats-auth USER:PASS")
+        }
+        do throws(AdminError) {
+            try call(setter)
+            return nil
+        } catch {
+            switch error {
+            case .unknownBackend: return .json(404, ["error": error.description])
+            case .badWeight: return .json(400, ["error": error.description])
+            case .engine: return .json(500, ["error": error.description])
+            }
         }
     }
 }

@@ -11,6 +11,8 @@ enum StatsRoute: Equatable {
     case metrics
     case healthz
     case admin(service: String, backend: String, action: AdminState)
+    /// Sets (or with nil, clears) an operator weight: HAProxy's `set server weight`.
+    case weight(service: String, backend: String, weight: Int?)
     /// 404, 405 or 400 with a reason.
     case failure(status: Int, reason: String)
 
@@ -44,12 +46,19 @@ enum StatsRoute: Equatable {
     /// `/admin/backends/<service>/<backend>/<action>`, names percent-decoded.
     private static func admin(_ path: String) -> StatsRoute {
         let components = path.split(separator: "/", omittingEmptySubsequences: false).dropFirst().map(String.init)
-        guard components.count == 5, components[1] == "backends" else {
-            return .failure(status: 404, reason: "admin paths are /admin/backends/SERVICE/BACKEND/drain|enable|maint")
+        guard components.count == 5 || (components.count == 6 && components[4] == "weight"), components[1] == "backends" else {
+            return .failure(status: 404, reason: "admin paths are /admin/backends/SERVICE/BACKEND/drain|enable|maint and /admin/backends/SERVICE/BACKEND/weight/0-256|reset")
         }
         guard let service = PercentEncoding.decode(components[2]), !service.isEmpty,
               let backend = PercentEncoding.decode(components[3]), !backend.isEmpty else {
             return .failure(status: 400, reason: "bad service or backend name")
+        }
+        if components.count == 6 {
+            if components[5] == "reset" { return .weight(service: service, backend: backend, weight: nil) }
+            guard components[5].count <= 3, components[5].allSatisfy(\.isASCII), let weight = Int(components[5]), (0...256).contains(weight) else {
+                return .failure(status: 400, reason: "bad weight '\(components[5].prefix(16))': a number from 0 to 256, or reset")
+            }
+            return .weight(service: service, backend: backend, weight: weight)
         }
         guard let action = actions[components[4]] else {
             return .failure(status: 400, reason: "unknown action '\(components[4])': drain, enable or maint")

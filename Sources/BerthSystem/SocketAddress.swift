@@ -167,6 +167,15 @@ public struct SocketAddress: Sendable, Hashable, CustomStringConvertible {
         }
     }
 
+    /// Lends the address's host bytes (4 for IPv4, 16 for IPv6; no port), without allocating.
+    @inline(__always)
+    public func withHostBytes<Result>(_ body: (UnsafeRawBufferPointer) -> Result) -> Result {
+        switch storage {
+        case .v4(let address): withUnsafeBytes(of: address.sin_addr) { body($0) }
+        case .v6(let address): withUnsafeBytes(of: address.sin6_addr) { body($0) }
+        }
+    }
+
     private var comparableBytes: [UInt8] {
         switch storage {
         case .v4(let address):

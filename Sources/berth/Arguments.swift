@@ -70,6 +70,7 @@ struct DurationArgument: Sendable, CustomStringConvertible {
 
 extension RelayMode: ExpressibleByArgument {}
 extension ConnectionLogFormat: ExpressibleByArgument {}
+extension BalanceMode: ExpressibleByArgument {}
 
 /// Validation messages that say what is wrong with which flag, on one line.
 func invalid(_ flag: String, _ text: String, _ expectation: String) -> ValidationError {

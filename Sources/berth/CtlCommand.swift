@@ -9,13 +9,14 @@ import FoundationEssentials
 struct CtlCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ctl",
-        abstract: "Drain, enable or maintain a backend of a running berth, or list its backends.",
+        abstract: "Drain, enable, maintain or weigh a backend of a running berth, or list its backends.",
         discussion: """
             Calls the admin API of the stats server (started with --stats-auth USER:PASS): \
             drain (no new connections, open ones continue), maint (the same, and its checks pause), \
-            enable (back to what its health checks say). Exit status 1 when the server refuses.
+            enable (back to what its health checks say), weight (its share of new connections, as \
+            HAProxy's set server weight). Exit status 1 when the server refuses.
             """,
-        subcommands: [Drain.self, Enable.self, Maint.self, List.self])
+        subcommands: [Drain.self, Enable.self, Maint.self, Weight.self, List.self])
 
     static let environment = EnvironmentFlags(command: "ctl", flags: [
         ("--stats", "BERTH_STATS"), ("--auth", "BERTH_STATS_AUTH"),
@@ -39,6 +40,33 @@ struct CtlCommand: ParsableCommand {
         func run() throws { try backend.apply("maint") }
     }
 
+    struct Weight: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Set BACKEND's balancing weight (0 to 256; 0: no new connections), or reset it to the registry's.",
+            discussion: """
+                The weight holds while the backend stays in the service (a restart or its removal \
+                from the registry ends it); open connections are not touched. reset goes back to the \
+                weight the registry or --backend gave.
+                """)
+        @OptionGroup var backend: CtlBackend
+        @Argument(help: "0 to 256, or reset.") var weight: String
+
+        /// The weight asked for; nil for reset.
+        var value: Int? { Int(weight) }
+
+        func validate() throws {
+            guard weight == "reset" || (weight.allSatisfy(\.isNumber) && value.map { (0...256).contains($0) } == true) else {
+                throw ValidationError("invalid weight '\(weight.prefix(16))': a number from 0 to 256, or reset")
+            }
+        }
+
+        func run() throws {
+            let path = "/admin/backends/\(CtlTarget.escape(backend.service))/\(CtlTarget.escape(backend.backend))/weight/\(weight)"
+            _ = try backend.target.request("POST", path)
+            print("\(backend.service)/\(backend.backend): " + (value.map { "weight \($0)" } ?? "weight reset to the registry's"))
+        }
+    }
+
     struct List: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Print every service and backend with its status.")
         @OptionGroup var target: CtlTarget
@@ -51,14 +79,15 @@ struct CtlCommand: ParsableCommand {
             } catch {
                 throw CtlFailure(description: "unexpected answer from \(target.stats): \(error)")
             }
-            var rows = [["SERVICE", "BACKEND", "ADDRESS", "STATUS", "CHECK", "CUR", "TOTAL", "LAST"]]
+            var rows = [["SERVICE", "BACKEND", "ADDRESS", "STATUS", "WEIGHT", "CHECK", "CUR", "TOTAL", "LAST"]]
             for service in snapshot.services {
                 for backend in service.backends {
                     let check = backend.check.map { check in
                         check.code + (check.durationMilliseconds.map { " \($0)ms" } ?? "")
                     } ?? "-"
                     let last = backend.traffic.lastSessionSeconds.map { "\(Int($0))s" } ?? "-"
-                    rows.append([service.name, backend.name, backend.address, backend.status.rawValue, check,
+                    rows.append([service.name, backend.name, backend.address, backend.status.rawValue,
+                                 backend.weightText, check,
                                  String(backend.traffic.currentSessions), String(backend.traffic.totalSessions), last])
                 }
             }

@@ -13,7 +13,7 @@ struct ProxyOptions: ParsableArguments {
         ("--maxconn", "BERTH_MAXCONN"), ("--relay", "BERTH_RELAY"), ("--pipe-size", "BERTH_PIPE_SIZE"),
         ("--cpus", "BERTH_CPUS"), ("--retry-on", "BERTH_RETRY_ON"),
         ("--first-byte-timeout", "BERTH_FIRST_BYTE_TIMEOUT"), ("--log-format", "BERTH_LOG_FORMAT"),
-        ("--send-proxy", "BERTH_SEND_PROXY"),
+        ("--send-proxy", "BERTH_SEND_PROXY"), ("--balance", "BERTH_BALANCE"), ("--slow-start", "BERTH_SLOW_START"),
     ]
     static let switches: [(flag: String, variable: String)] = [("--log-connections", "BERTH_LOG_CONNECTIONS")]
 
@@ -52,6 +52,12 @@ struct ProxyOptions: ParsableArguments {
 
     @Option(help: EnvironmentFlags.help("With --retry-on response-timeout: how long a backend may stay silent after the client's first byte before the connection moves on.", "BERTH_FIRST_BYTE_TIMEOUT"), transform: DurationArgument.parse)
     var firstByteTimeout = DurationArgument(milliseconds: 2_000)
+
+    @Option(help: EnvironmentFlags.help("How a new connection picks its backend: roundrobin (smooth weighted round-robin, one rotation over all workers), leastconn (the fewest open connections over all workers, relative to weight), source (a consistent hash of the client's address: a client keeps its backend, and a backend added or removed moves only its share of clients). Per service: \"balance\" in its _config.", "BERTH_BALANCE"))
+    var balance: BalanceMode = .roundRobin
+
+    @Option(help: EnvironmentFlags.help("A backend that comes up (added to a running service, or back from down, drain or maintenance) ramps from a thousandth of its weight to all of it over this long, so that a cold backend is not flooded (HAProxy's slowstart; 0: at once). Per service: \"slow_start\" in its _config.", "BERTH_SLOW_START"), transform: DurationArgument.parse)
+    var slowStart = DurationArgument(milliseconds: 0)
 
     @Option(help: EnvironmentFlags.help("Write a PROXY protocol header (v1 text or v2 binary, as HAProxy's send-proxy and send-proxy-v2) to each backend before the client's first byte, so that it sees the client's address; none to send none. Per service: \"send_proxy\" in its _config.", "BERTH_SEND_PROXY"))
     var sendProxy: SendProxyArgument = .none
@@ -116,6 +122,8 @@ struct ProxyOptions: ParsableArguments {
             firstByteTimeout: firstByteTimeout.milliseconds)
         settings.logConnections = logConnections
         settings.sendProxy = sendProxy.version
+        settings.balance = balance
+        settings.slowStart = slowStart.milliseconds
         return settings
     }
 

@@ -18,10 +18,12 @@ struct StateFileSession: Sendable {
         let loaded = restore ? load(path) : nil
         let writer = StateFileWriter(path: path, written: loaded)
         router.onPublish { applied in
-            writer.submit(SavedState(table: applied.desired, health: applied.health, adminStates: applied.adminStates))
+            var saved = SavedState(table: applied.desired, health: applied.health, adminStates: applied.adminStates)
+            saved.weights = applied.weights
+            writer.submit(saved)
         }
         guard let loaded else { return StateFileSession(writer: writer, restored: false) }
-        router.seed(health: loaded.health, adminStates: loaded.adminStates)
+        router.seed(health: loaded.health, adminStates: loaded.adminStates, weights: loaded.weights)
         do {
             let result = try router.apply(loaded.table)
             for (service, reason) in result.failures { log("service \(service): cannot listen: \(reason)", level: .error) }

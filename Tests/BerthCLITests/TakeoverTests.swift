@@ -166,7 +166,9 @@ final class TakeoverRegistrationTests: BerthTestCase {
             lease = Self.leases(try? etcd.etcdctl(["get", "--prefix", "/backends/web/", "-w", "fields"])).first ?? ""
             return !lease.isEmpty
         }, "the first process registered web")
-        XCTAssertTrue(try HTTPProbe.get(port: listen, timeout: 2).contains("kept"))
+        // Registered is not yet routed: discovery sees the key through its watch, then listens.
+        XCTAssertNotNil(waitUntil(timeout: 10) { (try? HTTPProbe.get(port: listen, timeout: 2))?.contains("kept") == true },
+                        "the first process never served web: \(first.standardError)")
 
         let second = try launch(BerthBinary.path, arguments, environment: environment)
         XCTAssertTrue(second.waitForStandardError(containing: "takeover complete", timeout: 30), second.standardError)

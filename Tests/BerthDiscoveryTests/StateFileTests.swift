@@ -18,6 +18,7 @@ final class StateFileTests: XCTestCase {
         settings.balance = .leastConn
         settings.sendProxy = .v2
         settings.logConnections = true
+        settings.slowStart = 30_000
         let table = RoutingTable(revision: 4242, frontends: [
             Frontend(name: "jwilder/whoami web", listen: address("0.0.0.0:8000"), backends: [
                 Backend(name: "c1", address: address("127.0.0.5:32768"), weight: 3),
@@ -25,10 +26,12 @@ final class StateFileTests: XCTestCase {
             ], settings: settings),
             Frontend(name: "db", listen: address("[::]:5432"), backends: []),
         ])
-        return SavedState(table: table,
-                          health: [BackendKey(frontend: "jwilder/whoami web", backend: "c1"): .down],
-                          adminStates: [BackendKey(frontend: "jwilder/whoami web", backend: "c%2 ü"): .maint],
-                          savedAt: 1_764_930_000)
+        var state = SavedState(table: table,
+                               health: [BackendKey(frontend: "jwilder/whoami web", backend: "c1"): .down],
+                               adminStates: [BackendKey(frontend: "jwilder/whoami web", backend: "c%2 ü"): .maint],
+                               savedAt: 1_764_930_000)
+        state.weights = [BackendKey(frontend: "jwilder/whoami web", backend: "c1"): 0]
+        return state
     }
 
     private func small() -> [UInt8] {
@@ -46,7 +49,7 @@ final class StateFileTests: XCTestCase {
         XCTAssertEqual(try StateFile.decode(StateFile.encode(state)), state)
         let empty = SavedState(table: RoutingTable(revision: 0, frontends: []), savedAt: 0)
         XCTAssertEqual(try StateFile.decode(StateFile.encode(empty)), empty)
-        XCTAssertTrue(String(decoding: StateFile.encode(state), as: UTF8.self).hasPrefix("berth-state 1 "))
+        XCTAssertTrue(String(decoding: StateFile.encode(state), as: UTF8.self).hasPrefix("berth-state 2 "))
     }
 
     func testEveryTruncationIsRejected() {
@@ -73,10 +76,32 @@ final class StateFileTests: XCTestCase {
     }
 
     func testWrongVersionIsRejected() {
-        let text = String(decoding: small(), as: UTF8.self).replacing("berth-state 1 ", with: "berth-state 2 ")
-        XCTAssertThrowsError(try StateFile.decode(Array(text.utf8))) {
-            XCTAssertEqual($0 as? StateFileError, .unsupportedVersion("2"))
+        for version in ["3", "0", "10", "x"] {
+            let text = String(decoding: small(), as: UTF8.self).replacing("berth-state 2 ", with: "berth-state \(version) ")
+            XCTAssertThrowsError(try StateFile.decode(Array(text.utf8))) {
+                XCTAssertEqual($0 as? StateFileError, .unsupportedVersion(version))
+            }
         }
+    }
+
+    /// A file written by the version before slow start and operator weights is still served.
+    func testVersionOneIsRead() throws {
+        let body = "revision 9\nsaved 5\nfrontend web 0.0.0.0:80 retries=3 connect=5000 client=60000 server=60000 retry-empty=0 "
+            + "retry-timeout=0 first-byte=2000 replay=16384 balance=source proxy=none log=0\n"
+            + "backend a 127.0.0.1:81 weight=4 enabled=1 health=up admin=drain\n"
+        let bytes = Array(body.utf8)
+        let header = "berth-state 1 \(bytes.count) \(StateFile.hex(CRC32.checksum(bytes)))\n"
+        let state = try StateFile.decode(Array(header.utf8) + bytes)
+        XCTAssertEqual(state.table.revision, 9)
+        XCTAssertEqual(state.table.frontends.first?.settings.balance, .source)
+        XCTAssertEqual(state.table.frontends.first?.settings.slowStart, 0)
+        XCTAssertEqual(state.table.frontends.first?.backends.first?.weight, 4)
+        XCTAssertEqual(state.adminStates[BackendKey(frontend: "web", backend: "a")], .drain)
+        XCTAssertEqual(state.weights, [:])
+        // A version-2 line in a version-1 file is refused.
+        let v2 = body.replacing("admin=drain", with: "admin=drain set-weight=3")
+        let v2Bytes = Array(v2.utf8)
+        assertRejected(Array("berth-state 1 \(v2Bytes.count) \(StateFile.hex(CRC32.checksum(v2Bytes)))\n".utf8) + v2Bytes, "v2 line in v1")
     }
 
     func testGarbageIsRejected() {
@@ -115,6 +140,23 @@ final class StateFileTests: XCTestCase {
             let header = "berth-state 1 \(bytes.count) \(StateFile.hex(CRC32.checksum(bytes)))\n"
             assertRejected(Array(header.utf8) + bytes, body)
         }
+        let settings2 = settings + " slow-start=0"
+        let backend2 = backend + " set-weight=none"
+        let bodies2 = [
+            "revision 1\nsaved 1\nfrontend web 0.0.0.0:80 \(settings)\n", // a version-1 line
+            "revision 1\nsaved 1\nfrontend web 0.0.0.0:80 \(settings2.replacing("slow-start=0", with: "slow-start=-5"))\n",
+            "revision 1\nsaved 1\nfrontend web 0.0.0.0:80 \(settings2)\nbackend a 127.0.0.1:81 \(backend2.replacing("set-weight=none", with: "set-weight=257"))\n",
+            "revision 1\nsaved 1\nfrontend web 0.0.0.0:80 \(settings2)\nbackend a 127.0.0.1:81 \(backend2.replacing("set-weight=none", with: "set-weight=x"))\n",
+        ]
+        for body in bodies2 {
+            let bytes = Array(body.utf8)
+            let header = "berth-state 2 \(bytes.count) \(StateFile.hex(CRC32.checksum(bytes)))\n"
+            assertRejected(Array(header.utf8) + bytes, body)
+        }
+        let good = "revision 1\nsaved 1\nfrontend web 0.0.0.0:80 \(settings2)\nbackend a 127.0.0.1:81 \(backend2.replacing("set-weight=none", with: "set-weight=7"))\n"
+        let goodBytes = Array(good.utf8)
+        let decoded = try? StateFile.decode(Array("berth-state 2 \(goodBytes.count) \(StateFile.hex(CRC32.checksum(goodBytes)))\n".utf8) + goodBytes)
+        XCTAssertEqual(decoded?.weights, [BackendKey(frontend: "web", backend: "a"): 7])
     }
 
     func testCRC32() {

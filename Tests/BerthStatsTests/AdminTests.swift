@@ -100,5 +100,31 @@ final class AdminTests: XCTestCase {
         XCTAssertEqual(try post(open, "/admin/backends/web/a/drain", authorization: auth).status, 403)
         XCTAssertEqual(open.router.adminStates(), [:])
         XCTAssertEqual(try HTTP.request(open.statsAddress, "GET", "/").status, 200, "pages open without --stats-auth")
+        XCTAssertEqual(try post(open, "/admin/backends/web/a/weight/3", authorization: auth).status, 403)
+    }
+
+    /// `POST /admin/backends/SERVICE/BACKEND/weight/N|reset`: HAProxy's `set server weight`.
+    func testWeightRoute() throws {
+        let stack = try StatsStack(services: [.init(name: "web", backends: ["a", "b"])], credentials: "admin:pw")
+        defer { stack.stop() }
+        let auth = credentials.headerValue
+        let name = stack.router.desiredTable().frontends[0].backends[0].name
+        let key = BackendKey(frontend: "web", backend: name)
+        let escaped = name.replacingOccurrences(of: ":", with: "%3A")
+        XCTAssertEqual(try post(stack, "/admin/backends/web/\(escaped)/weight/7", authorization: nil).status, 401)
+        let set = try post(stack, "/admin/backends/web/\(escaped)/weight/7", authorization: auth)
+        XCTAssertEqual(set.status, 200, set.body)
+        XCTAssertTrue(set.body.contains("\"weight\" : \"7\""), set.body)
+        XCTAssertEqual(stack.router.weights()[key]?.weight, 7)
+        let page = try HTTP.request(stack.statsAddress, "GET", "/", authorization: auth)
+        XCTAssertTrue(page.body.contains("7 (set)"), "the page does not show the operator's weight")
+        for bad in ["257", "-1", "x", "", "0007"] {
+            XCTAssertEqual(try post(stack, "/admin/backends/web/\(escaped)/weight/\(bad)", authorization: auth).status, 400, bad)
+        }
+        XCTAssertEqual(try post(stack, "/admin/backends/web/zzz/weight/2", authorization: auth).status, 404)
+        XCTAssertEqual(try post(stack, "/admin/backends/web/\(escaped)/weight", authorization: auth).status, 400)
+        XCTAssertEqual(stack.router.weights()[key]?.weight, 7, "a refused request changed the weight")
+        XCTAssertEqual(try post(stack, "/admin/backends/web/\(escaped)/weight/reset", authorization: auth).status, 200)
+        XCTAssertEqual(stack.router.weights()[key], WeightInForce(weight: 1, warmup: Backend.fullWarmup, overridden: false))
     }
 }

@@ -31,6 +31,10 @@ public struct RoutingTable: Sendable, Equatable {
             if let bad = frontend.backends.first(where: { !(0...256).contains($0.weight) }) {
                 return "frontend '\(frontend.name)': backend '\(bad.name)' has weight \(bad.weight) (0 to 256)"
             }
+            if let bad = frontend.backends.first(where: { !(1...Backend.fullWarmup).contains($0.warmup) }) {
+                return "frontend '\(frontend.name)': backend '\(bad.name)' has warmup \(bad.warmup) (1 to \(Backend.fullWarmup))"
+            }
+            if frontend.settings.slowStart < 0 { return "frontend '\(frontend.name)': slow start must be >= 0" }
         }
         return nil
     }
@@ -61,6 +65,11 @@ public struct Backend: Sendable, Hashable {
     /// Share of new connections relative to the frontend's other backends (0...256, HAProxy's
     /// range). 0 takes no new connection; its open ones run on.
     public var weight: Int
+    /// Slow start: the part of `weight` in force now, in thousandths (`fullWarmup`: all of it).
+    /// The health layer raises it step by step after the backend comes up.
+    public var warmup: Int = Backend.fullWarmup
+
+    public static let fullWarmup = 1_000
 
     public init(name: String, address: SocketAddress, enabled: Bool = true, weight: Int = 1) {
         self.name = name
@@ -68,6 +77,11 @@ public struct Backend: Sendable, Hashable {
         self.enabled = enabled
         self.weight = weight
     }
+
+    /// The weight balancing uses: `weight` scaled by `warmup` (thousandths of it; only ratios
+    /// between backends matter, so a weight-1 backend can ramp in fine steps too).
+    @inline(__always)
+    public var effectiveWeight: Int { weight * warmup }
 
     public init(_ address: SocketAddress) {
         self.init(name: address.description, address: address)
@@ -97,6 +111,10 @@ public struct FrontendSettings: Sendable, Equatable {
     public var replayLimit = 16 * 1024
     /// How a new connection picks its backend.
     public var balance: BalanceMode = .roundRobin
+    /// A backend that comes up (added to a running frontend, or back from down or maintenance)
+    /// ramps from a small share to its full weight over this many ms (HAProxy's `slowstart`;
+    /// 0: at once). The engine does not read it: the health layer sets `Backend.warmup`.
+    public var slowStart: Int64 = 0
     /// Write a PROXY protocol header to the backend before the client's first byte (nil: none).
     public var sendProxy: ProxyProtocolVersion?
     /// One log record per closed connection (HAProxy's `option tcplog`).

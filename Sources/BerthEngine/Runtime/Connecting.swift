@@ -19,19 +19,19 @@ extension Worker {
                 closeSession(session)
                 return
             }
-            var index: Int
-            if let schedule = frontend.schedule {
-                // The weighted pick for this position; a retry moves on to the next backends in order.
-                let first = Int(schedule[Int(session.rotation % UInt64(schedule.count))])
-                index = (first + session.attempt) % backends.count
-            } else {
-                index = RoundRobin.index(position: session.rotation, attempt: session.attempt, count: backends.count)
-            }
+            // The balancing mode picks the first backend; a retry moves on to the next ones in order.
+            if session.attempt == 0 { session.firstPick = firstPick(session, frontend: frontend, backends: backends) }
+            var index = (session.firstPick + session.attempt) % backends.count
             if let silent = session.silentHost, backends[index].backend.address.withPort(0) == silent {
                 index = Self.nextOnAnotherHost(backends, after: index, avoiding: silent) ?? index
             }
             let server = backends[index]
             session.server = server
+            if session.load !== server.load {
+                session.load?.remove()
+                session.load = server.load
+                session.load?.add()
+            }
             do throws(SystemError) {
                 var connected = false
                 var socket = try io.connect(to: server.backend.address, connected: &connected)
@@ -64,6 +64,25 @@ extension Worker {
                 session.attempt += 1
                 if session.attempt <= frontend.settings.retries { server.counters.add(server.counters.retries, 1) }
             }
+        }
+    }
+
+    /// The candidate a new session tries first, by the frontend's balancing mode.
+    @inline(__always)
+    func firstPick(_ session: Session, frontend: FrontendRuntime, backends: [BackendRuntime]) -> Int {
+        let count = UInt64(backends.count)
+        switch frontend.settings.balance {
+        case .roundRobin:
+            if let schedule = frontend.schedule { return Int(schedule[Int(session.rotation % UInt64(schedule.count))]) }
+            return Int(session.rotation % count)
+        case .leastConn:
+            // The rotation decides where the scan starts, so that equally loaded backends take turns.
+            return LeastConnections.pick(count: backends.count, start: Int(session.rotation % count),
+                                         load: { backends[$0].load?.current ?? 0 },
+                                         weight: { backends[$0].backend.effectiveWeight })
+        case .source:
+            guard let ring = frontend.ring, let peer = session.peer else { return Int(session.rotation % count) }
+            return ring.owner(of: HashRing.key(of: peer)) % backends.count
         }
     }
 

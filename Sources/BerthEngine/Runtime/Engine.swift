@@ -24,6 +24,8 @@ public final class Engine: Sendable {
         /// Sockets handed over by a previous process (`adopt`), not yet taken by a frontend.
         var adopted: [ListenerGroup] = []
         var cursors: [String: RoundRobinCursor] = [:]
+        /// Per leastconn frontend, per backend name: open connections over every worker.
+        var loads: [String: [String: BackendLoad]] = [:]
         var threads: [pthread_t] = []
         var revision: UInt64 = 0
         var stopped = false
@@ -115,9 +117,20 @@ public final class Engine: Sendable {
             if served.contains(where: \.settings.logConnections) { shared.connectionLog?.start() }
             state.listening = listening
             state.cursors = state.cursors.filter { listening[$0.key] != nil }
+            // A backend keeps its counter while it stays in a leastconn frontend; sessions hold
+            // the counter they added to, so one dropped here is still decremented correctly.
+            var loads: [String: [String: BackendLoad]] = [:]
+            for frontend in served where frontend.settings.balance == .leastConn {
+                var current: [String: BackendLoad] = [:]
+                for backend in frontend.backends {
+                    current[backend.name] = state.loads[frontend.name]?[backend.name] ?? BackendLoad()
+                }
+                loads[frontend.name] = current
+            }
+            state.loads = loads
             state.revision = table.revision
             let published = PublishedTable(
-                table: RoutingTable(revision: table.revision, frontends: served), cursors: state.cursors)
+                table: RoutingTable(revision: table.revision, frontends: served), cursors: state.cursors, loads: loads)
             for (index, handle) in handles.enumerated() {
                 handle.post(.install(published, listeners: handoffs[index]))
             }

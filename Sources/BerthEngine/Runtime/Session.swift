@@ -33,6 +33,11 @@ final class Session {
     /// The rotation position this connection drew, and how many connects it has tried.
     var rotation: UInt64 = 0
     var attempt = 0
+    /// The candidate the balancing mode picked for the first attempt; retries go on from it.
+    var firstPick = 0
+    /// `balance leastconn`: the counter this session added itself to (its backend's, as it was
+    /// when picked), taken off when it leaves that backend or ends.
+    var load: BackendLoad?
     /// The address (port 0) of a backend whose connect timed out: a host that says nothing may
     /// be dead as a whole, so retries go to backends on other hosts while there are any.
     var silentHost: SocketAddress?
@@ -92,6 +97,7 @@ final class Session {
         frontend = nil
         server = nil
         attempt = 0
+        precondition(load == nil)
         silentHost = nil
         request = Flow()
         response = Flow()

@@ -205,6 +205,8 @@ final class Worker<IO: SocketIO> {
         session.dropReplay()
         if session.state == .relaying { session.server?.counters.sessionEnded() }
         session.frontend?.counters.sessionEnded()
+        session.load?.remove()
+        session.load = nil
         session.reset()
         sessions.release(session)
         activeSessions -= 1

@@ -51,6 +51,9 @@ extension Worker {
             }
             runtime.candidates = runtime.backends.filter { PublishedTable.isCandidate($0.backend) }
             runtime.schedule = published.schedules[spec.name]
+            runtime.ring = published.rings[spec.name]
+            let loads = published.loads[spec.name]
+            for backend in runtime.backends { backend.load = loads?[backend.backend.name] }
             for gone in existing.values { gone.removed = true }
             if let fds = listeners[spec.name], let first = fds.first {
                 closeListener(runtime)

@@ -17,6 +17,8 @@ final class FrontendRuntime {
     /// With unequal weights: one period of the smooth weighted rotation (indices into
     /// `candidates`; `WeightedSchedule`); nil: the plain rotation.
     var schedule: [Int32]?
+    /// `balance source`: the consistent hash ring over `candidates`.
+    var ring: HashRing?
     var listener = Descriptor.none
     /// Further sockets of the listener group this worker accepts on: only after a takeover that
     /// handed over more sockets than this engine has workers (none of them may be closed while
@@ -41,6 +43,8 @@ final class BackendRuntime {
     var removed = false
     /// Failed connects in a row on this worker (passive health, `observeErrors`).
     var consecutiveFailures = 0
+    /// `balance leastconn`: its open connections over every worker (nil: not counted).
+    var load: BackendLoad?
 
     init(backend: Backend, counters: TrafficCounters) {
         self.backend = backend
@@ -58,22 +62,38 @@ enum WorkerCommand: Sendable {
     case stop(deadline: Int64)
 }
 
-/// The immutable table a worker installs: the routing table plus the shared rotation cursors.
+/// The immutable table a worker installs: the routing table plus the shared rotation cursors
+/// and leastconn counters, and what is precomputed for the balancing modes.
 final class PublishedTable: Sendable {
     let table: RoutingTable
     let cursors: [String: RoundRobinCursor]
-    /// Per frontend with unequal weights: its smooth weighted schedule over the candidates
-    /// (`isCandidate`), built once here on the control thread and shared by every worker.
+    /// Per leastconn frontend, per backend name: its open connections over every worker.
+    let loads: [String: [String: BackendLoad]]
+    /// Per round-robin frontend with unequal weights: its smooth weighted schedule over the
+    /// candidates (`isCandidate`), built once here on the control thread and shared by every worker.
     let schedules: [String: [Int32]]
+    /// Per source frontend: its hash ring over the candidates.
+    let rings: [String: HashRing]
 
-    init(table: RoutingTable, cursors: [String: RoundRobinCursor]) {
+    init(table: RoutingTable, cursors: [String: RoundRobinCursor], loads: [String: [String: BackendLoad]] = [:]) {
         self.table = table
         self.cursors = cursors
+        self.loads = loads
         var schedules: [String: [Int32]] = [:]
+        var rings: [String: HashRing] = [:]
         for frontend in table.frontends {
-            schedules[frontend.name] = WeightedSchedule.make(frontend.backends.filter(Self.isCandidate).map(\.weight))
+            let candidates = frontend.backends.filter(Self.isCandidate)
+            switch frontend.settings.balance {
+            case .roundRobin:
+                schedules[frontend.name] = WeightedSchedule.make(candidates.map(\.effectiveWeight))
+            case .source:
+                rings[frontend.name] = HashRing(names: candidates.map(\.name), weights: candidates.map(\.effectiveWeight))
+            case .leastConn:
+                break
+            }
         }
         self.schedules = schedules
+        self.rings = rings
     }
 
     /// Whether new connections may go to `backend`: enabled, weight above 0. Workers filter
