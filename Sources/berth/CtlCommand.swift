@@ -44,8 +44,8 @@ struct CtlCommand: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Set BACKEND's balancing weight (0 to 256; 0: no new connections), or reset it to the registry's.",
             discussion: """
-                The weight holds while the backend stays in the service (a restart or its removal \
-                from the registry ends it); open connections are not touched. reset goes back to the \
+                The weight holds while the backend stays in the service (a restart without \
+                --state-file, or its removal from the registry, ends it); open connections are not touched. reset goes back to the \
                 weight the registry or --backend gave.
                 """)
         @OptionGroup var backend: CtlBackend

@@ -199,6 +199,15 @@ final class SchemaTests: XCTestCase {
         loggingDefaults.logConnections = true
         XCTAssertFalse(try ServiceConfig.parse(bytes(#"{"log_connections":false}"#)).frontendSettings(over: loggingDefaults).logConnections,
                        "a service turns the command line's log off for itself")
+        let balanced = try ServiceConfig.parse(bytes(#"{"balance":"source","slow_start":"30s"}"#)).frontendSettings(over: FrontendSettings())
+        XCTAssertEqual(balanced.balance, .source)
+        XCTAssertEqual(balanced.slowStart, 30_000)
+        var rampingDefaults = FrontendSettings()
+        rampingDefaults.slowStart = 5_000
+        rampingDefaults.balance = .leastConn
+        let off = try ServiceConfig.parse(bytes(#"{"slow_start":0}"#)).frontendSettings(over: rampingDefaults)
+        XCTAssertEqual(off.slowStart, 0, "a service turns the command line's slow start off for itself")
+        XCTAssertEqual(off.balance, .leastConn)
         let bad: [(String, ValueError.Reason)] = [
             (#"{"listen":0}"#, .badPort), (#"{"listen":"8000"}"#, .wrongType), (#"{"retries":-1}"#, .outOfRange),
             (#"{"connect_timeout":"5 parsecs"}"#, .badDuration), (#"{"linger":true}"#, .badDuration),
@@ -209,6 +218,8 @@ final class SchemaTests: XCTestCase {
             (#"{"check":{"path":"health"}}"#, .badCheck), (#"{"check":{"status":"600"}}"#, .badCheck),
             (#"{"check":{"interval":"1ms"}}"#, .badCheck), (#"{"check":{"rise":0}}"#, .outOfRange),
             (#"{"log_connections":"yes"}"#, .wrongType), (#"{"send_proxy":"v3"}"#, .wrongType), (#"{"send_proxy":2}"#, .wrongType),
+            (#"{"balance":"random"}"#, .wrongType), (#"{"balance":1}"#, .wrongType), (#"{"slow_start":"soon"}"#, .badDuration),
+            (#"{"slow_start":-1}"#, .badDuration),
             ("[]", .notObject), ("8000", .notObject), ("", .empty), ("{", .notJSON),
         ]
         for (text, reason) in bad {
