@@ -149,7 +149,11 @@ struct BenchOptions: Sendable {
     /// Rounds over all setups; each figure is taken from the least disturbed round.
     var rounds = 1
     /// The scenarios run after the phases (Scenarios.swift).
-    var scenarios = Scenario.allCases
+    var scenarios = Scenario.byDefault
+    /// The fleet scenario's simulated hosts (`--fleet-hosts`; nil: 200, 20 with `--quick`).
+    var fleetHosts: Int?
+    /// The fleet scenario's services (`--fleet-services`; nil: 1,000, 100 with `--quick`).
+    var fleetServices: Int?
     /// The `berth` executable the scenarios run; nil: the one built beside this bench.
     var berthPath: String?
     /// An older `berth` the features scenario also runs with its defaults (the "before" row).
@@ -200,21 +204,13 @@ enum CommandLineParser {
                     throw UsageError(description: "--seconds \(text): expected a number of seconds from 0.1 to 600")
                 }
                 options.seconds = seconds
-            case "--rate":
-                let text = try reader.value(for: flag)
-                guard let rate = Int(text), rate >= 1, rate <= 100_000 else {
-                    throw UsageError(description: "--rate \(text): expected requests per second from 1 to 100000")
-                }
-                options.rate = rate
-            case "--repeat":
-                let text = try reader.value(for: flag)
-                guard let rounds = Int(text), rounds >= 1, rounds <= 20 else {
-                    throw UsageError(description: "--repeat \(text): expected a number of rounds from 1 to 20")
-                }
-                options.rounds = rounds
+            case "--rate": options.rate = try reader.integer(for: flag, in: 1...100_000, "requests per second")
+            case "--repeat": options.rounds = try reader.integer(for: flag, in: 1...20, "a number of rounds")
             case "--haproxy": options.haproxyPath = try reader.value(for: flag)
             case "--berth": options.berthPath = try reader.value(for: flag)
             case "--berth-before": options.berthBeforePath = try reader.value(for: flag)
+            case "--fleet-hosts": options.fleetHosts = try reader.integer(for: flag, in: 1...1_000, "a number of hosts")
+            case "--fleet-services": options.fleetServices = try reader.integer(for: flag, in: 1...10_000, "a number of services")
             case "--proxy-wrapper":
                 options.proxyWrapper = try reader.value(for: flag).split(separator: " ").map(String.init)
                 guard !options.proxyWrapper.isEmpty else { throw UsageError(description: "--proxy-wrapper needs a command") }
@@ -242,7 +238,7 @@ enum CommandLineParser {
             if phasesAllowed && word == "phases" {
                 phases += Phase.allCases
             } else if word == "scenarios" {
-                scenarios += Scenario.allCases
+                scenarios += Scenario.byDefault
             } else if let scenario = Scenario(rawValue: String(word)) {
                 scenarios.append(scenario)
             } else if phasesAllowed && word == "bulk" {
@@ -281,6 +277,15 @@ struct ArgumentReader {
         guard index < arguments.count else { return nil }
         defer { index += 1 }
         return arguments[index]
+    }
+
+    /// The next argument as a whole number in `range`; the error names the flag and `what`.
+    mutating func integer(for flag: String, in range: ClosedRange<Int>, _ what: String) throws(UsageError) -> Int {
+        let text = try value(for: flag)
+        guard let number = Int(text), range.contains(number) else {
+            throw UsageError(description: "\(flag) \(text): expected \(what) from \(range.lowerBound) to \(range.upperBound)")
+        }
+        return number
     }
 
     mutating func value(for flag: String) throws(UsageError) -> String {

@@ -137,18 +137,18 @@ extension Launcher {
     /// One `GET /` with `Connection: close`: the response as read until the server closed (at
     /// most 16 KiB), or nil when the connect, the send or a read failed or took more than
     /// `stepTimeout` ms.
-    static func fetch(from address: SocketAddress, stepTimeout: CInt) -> [UInt8]? {
+    static func fetch(from address: SocketAddress, path: String = "/", stepTimeout: CInt, limit: Int = 16_384) -> [UInt8]? {
         var connected = false
         guard var socket = try? Sockets.connect(to: address, connected: &connected) else { return nil }
         defer { socket.close() }
         var poller = pollfd(fd: socket.raw, events: Int16(POLLOUT), revents: 0)
         guard connected || (poll(&poller, 1, stepTimeout) == 1 && Sockets.pendingError(socket.raw) == 0) else { return nil }
-        var request = Array("GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".utf8)
+        var request = Array("GET \(path) HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".utf8)
         let written = request.withUnsafeMutableBytes { Glibc.send(socket.raw, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
         guard written == request.count else { return nil }
         var response: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 1_024)
-        for _ in 0..<16 where response.count < 16_384 {
+        var buffer = [UInt8](repeating: 0, count: 16_384)
+        for _ in 0..<(limit / 1_024 + 16) where response.count < limit {
             poller = pollfd(fd: socket.raw, events: Int16(POLLIN), revents: 0)
             guard poll(&poller, 1, stepTimeout) == 1 else { return nil }
             let count = buffer.withUnsafeMutableBytes { Glibc.read(socket.raw, $0.baseAddress, $0.count) }

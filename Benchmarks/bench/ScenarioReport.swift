@@ -34,6 +34,7 @@ struct ScenarioReport {
         if let statsFuzz = results.statsFuzz { out += statsFuzzText(statsFuzz) }
         if let hosts = results.hosts { out += hostsText(hosts) }
         if let features = results.features { out += featuresText(features) }
+        if let fleet = results.fleet { out += fleetText(fleet) }
         return out
     }
 
@@ -223,6 +224,7 @@ struct ScenarioReport {
                     + "\(Format.fixed(window.disturbance, 2)) CPU)" + (window.errors > 0 ? " and had \(window.errors) errors" : ""))
             }
         }
+        for failure in results.fleet?.failures ?? [] { notes.append("fleet: \(failure)") }
         if let features = results.features {
             for failure in features.failures { notes.append("features: \(failure)") }
             for window in features.windows where window.disturbance >= 0.1 || window.errors > 0 {
@@ -270,6 +272,7 @@ struct ScenarioReport {
         if let statsFuzz = results.statsFuzz { members.append(("statsFuzz", statsFuzzJSON(statsFuzz))) }
         if let hosts = results.hosts { members.append(("hosts", hostsJSON(hosts))) }
         if let features = results.features { members.append(("features", featuresJSON(features))) }
+        if let fleet = results.fleet { members.append(("fleet", fleetJSON(fleet))) }
         return .object(members)
     }
 

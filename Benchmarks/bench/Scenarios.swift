@@ -25,6 +25,13 @@ enum Scenario: String, CaseIterable, Sendable {
     /// modes, slow start, PROXY protocol, the connection log), against all off in the same
     /// round, and against an older binary (`--berth-before`) for "nothing changed when off".
     case features
+    /// A fleet of simulated hosts, each a real `berth discover`, on one etcd, directly and
+    /// through etcd's gRPC proxy: put → routable on every host under churn, etcd's cost, and
+    /// the re-listing after an etcd restart. Only when named (it starts hundreds of processes).
+    case fleet
+
+    /// What runs when no scenario is named.
+    static let byDefault = allCases.filter { $0 != .fleet }
 }
 
 /// The order of a scenario's windows without (false) and with (true) what it measures:
@@ -213,6 +220,7 @@ struct ScenarioResults {
     var statsFuzz: StatsFuzzResult?
     var hosts: HostsResult?
     var features: FeaturesResult?
+    var fleet: FleetResult?
     var notes: [String] = []
 }
 
@@ -256,6 +264,8 @@ struct ScenarioRunner {
             case .features:
                 results.features = FeaturesScenario(options: options, proxyCPU: proxyCPU, loadCPU: loadCPU, web: web, own: own,
                                                     berth: berth).run()
+            case .fleet:
+                results.fleet = FleetScenario(options: options, loadCPU: loadCPU, berth: berth).run()
             case .hosts:
                 results.hosts = HostsScenario(options: options, berth: berth, haproxy: Launcher.locateHAProxy(options.haproxyPath)).run()
             }

@@ -2,7 +2,7 @@
 let benchUsage = """
     usage: bench [--quick] [--json] [--phases LIST] [--scenarios LIST] [--setups LIST] [--seconds N]
                  [--rate N] [--repeat N] [--haproxy PATH] [--berth PATH] [--berth-before PATH]
-                 [--proxy-wrapper COMMAND] [--help]
+                 [--fleet-hosts N] [--fleet-services N] [--proxy-wrapper COMMAND] [--help]
 
     Measures Berth against a direct connection and against HAProxy on this machine, all in one
     run: keep-alive requests/s, new connections/s, bulk Gbit/s with 1 and 4 streams, latency
@@ -19,7 +19,9 @@ let benchUsage = """
     backend, delay, loss, etcd cut off; Berth beside HAProxy; needs root, ip and iptables) and
     features (new connections with each opt-in feature on: weights, leastconn, source, slow
     start, PROXY protocol v1 and v2, the connection log; against all off in the same round, and
-    against --berth-before's binary).
+    against --berth-before's binary). Only when named: fleet (N hosts, each a real berth discover,
+    on one etcd, directly and through etcd grpc-proxy: put -> routable on every host under 50
+    changes a second, etcd's CPU, memory and bytes per change, the catch-up after an etcd restart).
 
       --quick          1 s per phase instead of 5 s
       --json           print the figures as JSON instead of tables (progress still goes to stderr)
@@ -29,7 +31,7 @@ let benchUsage = """
                        phases the eight phases; scenarios the six scenarios); only what is named runs
                        (default: all)
       --scenarios LIST the same, for scenarios only: failover, checks, discovery, stats-fuzz, hosts,
-                       features
+                       features, fleet (fleet only when named)
                        (with no --phases, no phase runs)
       --setups LIST    comma-separated, from: direct, berth-splice, berth-copy, berth-auto,
                        haproxy, haproxy-splice-auto, berth-default (the berth binary's
@@ -46,6 +48,9 @@ let benchUsage = """
       --berth-before PATH
                        an older berth binary: the features scenario also runs it with its
                        defaults (the "before" row: what all features off cost before them)
+      --fleet-hosts N  the fleet scenario's hosts (default 200; 20 with --quick)
+      --fleet-services N
+                       the fleet scenario's services of 10 instances (default 1000; 100 with --quick)
       --proxy-wrapper COMMAND
                        run Berth's proxy process under COMMAND (split on spaces), e.g.
                        "valgrind --tool=callgrind --callgrind-out-file=/tmp/berth.%p.out";

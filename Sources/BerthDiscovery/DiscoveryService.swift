@@ -25,6 +25,10 @@ public struct DiscoverySettings: Sendable {
     /// reaches etcd again. Applied at once, those expiries would empty services of working
     /// backends until then (HAProxy's `hold obsolete` for the same reason). 0: no hold.
     public var outageHold: Int64 = 5_000
+    /// Called after each table the router accepted, with the etcd revision it was built from
+    /// (under discovery's lock: it must only hand the value on). `bench --scenarios fleet`
+    /// reads when each host applied each revision through `--revision-log`.
+    public var onApplied: (@Sendable (Int64) -> Void)?
 
     public init(catalog: Catalog.Options = .init(), bind: SocketAddress, defaults: FrontendSettings = .init(), checkDefaults: CheckSettings? = nil) {
         self.catalog = catalog
@@ -256,6 +260,7 @@ public final class DiscoveryService: Sendable {
         }
         do {
             let result = try router.apply(build.table, checks: build.checks)
+            settings.onApplied?(Int64(build.table.revision))
             let failures = result.failures.mapValues { "\($0)" }
             for (service, reason) in failures where state.listenerFailures[service] != reason {
                 logger.error("service \(service): cannot listen: \(reason) (retrying)")

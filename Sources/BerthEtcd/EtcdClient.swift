@@ -137,6 +137,14 @@ public final class EtcdClient: Sendable {
         return try await deleteRange(request)
     }
 
+    /// Deletes one key; returns the revision of the deletion (the store's revision when there
+    /// was nothing to delete).
+    public func deleteReturningRevision(key: String) async throws -> Int64 {
+        var request = Etcdserverpb_DeleteRangeRequest()
+        request.key = Data(key.utf8)
+        return try await deleteResponse(request).header.revision
+    }
+
     /// Deletes every key under `prefix`; returns how many.
     @discardableResult
     public func delete(prefix: String) async throws -> Int64 {
@@ -147,11 +155,14 @@ public final class EtcdClient: Sendable {
     }
 
     private func deleteRange(_ request: Etcdserverpb_DeleteRangeRequest) async throws -> Int64 {
+        try await deleteResponse(request).deleted
+    }
+
+    private func deleteResponse(_ request: Etcdserverpb_DeleteRangeRequest) async throws -> Etcdserverpb_DeleteRangeResponse {
         let message = request
-        let response = try await call("DeleteRange") { connection, metadata, options in
+        return try await call("DeleteRange") { connection, metadata, options in
             try await Etcdserverpb_KV.Client(wrapping: connection.client).deleteRange(message, metadata: metadata, options: options)
         }
-        return response.deleted
     }
 
     /// Compacts the history up to `revision` (tests and maintenance).

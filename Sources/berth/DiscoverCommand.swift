@@ -91,6 +91,10 @@ struct DiscoveryOptions: ParsableArguments {
     @Option(help: EnvironmentFlags.help("File that keeps the last routing table applied (written atomically, at most once a second); served from at start while etcd is unreachable.", "BERTH_STATE_FILE"))
     var stateFile: String?
 
+    /// Appends "REVISION MONOTONIC-NS" for every table applied (`bench --scenarios fleet`).
+    @Option(help: .hidden)
+    var revisionLog: String?
+
     func validate() throws {
         _ = try bindAddress()
         if defaultListen == 0 { throw invalid("--default-listen", "0", "a port from 1 to 65535") }
@@ -104,6 +108,24 @@ struct DiscoveryOptions: ParsableArguments {
             throw ValidationError("--bind: \(error)")
         }
     }
+}
+
+/// `--revision-log PATH`: one line per applied table, its revision and the monotonic clock in
+/// ns (comparable across processes on one host), one append each. For the fleet benchmark.
+final class RevisionLog: Sendable {
+    private let fd: CInt
+
+    init(path: String) throws {
+        fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw ValidationError("--revision-log \(path): cannot open (errno \(errno))") }
+    }
+
+    @Sendable func record(_ revision: Int64) {
+        var line = Array("\(revision) \(MonotonicClock.nanoseconds())\n".utf8)
+        _ = line.withUnsafeMutableBytes { write(fd, $0.baseAddress, $0.count) }
+    }
+
+    deinit { close(fd) }
 }
 
 /// Discovery and the proxy, started; `stop()` ends the watch (the caller drains the router).
@@ -142,6 +164,7 @@ struct DiscoveryRuntime {
                                      linger: discovery.linger.milliseconds),
             bind: try discovery.bindAddress(), defaults: proxy.frontendSettings, checkDefaults: health.policy.checks)
         settings.listenRetryInterval = .seconds(5)
+        if let path = discovery.revisionLog { settings.onApplied = try RevisionLog(path: path).record }
         let service = DiscoveryService(client: client, router: router, settings: settings)
         let task = Task {
             do {

@@ -1,0 +1,72 @@
+import BerthRegistry
+
+/// The fleet scenario's section of the report, and its JSON.
+extension ScenarioReport {
+    func fleetText(_ fleet: FleetResult) -> String {
+        var out = "Fleet: \(fleet.hosts) hosts, each a berth discover (1 worker, no stats server, its services on a "
+        out += "loopback address of its own), on one etcd (\(DiscoveryScenario.etcdPath), one member), directly and through "
+        out += "etcd grpc-proxy; \(Format.grouped(UInt64(fleet.services))) services x \(FleetScenario.instancesPerService) "
+        out += "instances, then \(Format.fixed(FleetScenario.changesPerSecond, 0)) deletes and puts a second for "
+        out += "\(Format.fixed(fleet.churnSeconds, 0)) s; every process shares this machine's CPUs\n"
+        if let skipped = fleet.skipped { return out + "skipped: \(skipped)\n\n" }
+        guard !fleet.rows.isEmpty else { return out + "not measured (see the notes)\n\n" }
+        func cell(_ value: Double?, _ digits: Int) -> String { value.map { Format.fixed($0, digits) } ?? "-" }
+        func mebibytes(_ bytes: UInt64?) -> String { bytes.map { Format.fixed(Double($0) / 1_048_576, 1) } ?? "-" }
+        let rows: [(String, (FleetRow) -> String)] = [
+            ("first listing on all, s", { cell($0.syncSeconds, 1) }),
+            ("changes", { Format.grouped(UInt64($0.changes)) }),
+            ("routable on all p50, ms", { cell($0.routing?.allHosts(50), 1) }),
+            ("routable on all p99, ms", { cell($0.routing?.allHosts(99), 1) }),
+            ("routable on all max, ms", { cell($0.routing?.allHosts(100), 1) }),
+            ("per host p50, ms", { cell($0.routing?.perHost(50), 1) }),
+            ("per host p99, ms", { cell($0.routing?.perHost(99), 1) }),
+            ("never applied (host x change)", { String($0.routing?.missing ?? 0) }),
+            ("etcd CPU, share of a core", { cell($0.etcdCPUShare, 2) }),
+            ("etcd RSS, MiB", { mebibytes($0.etcdResidentBytes) }),
+            ("etcd bytes sent per change", { $0.etcdBytesPerChange.map { Format.grouped(UInt64($0)) } ?? "-" }),
+            ("grpc-proxy CPU, share", { cell($0.proxyCPUShare, 2) }),
+            ("grpc-proxy RSS, MiB", { mebibytes($0.proxyResidentBytes) }),
+            ("hosts' CPU, cores (all)", { cell($0.hostsCPUShare, 2) }),
+            ("host RSS mean, MiB", { mebibytes($0.hostMeanResidentBytes) }),
+            ("host RSS max, MiB", { mebibytes($0.hostMaxResidentBytes) }),
+            ("etcd restart: all caught up, s", { cell($0.restartCatchUpSeconds, 2) }),
+            ("hosts that listed again", { String($0.relistedHosts) }),
+            ("first listing after, s", { cell($0.relistFirstSeconds, 2) }),
+            ("listings spread over, s", { cell($0.relistSpreadSeconds, 2) }),
+        ]
+        out += Self.row("", fleet.rows.map(\.mode))
+        for (label, value) in rows { out += Self.row(label, fleet.rows.map(value)) }
+        out += "targets: routable on all p99 < \(Format.fixed(FleetScenario.targetP99Milliseconds, 0)) ms through the proxy; "
+        out += "all caught up within \(Format.fixed(FleetScenario.targetCatchUpSeconds, 0)) s of an etcd restart; "
+        out += "etcd bytes per change through the proxy at most a tenth of the direct figure"
+        if let direct = fleet.rows.first(where: { $0.mode == FleetScenario.Mode.direct.rawValue })?.etcdBytesPerChange,
+           let proxied = fleet.rows.first(where: { $0.mode == FleetScenario.Mode.proxy.rawValue })?.etcdBytesPerChange, direct > 0 {
+            out += " (measured: \(Format.fixed(proxied / direct, 3))x)"
+        }
+        return out + "\n\n"
+    }
+
+    func fleetJSON(_ fleet: FleetResult) -> JSONValue {
+        if let skipped = fleet.skipped { return .object([("skipped", .string(skipped))]) }
+        return .object([
+            ("hosts", .integer(Int64(fleet.hosts))), ("services", .integer(Int64(fleet.services))),
+            ("rows", .array(fleet.rows.map { row in
+                .object([
+                    ("mode", .string(row.mode)), ("syncSeconds", .optional(row.syncSeconds)),
+                    ("changes", .integer(Int64(row.changes))),
+                    ("routableOnAllP50Milliseconds", .optional(row.routing?.allHosts(50))),
+                    ("routableOnAllP99Milliseconds", .optional(row.routing?.allHosts(99))),
+                    ("routableOnAllMaxMilliseconds", .optional(row.routing?.allHosts(100))),
+                    ("perHostP99Milliseconds", .optional(row.routing?.perHost(99))),
+                    ("etcdCPUShare", .optional(row.etcdCPUShare)), ("etcdBytesPerChange", .optional(row.etcdBytesPerChange)),
+                    ("etcdResidentBytes", .optional(row.etcdResidentBytes.map(Double.init))),
+                    ("proxyCPUShare", .optional(row.proxyCPUShare)), ("hostsCPUShare", .optional(row.hostsCPUShare)),
+                    ("hostMeanResidentBytes", .optional(row.hostMeanResidentBytes.map(Double.init))),
+                    ("restartCatchUpSeconds", .optional(row.restartCatchUpSeconds)),
+                    ("relistedHosts", .integer(Int64(row.relistedHosts))), ("relistSpreadSeconds", .optional(row.relistSpreadSeconds)),
+                ])
+            })),
+            ("failures", .array(fleet.failures.map { .string($0) })),
+        ])
+    }
+}

@@ -1,0 +1,382 @@
+import BerthEtcd
+import BerthSystem
+import Glibc
+
+/// The fleet scenario: what every host watching etcd costs. `hosts` simulated hosts, each a
+/// real `berth discover` (one worker, no stats server, its services on a loopback address of
+/// its own, 127.77.X.Y), all on one real etcd (one member, data under /tmp), first directly and
+/// then through etcd's gRPC proxy (`etcd grpc-proxy start`), in the same run. Every process
+/// shares this machine's CPUs; none is pinned.
+///
+/// - The registry: `services` services × 10 instances written before the hosts start; the
+///   time until every host has applied that listing.
+/// - Churn: `changesPerSecond` deletes and puts of random instances for `churnSeconds`. Each
+///   host appends "REVISION MONOTONIC-NS" for every table it applies (`--revision-log`); a
+///   change is routable on a host at its first line with a revision at least the change's,
+///   measured from just before the change was sent. Reported: that time on every host (the
+///   slowest host per change) and per host and change; etcd's CPU share over the churn, its
+///   RSS, and the bytes it sent per change (its `etcd_network_client_grpc_sent_bytes_total`).
+/// - An etcd restart (SIGTERM, then the same data and ports): the time from its new start
+///   until every host has applied a put made as soon as it answers, and how many hosts listed
+///   the registry again (and how spread out those listings were: a herd arrives together).
+struct FleetScenario {
+    static let prefix = "/fleet"
+    static let instancesPerService = 10
+    static let changesPerSecond = 50.0
+    /// The targets, reported, never asserted.
+    static let targetP99Milliseconds = 50.0
+    static let targetCatchUpSeconds = 5.0
+    /// Listen ports of the services: 20000 onwards, on every host's own loopback address.
+    static let firstPort = 20_000
+    static let syncTimeout: Int64 = 300_000
+    static let catchUpTimeout: Int64 = 60_000
+
+    enum Mode: String, CaseIterable {
+        case direct
+        case proxy = "grpc-proxy"
+    }
+
+    let options: BenchOptions
+    let loadCPU: Int
+    let berth: String
+
+    var hosts: Int { options.fleetHosts ?? (options.quick ? 20 : 200) }
+    var services: Int { options.fleetServices ?? (options.quick ? 100 : 1_000) }
+    var churnSeconds: Double { options.quick ? 4 : 20 }
+
+    func run() -> FleetResult {
+        var result = FleetResult(hosts: hosts, services: services, churnSeconds: churnSeconds)
+        guard access(DiscoveryScenario.etcdPath, X_OK) == 0 else {
+            result.skipped = "\(DiscoveryScenario.etcdPath) is missing (apt-get install etcd-server)"
+            progress("fleet skipped: \(result.skipped!)")
+            return result
+        }
+        for mode in Mode.allCases {
+            do throws(BenchError) {
+                result.rows.append(try measure(mode))
+            } catch {
+                result.failures.append("\(mode.rawValue): \(error)")
+                progress("fleet, \(mode.rawValue): failed: \(error)")
+            }
+        }
+        return result
+    }
+
+    // MARK: One configuration
+
+    private func measure(_ mode: Mode) throws(BenchError) -> FleetRow {
+        var row = FleetRow(mode: mode.rawValue)
+        let data = try TemporaryDirectory(prefix: "berth-fleet-etcd")
+        defer { data.remove() }
+        let logs = try TemporaryDirectory(prefix: "berth-fleet-hosts")
+        defer { logs.remove() }
+        let clientPort = try Launcher.freePort(), peerPort = try Launcher.freePort()
+        var etcd: ServingProcess? = try startEtcd(data: data.path, clientPort: clientPort, peerPort: peerPort)
+        defer { etcd?.stop() }
+        let client: EtcdClient
+        do {
+            client = try EtcdClient(configuration: EtcdConfiguration(endpoints: [EtcdEndpoint(host: "127.0.0.1", port: Int(clientPort))]))
+        } catch {
+            throw .child("etcd client: \(error)")
+        }
+        defer { client.close() }
+        _ = try DiscoveryScenario.etcdCall("the first request") { try await client.get(key: Self.prefix) }
+        let listed = try writeRegistry(client)
+
+        var proxy: ServingProcess?
+        defer { proxy?.stop() }
+        var endpoint = "http://127.0.0.1:\(clientPort)"
+        if mode == .proxy {
+            let port = try Launcher.freePort()
+            let directory = try TemporaryDirectory(prefix: "berth-fleet-proxy")
+            do throws(BenchError) {
+                proxy = try Launcher.startExternal(
+                    name: "grpc-proxy", path: DiscoveryScenario.etcdPath,
+                    arguments: ["grpc-proxy", "start", "--endpoints", "127.0.0.1:\(clientPort)", "--listen-addr", "127.0.0.1:\(port)"],
+                    cpus: "0-\(max(1, loadCPU))", directory: directory,
+                    addresses: ["proxy": SocketAddress(ipv4: (127, 0, 0, 1), port: port)])
+            } catch {
+                directory.remove()
+                throw error
+            }
+            endpoint = "http://127.0.0.1:\(port)"
+        }
+
+        // The hosts.
+        var fleet: [ChildProcess] = []
+        defer { Self.stopAll(fleet) }
+        let spawned = MonotonicClock.nanoseconds()
+        for host in 0..<hosts {
+            fleet.append(try spawnHost(host, endpoint: endpoint, logs: logs.path))
+        }
+        progress("fleet, \(mode.rawValue): \(hosts) hosts started; waiting for each to apply the listing (revision \(listed))")
+        guard let synced = awaitRevision(listed, logs: logs.path, since: 0, fleet: fleet, timeout: Self.syncTimeout) else {
+            throw .child("not every host applied the first listing within \(Self.syncTimeout / 1000) s")
+        }
+        row.syncSeconds = Double(synced - spawned) / 1e9
+        let sizes = fleet.compactMap { ProcFS.residentBytes(of: $0.pid) }
+        row.hostMeanResidentBytes = sizes.isEmpty ? nil : sizes.reduce(0, +) / UInt64(sizes.count)
+        row.hostMaxResidentBytes = sizes.max()
+
+        // Churn.
+        let etcdPID = etcd!.pid
+        let cpuBefore = ProcFS.cpuTicks(of: etcdPID), proxyCPUBefore = proxy.flatMap { ProcFS.cpuTicks(of: $0.pid) }
+        let bytesBefore = sentBytes(clientPort)
+        let hostsBefore = fleet.map { ProcFS.cpuTicks(of: $0.pid) ?? 0 }
+        let churnStart = MonotonicClock.nanoseconds()
+        let changes = try churn(client)
+        let churnEnd = MonotonicClock.nanoseconds()
+        let seconds = Double(churnEnd - churnStart) / 1e9
+        if let before = cpuBefore, let after = ProcFS.cpuTicks(of: etcdPID) {
+            row.etcdCPUShare = Double(after - before) / ProcFS.ticksPerSecond / seconds
+        }
+        if let proxy, let before = proxyCPUBefore, let after = ProcFS.cpuTicks(of: proxy.pid) {
+            row.proxyCPUShare = Double(after - before) / ProcFS.ticksPerSecond / seconds
+            row.proxyResidentBytes = ProcFS.residentBytes(of: proxy.pid)
+        }
+        if let before = bytesBefore, let after = sentBytes(clientPort), !changes.isEmpty {
+            row.etcdBytesPerChange = Double(after - before) / Double(changes.count)
+        }
+        row.etcdResidentBytes = ProcFS.residentBytes(of: etcdPID)
+        let hostTicks = zip(fleet, hostsBefore).map { (ProcFS.cpuTicks(of: $0.pid) ?? $1) - $1 }.reduce(0, +)
+        row.hostsCPUShare = Double(hostTicks) / ProcFS.ticksPerSecond / seconds
+        row.changes = changes.count
+        let last = changes.last?.revision ?? listed
+        _ = awaitRevision(last, logs: logs.path, since: 0, fleet: fleet, timeout: 30_000)
+        let applied = (0..<hosts).map { Self.readLog(logs.path, host: $0) }
+        row.routing = RoutingFigures(changes: changes, applied: applied)
+        progress("fleet, \(mode.rawValue): \(changes.count) changes; put -> routable on all hosts p99 "
+            + "\(row.routing?.allHosts(99).map { Format.fixed($0, 1) } ?? "-") ms")
+
+        // An etcd restart.
+        etcd?.stop()
+        etcd = nil
+        let stopped = MonotonicClock.nanoseconds()
+        usleep(500_000)
+        let restarted = MonotonicClock.nanoseconds()
+        etcd = try startEtcd(data: data.path, clientPort: clientPort, peerPort: peerPort)
+        let revision = try DiscoveryScenario.etcdCall("the put after the restart") {
+            // A new instance: a put that changes nothing in the catalog publishes no table.
+            try await client.put(key: "\(Self.prefix)/service0/restarted", value: Self.instanceValue(service: 0, instance: 99))
+        }
+        if let caughtUp = awaitRevision(revision, logs: logs.path, since: stopped, fleet: fleet, timeout: Self.catchUpTimeout) {
+            row.restartCatchUpSeconds = Double(caughtUp - restarted) / 1e9
+        }
+        // Listings again: a line after the new start with a revision older than the put's.
+        var relisted: [UInt64] = []
+        for host in 0..<hosts {
+            if let entry = Self.readLog(logs.path, host: host).first(where: { $0.time > restarted && $0.revision < revision }) {
+                relisted.append(entry.time)
+            }
+        }
+        row.relistedHosts = relisted.count
+        if let first = relisted.min(), let final = relisted.max() {
+            row.relistFirstSeconds = Double(Int64(first) - Int64(restarted)) / 1e9
+            row.relistSpreadSeconds = Double(final - first) / 1e9
+        }
+        progress("fleet, \(mode.rawValue): etcd restarted; every host caught up after "
+            + "\(row.restartCatchUpSeconds.map { Format.fixed($0, 2) } ?? "-") s, \(relisted.count) listed again")
+        return row
+    }
+
+    // MARK: Processes
+
+    private func startEtcd(data: String, clientPort: UInt16, peerPort: UInt16) throws(BenchError) -> ServingProcess {
+        let directory = try TemporaryDirectory(prefix: "berth-fleet-etcd-log")
+        do throws(BenchError) {
+            let client = "127.0.0.1:\(clientPort)", peer = "http://127.0.0.1:\(peerPort)"
+            return try Launcher.startExternal(name: "etcd", path: DiscoveryScenario.etcdPath, arguments: [
+                "--name", "fleet", "--data-dir", "\(data)/data",
+                "--listen-client-urls", "http://\(client)", "--advertise-client-urls", "http://\(client)",
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", "fleet=\(peer)", "--initial-cluster-state", "new", "--logger", "zap", "--log-level", "warn",
+            ], cpus: "0-\(max(1, loadCPU))", directory: directory, addresses: ["etcd": SocketAddress(ipv4: (127, 0, 0, 1), port: clientPort)])
+        } catch {
+            directory.remove()
+            throw error
+        }
+    }
+
+    /// `berth discover` as host `index`: its services on 127.77.X.Y, no stats server, every
+    /// applied table in `logs/hostN.rev`, its log in `logs/hostN.log`.
+    private func spawnHost(_ index: Int, endpoint: String, logs: String) throws(BenchError) -> ChildProcess {
+        let bind = "127.77.\(index / 250).\(index % 250 + 1)"
+        return try ChildProcess.spawn(name: "host\(index)", path: berth, arguments: [
+            "discover", "--etcd", endpoint, "--prefix", Self.prefix, "--bind", bind, "--workers", "1", "--stats", "off",
+            "--linger", "0", "--drain-timeout", "0", "--revision-log", "\(logs)/host\(index).rev",
+        ], logFile: "\(logs)/host\(index).log")
+    }
+
+    /// SIGTERM to every host first (they drain in parallel), then each reaped.
+    private static func stopAll(_ fleet: [ChildProcess]) {
+        for host in fleet where !host.hasExited() { kill(host.pid, SIGTERM) }
+        for host in fleet { host.stop() }
+    }
+
+    // MARK: The registry
+
+    static func instanceValue(service: Int, instance: Int) -> [UInt8] {
+        Array("{\"host\":\"127.0.0.1\",\"port\":\(1_000 + instance),\"listen\":\(firstPort + service)}".utf8)
+    }
+
+    static func key(_ item: Int) -> String {
+        "\(prefix)/service\(item / instancesPerService)/instance\(item % instancesPerService)"
+    }
+
+    /// Every instance, in transactions; the revision of the last.
+    private func writeRegistry(_ client: EtcdClient) throws(BenchError) -> Int64 {
+        var revision: Int64 = 0
+        let items = services * Self.instancesPerService
+        for offset in stride(from: 0, to: items, by: DiscoveryScenario.keysPerTransaction) {
+            let batch = (offset..<min(offset + DiscoveryScenario.keysPerTransaction, items)).map { item in
+                (key: Self.key(item), value: Self.instanceValue(service: item / Self.instancesPerService, instance: item % Self.instancesPerService))
+            }
+            revision = try DiscoveryScenario.etcdCall("putAll") { try await client.putAll(batch) }
+        }
+        return revision
+    }
+
+    /// Deletes and puts of random instances at `changesPerSecond` for `churnSeconds`.
+    private func churn(_ client: EtcdClient) throws(BenchError) -> [FleetChange] {
+        let count = Int(churnSeconds * Self.changesPerSecond)
+        let interval = UInt64(1e9 / Self.changesPerSecond)
+        var absent = Set<Int>()
+        var changes: [FleetChange] = []
+        let start = MonotonicClock.nanoseconds()
+        for index in 0..<count {
+            let due = start + UInt64(index) * interval
+            let now = MonotonicClock.nanoseconds()
+            if due > now { usleep(useconds_t((due - now) / 1_000)) }
+            let item = Int.random(in: 0..<(services * Self.instancesPerService))
+            let key = Self.key(item)
+            let sent = MonotonicClock.nanoseconds()
+            let revision: Int64
+            if absent.remove(item) != nil {
+                let value = Self.instanceValue(service: item / Self.instancesPerService, instance: item % Self.instancesPerService)
+                revision = try DiscoveryScenario.etcdCall("put") { try await client.put(key: key, value: value) }
+            } else {
+                absent.insert(item)
+                revision = try DiscoveryScenario.etcdCall("delete") { try await client.deleteReturningRevision(key: key) }
+            }
+            changes.append(FleetChange(sent: sent, revision: revision))
+        }
+        return changes
+    }
+
+    // MARK: Measuring
+
+    /// etcd's `etcd_network_client_grpc_sent_bytes_total`, from its /metrics.
+    private func sentBytes(_ port: UInt16) -> UInt64? {
+        guard let response = Launcher.fetch(from: SocketAddress(ipv4: (127, 0, 0, 1), port: port), path: "/metrics",
+                                            stepTimeout: 2_000, limit: 4 << 20) else { return nil }
+        let text = String(decoding: response, as: UTF8.self)
+        for line in text.split(separator: "\n") where line.hasPrefix("etcd_network_client_grpc_sent_bytes_total ") {
+            return line.split(separator: " ").last.flatMap { Double($0) }.map { UInt64($0) }
+        }
+        return nil
+    }
+
+    /// A host's revision log: (revision, monotonic ns) per applied table, in order.
+    static func readLog(_ directory: String, host: Int) -> [(revision: Int64, time: UInt64)] {
+        guard let text = ProcFS.read("\(directory)/host\(host).rev") else { return [] }
+        return text.split(separator: "\n").compactMap { line in
+            let fields = line.split(separator: " ")
+            guard fields.count == 2, let revision = Int64(fields[0]), let time = UInt64(fields[1]) else { return nil }
+            return (revision, time)
+        }
+    }
+
+    /// Waits until every host has applied a table of `revision` or later after `since` (ns);
+    /// the time the last one did, or nil at the timeout (or when a host exited).
+    private func awaitRevision(_ revision: Int64, logs: String, since: UInt64, fleet: [ChildProcess], timeout: Int64) -> UInt64? {
+        let deadline = MonotonicClock.milliseconds() + timeout
+        var done = [UInt64?](repeating: nil, count: fleet.count)
+        while MonotonicClock.milliseconds() < deadline {
+            for host in done.indices where done[host] == nil {
+                done[host] = Self.readLog(logs, host: host).first { $0.revision >= revision && $0.time > since }?.time
+            }
+            if done.allSatisfy({ $0 != nil }) { return done.compactMap { $0 }.max() }
+            if fleet.contains(where: { $0.hasExited() }) { return nil }
+            usleep(50_000)
+        }
+        return nil
+    }
+}
+
+/// One change the churn made: when it was sent, and the revision etcd gave it.
+struct FleetChange {
+    var sent: UInt64
+    var revision: Int64
+}
+
+/// Put → routable, from the hosts' revision logs.
+struct RoutingFigures {
+    /// Per change: the time until the slowest host applied it (ms); nil entries are changes some
+    /// host never applied.
+    var allHosts: [Double] = []
+    /// Per host and change (ms).
+    var perHost: [Double] = []
+    var missing = 0
+
+    init(changes: [FleetChange], applied: [[(revision: Int64, time: UInt64)]]) {
+        for change in changes {
+            var slowest = 0.0
+            var complete = true
+            for log in applied {
+                // The first line at or past the change's revision (revisions only grow in a log,
+                // a listing again repeats one).
+                guard let entry = log.first(where: { $0.revision >= change.revision }) else {
+                    complete = false
+                    missing += 1
+                    continue
+                }
+                let milliseconds = Double(Int64(entry.time) - Int64(change.sent)) / 1e6
+                perHost.append(milliseconds)
+                slowest = max(slowest, milliseconds)
+            }
+            if complete { allHosts.append(slowest) }
+        }
+        allHosts.sort()
+        perHost.sort()
+    }
+
+    func allHosts(_ percentile: Double) -> Double? { Self.percentile(allHosts, percentile) }
+    func perHost(_ percentile: Double) -> Double? { Self.percentile(perHost, percentile) }
+
+    static func percentile(_ sorted: [Double], _ percentile: Double) -> Double? {
+        guard !sorted.isEmpty else { return nil }
+        let rank = Int((percentile / 100 * Double(sorted.count)).rounded(.up)) - 1
+        return sorted[min(sorted.count - 1, max(0, rank))]
+    }
+}
+
+/// One configuration of the fleet (direct, or through the gRPC proxy).
+struct FleetRow {
+    var mode: String
+    var syncSeconds: Double?
+    var hostMeanResidentBytes: UInt64?
+    var hostMaxResidentBytes: UInt64?
+    var changes = 0
+    var routing: RoutingFigures?
+    var etcdCPUShare: Double?
+    var etcdResidentBytes: UInt64?
+    var etcdBytesPerChange: Double?
+    var proxyCPUShare: Double?
+    /// All hosts together, over the churn (cores).
+    var hostsCPUShare: Double?
+    var proxyResidentBytes: UInt64?
+    var restartCatchUpSeconds: Double?
+    var relistedHosts = 0
+    var relistFirstSeconds: Double?
+    var relistSpreadSeconds: Double?
+}
+
+/// What the fleet scenario measured.
+struct FleetResult {
+    var hosts: Int
+    var services: Int
+    var churnSeconds: Double
+    var skipped: String?
+    var failures: [String] = []
+    var rows: [FleetRow] = []
+}
