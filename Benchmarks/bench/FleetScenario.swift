@@ -162,20 +162,19 @@ struct FleetScenario {
         if let caughtUp = awaitRevision(revision, logs: logs.path, since: stopped, fleet: fleet, timeout: Self.catchUpTimeout) {
             row.restartCatchUpSeconds = Double(caughtUp - restarted) / 1e9
         }
-        // Listings again: a line after the new start with a revision older than the put's.
-        var relisted: [UInt64] = []
+        // Listings again: the Range requests the new etcd served (its counters start at 0),
+        // and when each host first applied a table after the new start.
+        row.rangesAfterRestart = rangeRequests(clientPort)
+        var firstLines: [UInt64] = []
         for host in 0..<hosts {
-            if let entry = Self.readLog(logs.path, host: host).first(where: { $0.time > restarted && $0.revision < revision }) {
-                relisted.append(entry.time)
-            }
+            if let entry = Self.readLog(logs.path, host: host).first(where: { $0.time > restarted }) { firstLines.append(entry.time) }
         }
-        row.relistedHosts = relisted.count
-        if let first = relisted.min(), let final = relisted.max() {
+        if let first = firstLines.min(), let final = firstLines.max() {
             row.relistFirstSeconds = Double(Int64(first) - Int64(restarted)) / 1e9
             row.relistSpreadSeconds = Double(final - first) / 1e9
         }
         progress("fleet, \(mode.rawValue): etcd restarted; every host caught up after "
-            + "\(row.restartCatchUpSeconds.map { Format.fixed($0, 2) } ?? "-") s, \(relisted.count) listed again")
+            + "\(row.restartCatchUpSeconds.map { Format.fixed($0, 2) } ?? "-") s, \(row.rangesAfterRestart.map(String.init) ?? "-") Range requests at etcd")
         return row
     }
 
@@ -201,7 +200,11 @@ struct FleetScenario {
     /// applied table in `logs/hostN.rev`, its log in `logs/hostN.log`.
     private func spawnHost(_ index: Int, endpoint: String, logs: String) throws(BenchError) -> ChildProcess {
         let bind = "127.77.\(index / 250).\(index % 250 + 1)"
-        return try ChildProcess.spawn(name: "host\(index)", path: berth, arguments: [
+        // Through taskset onto every CPU: a child would inherit the bench's pinning to one.
+        let candidates: [String] = ["/usr/bin/taskset", "/bin/taskset"]
+        let taskset = candidates.first { access($0, X_OK) == 0 }
+        let cpus = "0-\(max(1, loadCPU))"
+        return try ChildProcess.spawn(name: "host\(index)", path: taskset ?? berth, arguments: (taskset == nil ? [] : ["-c", cpus, berth]) + [
             "discover", "--etcd", endpoint, "--prefix", Self.prefix, "--bind", bind, "--workers", "1", "--stats", "off",
             "--linger", "0", "--drain-timeout", "0", "--revision-log", "\(logs)/host\(index).rev",
         ], logFile: "\(logs)/host\(index).log")
@@ -267,10 +270,20 @@ struct FleetScenario {
 
     /// etcd's `etcd_network_client_grpc_sent_bytes_total`, from its /metrics.
     private func sentBytes(_ port: UInt16) -> UInt64? {
+        metric(port, "etcd_network_client_grpc_sent_bytes_total ")
+    }
+
+    /// The Range requests etcd has started serving (`grpc_server_started_total`, method Range).
+    private func rangeRequests(_ port: UInt16) -> UInt64? {
+        metric(port, "grpc_server_started_total{grpc_method=\"Range\"")
+    }
+
+    /// The value of the first line of etcd's /metrics that starts with `prefix`.
+    private func metric(_ port: UInt16, _ prefix: String) -> UInt64? {
         guard let response = Launcher.fetch(from: SocketAddress(ipv4: (127, 0, 0, 1), port: port), path: "/metrics",
                                             stepTimeout: 2_000, limit: 4 << 20) else { return nil }
         let text = String(decoding: response, as: UTF8.self)
-        for line in text.split(separator: "\n") where line.hasPrefix("etcd_network_client_grpc_sent_bytes_total ") {
+        for line in text.split(separator: "\n") where line.hasPrefix(prefix) {
             return line.split(separator: " ").last.flatMap { Double($0) }.map { UInt64($0) }
         }
         return nil
@@ -366,7 +379,8 @@ struct FleetRow {
     var hostsCPUShare: Double?
     var proxyResidentBytes: UInt64?
     var restartCatchUpSeconds: Double?
-    var relistedHosts = 0
+    /// Range requests the restarted etcd served until every host caught up.
+    var rangesAfterRestart: UInt64?
     var relistFirstSeconds: Double?
     var relistSpreadSeconds: Double?
 }

@@ -196,10 +196,17 @@ public final class EtcdClient: Sendable {
         request.id = lease
         let message = request
         return try await call("LeaseKeepAlive") { connection, metadata, options in
-            try await Etcdserverpb_Lease.Client(wrapping: connection.client).leaseKeepAlive(
+            // The request side stays open until the answer came: etcd's gRPC proxy cancels a
+            // keep-alive stream whose client half-closed before it answered.
+            let (answered, answeredContinuation) = AsyncStream<Void>.makeStream()
+            return try await Etcdserverpb_Lease.Client(wrapping: connection.client).leaseKeepAlive(
                 metadata: metadata, options: options,
-                requestProducer: { writer in try await writer.write(message) },
+                requestProducer: { writer in
+                    try await writer.write(message)
+                    for await _ in answered {}
+                },
                 onResponse: { response in
+                    defer { answeredContinuation.finish() }
                     for try await message in response.messages { return message.ttl }
                     throw RPCError(code: .unavailable, message: "the keep-alive stream closed with no answer")
                 })

@@ -1,0 +1,48 @@
+import BerthTestSupport
+import Foundation
+import Glibc
+import XCTest
+
+/// Berth through etcd's gRPC proxy (`etcd grpc-proxy start`), as a fleet would run it: the
+/// registrar's lease kept alive through the proxy (the proxy cancels a keep-alive stream whose
+/// client half-closed before its answer), and discovery's listing and watch.
+final class GRPCProxyTests: BerthTestCase {
+    func testRegisterAndDiscoverThroughTheGRPCProxy() throws {
+        let etcd = try EtcdFixture()
+        defer { etcd.stop() }
+        let proxyPort = try freeLoopbackPort()
+        let proxy = try launch(EtcdFixture.etcdPath, ["grpc-proxy", "start", "--endpoints", "127.0.0.1:\(etcd.members[0].clientPort)",
+                                                      "--listen-addr", "127.0.0.1:\(proxyPort)"])
+        XCTAssertNotNil(waitUntil(timeout: 10) {
+            guard case .success(let fd) = TestSocket.connect(UInt16(proxyPort), timeout: 1) else { return false }
+            Glibc.close(fd)
+            return true
+        }, "the gRPC proxy did not listen: \(proxy.standardError)")
+        let whoami = try startWhoami(id: "proxied")
+        let listen = try freeLoopbackPort()
+        let endpoint = "http://127.0.0.1:\(proxyPort)"
+        let register = try launch(BerthBinary.path, ["register", "--etcd", endpoint, "--no-docker", "--ttl", "2s",
+                                                     "--static", "web=127.0.0.1:\(whoami.port)@\(listen)"])
+        XCTAssertTrue(register.waitForStandardError(containing: "granted", timeout: 10), register.standardError)
+        // Three TTLs later the key is still there, under a live lease: the keep-alives got through.
+        sleep(seconds: 6)
+        let keys = try etcd.etcdctl(["get", "--prefix", "/backends/web/", "--keys-only"])
+        XCTAssertTrue(keys.contains("/backends/web/127.0.0.1:\(whoami.port)"), "the registration expired: \(keys)\n\(register.standardError)")
+        XCTAssertFalse(register.standardError.contains("keep-alive failed"), register.standardError)
+
+        let discover = try launch(BerthBinary.path, ["discover", "--etcd", endpoint, "--bind", "127.0.0.1", "--workers", "1", "--stats", "off"])
+        XCTAssertTrue(discover.waitForStandardError(containing: "watching the registry", timeout: 10), discover.standardError)
+        XCTAssertNotNil(waitUntil(timeout: 10) { (try? HTTPProbe.get(port: listen, timeout: 1))?.contains("proxied") == true },
+                        "not routed through the proxy's listing: \(discover.standardError)")
+        // A change reaches discovery through the proxy's watch: the instance goes away.
+        register.signal(SIGTERM)
+        XCTAssertEqual(register.waitForExit(timeout: 10), .exited(0), register.standardError)
+        XCTAssertTrue(register.standardError.contains("revoked"), register.standardError)
+        XCTAssertNotNil(waitUntil(timeout: 10) { (try? HTTPProbe.get(port: listen, timeout: 1)) == nil },
+                        "the revoked instance is still served")
+        discover.signal(SIGTERM)
+        XCTAssertEqual(discover.waitForExit(timeout: 10), .exited(0), discover.standardError)
+        proxy.signal(SIGTERM)
+        _ = proxy.waitForExit(timeout: 10)
+    }
+}
