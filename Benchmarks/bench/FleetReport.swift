@@ -33,6 +33,10 @@ extension ScenarioReport {
             ("Range requests at etcd then", { $0.rangesAfterRestart.map(String.init) ?? "-" }),
             ("first host's table after, s", { cell($0.relistFirstSeconds, 2) }),
             ("first to last host, s", { cell($0.relistSpreadSeconds, 2) }),
+            ("herd: Range requests at etcd", { $0.herdRanges.map(String.init) ?? "-" }),
+            ("herd: peak Range rate, /s", { cell($0.herdPeakPerSecond, 0) }),
+            ("herd: hosts caught up", { String($0.herdCaughtUp) }),
+            ("herd: last caught up, s", { cell($0.herdCatchUpSeconds, 2) }),
         ]
         out += Self.row("", fleet.rows.map(\.mode))
         for (label, value) in rows { out += Self.row(label, fleet.rows.map(value)) }
@@ -63,7 +67,9 @@ extension ScenarioReport {
                     ("proxyCPUShare", .optional(row.proxyCPUShare)), ("hostsCPUShare", .optional(row.hostsCPUShare)),
                     ("hostMeanResidentBytes", .optional(row.hostMeanResidentBytes.map(Double.init))),
                     ("restartCatchUpSeconds", .optional(row.restartCatchUpSeconds)),
-                    ("rangesAfterRestart", .optional(row.rangesAfterRestart.map(Double.init))), ("relistSpreadSeconds", .optional(row.relistSpreadSeconds)),
+                    ("rangesAfterRestart", .optional(row.rangesAfterRestart.map(Double.init))),
+                    ("herdRanges", .optional(row.herdRanges.map(Double.init))), ("herdPeakPerSecond", .optional(row.herdPeakPerSecond)),
+                    ("herdCatchUpSeconds", .optional(row.herdCatchUpSeconds)), ("relistSpreadSeconds", .optional(row.relistSpreadSeconds)),
                 ])
             })),
             ("failures", .array(fleet.failures.map { .string($0) })),

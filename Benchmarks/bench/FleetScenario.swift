@@ -30,6 +30,8 @@ struct FleetScenario {
     static let firstPort = 20_000
     static let syncTimeout: Int64 = 300_000
     static let catchUpTimeout: Int64 = 60_000
+    /// Puts made while the hosts are stopped: more watch responses than a stream buffers.
+    static let herdChanges = 1_500
 
     enum Mode: String, CaseIterable {
         case direct
@@ -175,7 +177,62 @@ struct FleetScenario {
         }
         progress("fleet, \(mode.rawValue): etcd restarted; every host caught up after "
             + "\(row.restartCatchUpSeconds.map { Format.fixed($0, 2) } ?? "-") s, \(row.rangesAfterRestart.map(String.init) ?? "-") Range requests at etcd")
+        try compactionHerd(client, fleet: fleet, clientPort: clientPort, logs: logs.path, into: &row)
         return row
+    }
+
+    /// Every host stopped (SIGSTOP) while `herdChanges` puts go by, one response each, more than
+    /// a watch stream buffers; etcd then compacts its history, and the hosts are resumed together:
+    /// each watch has fallen behind the compaction and its host lists the registry again. etcd's
+    /// Range requests are sampled every 50 ms for the peak rate, until every host has caught up.
+    private func compactionHerd(_ client: EtcdClient, fleet: [ChildProcess], clientPort: UInt16, logs: String,
+                                into row: inout FleetRow) throws(BenchError) {
+        for host in fleet where !host.hasExited() { kill(host.pid, SIGSTOP) }
+        var revision: Int64 = 0
+        do throws(BenchError) {
+            for index in 0..<Self.herdChanges {
+                let item = index % (services * Self.instancesPerService)
+                let value = Array("{\"host\":\"127.0.0.1\",\"port\":\(3_000 + index % 1_000),\"listen\":\(Self.firstPort + item / Self.instancesPerService)}".utf8)
+                revision = try DiscoveryScenario.etcdCall("put") { try await client.put(key: Self.key(item), value: value) }
+            }
+            let compactAt = revision
+            _ = try DiscoveryScenario.etcdCall("compact") { try await client.compact(revision: compactAt) }
+        } catch {
+            for host in fleet where !host.hasExited() { kill(host.pid, SIGCONT) }
+            throw error
+        }
+        let before = rangeRequests(clientPort) ?? 0
+        let resumed = MonotonicClock.nanoseconds()
+        for host in fleet where !host.hasExited() { kill(host.pid, SIGCONT) }
+        var last = before
+        var peak: UInt64 = 0
+        var done = [Bool](repeating: false, count: fleet.count)
+        let deadline = MonotonicClock.milliseconds() + Self.catchUpTimeout
+        var step = 0
+        while MonotonicClock.milliseconds() < deadline {
+            usleep(50_000)
+            let now = rangeRequests(clientPort) ?? last
+            peak = max(peak, now - min(now, last))
+            last = now
+            step += 1
+            // The logs every 250 ms: reading N files every 50 ms would weigh on the sampling.
+            if step % 5 == 0 {
+                for host in done.indices where !done[host] {
+                    done[host] = Self.readLog(logs, host: host).contains { $0.revision >= revision && $0.time > resumed }
+                }
+                if done.allSatisfy({ $0 }) { break }
+            }
+        }
+        row.herdCaughtUp = done.filter { $0 }.count
+        row.herdCatchUpSeconds = done.allSatisfy { $0 } ? Double(MonotonicClock.nanoseconds() - resumed) / 1e9 : nil
+        row.herdRanges = last - min(last, before)
+        row.herdPeakPerSecond = Double(peak) * 20
+        progress("fleet: compaction herd: \(row.herdRanges ?? 0) Range requests, peak \(Format.fixed(row.herdPeakPerSecond ?? 0, 0))/s, "
+            + "\(row.herdCaughtUp) of \(fleet.count) hosts caught up (revision \(revision))")
+        if let late = done.firstIndex(of: false) {
+            let tail = (ProcFS.read("\(logs)/host\(late).log") ?? "").split(separator: "\n").suffix(3).joined(separator: " | ")
+            progress("fleet: host\(late) did not catch up; last tables \(Self.readLog(logs, host: late).suffix(2).map(\.revision)); log: \(tail)")
+        }
     }
 
     // MARK: Processes
@@ -207,7 +264,7 @@ struct FleetScenario {
         return try ChildProcess.spawn(name: "host\(index)", path: taskset ?? berth, arguments: (taskset == nil ? [] : ["-c", cpus, berth]) + [
             "discover", "--etcd", endpoint, "--prefix", Self.prefix, "--bind", bind, "--workers", "1", "--stats", "off",
             "--linger", "0", "--drain-timeout", "0", "--revision-log", "\(logs)/host\(index).rev",
-        ], logFile: "\(logs)/host\(index).log")
+        ] + (options.fleetRelistJitter.map { ["--relist-jitter", "\($0)"] } ?? []), logFile: "\(logs)/host\(index).log")
     }
 
     /// SIGTERM to every host first (they drain in parallel), then each reaped.
@@ -383,6 +440,12 @@ struct FleetRow {
     var rangesAfterRestart: UInt64?
     var relistFirstSeconds: Double?
     var relistSpreadSeconds: Double?
+    /// The compaction herd: Range requests etcd served, the highest rate over 50 ms windows,
+    /// the hosts that caught up, and when the last did.
+    var herdRanges: UInt64?
+    var herdPeakPerSecond: Double?
+    var herdCaughtUp = 0
+    var herdCatchUpSeconds: Double?
 }
 
 /// What the fleet scenario measured.

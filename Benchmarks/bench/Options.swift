@@ -154,6 +154,8 @@ struct BenchOptions: Sendable {
     var fleetHosts: Int?
     /// The fleet scenario's services (`--fleet-services`; nil: 1,000, 100 with `--quick`).
     var fleetServices: Int?
+    /// The hosts' `--relist-jitter` in ms (`--fleet-relist-jitter`; nil: berth's default).
+    var fleetRelistJitter: Int?
     /// The `berth` executable the scenarios run; nil: the one built beside this bench.
     var berthPath: String?
     /// An older `berth` the features scenario also runs with its defaults (the "before" row).
@@ -211,6 +213,7 @@ enum CommandLineParser {
             case "--berth-before": options.berthBeforePath = try reader.value(for: flag)
             case "--fleet-hosts": options.fleetHosts = try reader.integer(for: flag, in: 1...1_000, "a number of hosts")
             case "--fleet-services": options.fleetServices = try reader.integer(for: flag, in: 1...10_000, "a number of services")
+            case "--fleet-relist-jitter": options.fleetRelistJitter = try reader.integer(for: flag, in: 0...60_000, "milliseconds")
             case "--proxy-wrapper":
                 options.proxyWrapper = try reader.value(for: flag).split(separator: " ").map(String.init)
                 guard !options.proxyWrapper.isEmpty else { throw UsageError(description: "--proxy-wrapper needs a command") }

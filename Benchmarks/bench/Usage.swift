@@ -2,7 +2,8 @@
 let benchUsage = """
     usage: bench [--quick] [--json] [--phases LIST] [--scenarios LIST] [--setups LIST] [--seconds N]
                  [--rate N] [--repeat N] [--haproxy PATH] [--berth PATH] [--berth-before PATH]
-                 [--fleet-hosts N] [--fleet-services N] [--proxy-wrapper COMMAND] [--help]
+                 [--fleet-hosts N] [--fleet-services N] [--fleet-relist-jitter MS]
+                 [--proxy-wrapper COMMAND] [--help]
 
     Measures Berth against a direct connection and against HAProxy on this machine, all in one
     run: keep-alive requests/s, new connections/s, bulk Gbit/s with 1 and 4 streams, latency
@@ -51,6 +52,8 @@ let benchUsage = """
       --fleet-hosts N  the fleet scenario's hosts (default 200; 20 with --quick)
       --fleet-services N
                        the fleet scenario's services of 10 instances (default 1000; 100 with --quick)
+      --fleet-relist-jitter MS
+                       the fleet hosts' --relist-jitter in ms (default: berth's, 1 s)
       --proxy-wrapper COMMAND
                        run Berth's proxy process under COMMAND (split on spaces), e.g.
                        "valgrind --tool=callgrind --callgrind-out-file=/tmp/berth.%p.out";

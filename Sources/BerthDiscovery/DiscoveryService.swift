@@ -25,6 +25,10 @@ public struct DiscoverySettings: Sendable {
     /// reaches etcd again. Applied at once, those expiries would empty services of working
     /// backends until then (HAProxy's `hold obsolete` for the same reason). 0: no hold.
     public var outageHold: Int64 = 5_000
+    /// Before listing again after the watch fell behind a compaction: a random wait from 0 to
+    /// this many ms, so that a fleet cut off together does not list at the same instant (each
+    /// listing is a Range of the whole prefix). The last table is served meanwhile.
+    public var relistJitter: Int64 = 1_000
     /// Called after each table the router accepted, with the etcd revision it was built from
     /// (under discovery's lock: it must only hand the value on). `bench --scenarios fleet`
     /// reads when each host applied each revision through `--revision-log`.
@@ -130,7 +134,9 @@ public final class DiscoveryService: Sendable {
                 setDisconnected()
                 switch error {
                 case .compacted(let revision):
-                    logger.warning("the watch fell behind etcd's compaction: listing again", metadata: ["compacted": "\(revision)"])
+                    let wait = settings.relistJitter > 0 ? Int64.random(in: 0...settings.relistJitter) : 0
+                    logger.warning("the watch fell behind etcd's compaction: listing again in \(wait) ms", metadata: ["compacted": "\(revision)"])
+                    if wait > 0 { try await Task.sleep(for: .milliseconds(wait)) }
                     continue
                 case .authenticationFailed:
                     throw error

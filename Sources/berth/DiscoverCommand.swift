@@ -76,7 +76,7 @@ struct DiscoverCommand: ParsableCommand {
 struct DiscoveryOptions: ParsableArguments {
     static let environment: [(flag: String, variable: String)] = [
         ("--bind", "BERTH_BIND"), ("--default-listen", "BERTH_DEFAULT_LISTEN"), ("--linger", "BERTH_LINGER"),
-        ("--state-file", "BERTH_STATE_FILE"),
+        ("--state-file", "BERTH_STATE_FILE"), ("--relist-jitter", "BERTH_RELIST_JITTER"),
     ]
 
     @Option(help: EnvironmentFlags.help("Address every service listens on (its port comes from the registry).", "BERTH_BIND"))
@@ -90,6 +90,9 @@ struct DiscoveryOptions: ParsableArguments {
 
     @Option(help: EnvironmentFlags.help("File that keeps the last routing table applied (written atomically, at most once a second); served from at start while etcd is unreachable.", "BERTH_STATE_FILE"))
     var stateFile: String?
+
+    @Option(help: EnvironmentFlags.help("When the watch fell behind an etcd compaction, wait a random time up to this long before listing the registry again, so that hosts cut off together do not all list at once (0: at once).", "BERTH_RELIST_JITTER"), transform: DurationArgument.parse)
+    var relistJitter = DurationArgument(milliseconds: 1_000)
 
     /// Appends "REVISION MONOTONIC-NS" for every table applied (`bench --scenarios fleet`).
     @Option(help: .hidden)
@@ -164,6 +167,7 @@ struct DiscoveryRuntime {
                                      linger: discovery.linger.milliseconds),
             bind: try discovery.bindAddress(), defaults: proxy.frontendSettings, checkDefaults: health.policy.checks)
         settings.listenRetryInterval = .seconds(5)
+        settings.relistJitter = discovery.relistJitter.milliseconds
         if let path = discovery.revisionLog { settings.onApplied = try RevisionLog(path: path).record }
         let service = DiscoveryService(client: client, router: router, settings: settings)
         let task = Task {

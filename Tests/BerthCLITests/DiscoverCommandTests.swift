@@ -53,7 +53,7 @@ final class DiscoverCommandTests: BerthTestCase {
     func testBadEtcdFlagsAreUsageErrors() throws {
         for (arguments, reason) in [(["--etcd", "ftp://a:1"], "scheme"), (["--prefix", "backends"], "must start with '/'"),
                                     (["--etcd-user", "root"], "go together"), (["--bind", "1.2.3"], "--bind"),
-                                    (["--linger", "soon"], "linger")] {
+                                    (["--linger", "soon"], "linger"), (["--relist-jitter", "soon"], "relist-jitter")] {
             let (ended, _, error) = try runBerth(["discover"] + arguments)
             XCTAssertEqual(ended, .exited(64), "\(arguments): \(error)")
             XCTAssertTrue(error.contains(reason), "\(arguments): \(error)")
