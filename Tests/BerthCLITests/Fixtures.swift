@@ -272,6 +272,18 @@ class BerthTestCase: XCTestCase {
             _ = child.waitForExit(timeout: 5)
             child.terminateAndReap()  // removes its output files
         }
+        // libdispatch opens a timerfd per clock on the first timer of that clock (XCTest,
+        // Foundation and Swift concurrency arm some at unpredictable moments, and a test's
+        // leak check then saw one appear): arm each clock's once now.
+        let fired = DispatchSemaphore(value: 0)
+        DispatchQueue.global().asyncAfter(deadline: .now() + 0.001) { fired.signal() }
+        DispatchQueue.global().asyncAfter(wallDeadline: .now() + 0.001) { fired.signal() }
+        Task {
+            try? await Task.sleep(for: .milliseconds(1))
+            try? await Task.sleep(until: .now + .milliseconds(1), clock: .suspending)
+            fired.signal()
+        }
+        for _ in 0..<3 { _ = fired.wait(timeout: .now() + 2) }
     }
 
     override func setUpWithError() throws {
