@@ -45,6 +45,8 @@ struct FleetScenario {
     var hosts: Int { options.fleetHosts ?? (options.quick ? 20 : 200) }
     var services: Int { options.fleetServices ?? (options.quick ? 100 : 1_000) }
     var churnSeconds: Double { options.quick ? 4 : 20 }
+    /// Every process of the fleet may run on every CPU (`taskset -c`).
+    var allCPUs: String { "0-\(max(1, loadCPU))" }
 
     func run() -> FleetResult {
         var result = FleetResult(hosts: hosts, services: services, churnSeconds: churnSeconds)
@@ -95,7 +97,7 @@ struct FleetScenario {
                 proxy = try Launcher.startExternal(
                     name: "grpc-proxy", path: DiscoveryScenario.etcdPath,
                     arguments: ["grpc-proxy", "start", "--endpoints", "127.0.0.1:\(clientPort)", "--listen-addr", "127.0.0.1:\(port)"],
-                    cpus: "0-\(max(1, loadCPU))", directory: directory,
+                    cpus: allCPUs, directory: directory,
                     addresses: ["proxy": SocketAddress(ipv4: (127, 0, 0, 1), port: port)])
             } catch {
                 directory.remove()
@@ -246,7 +248,7 @@ struct FleetScenario {
                 "--listen-client-urls", "http://\(client)", "--advertise-client-urls", "http://\(client)",
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                 "--initial-cluster", "fleet=\(peer)", "--initial-cluster-state", "new", "--logger", "zap", "--log-level", "warn",
-            ], cpus: "0-\(max(1, loadCPU))", directory: directory, addresses: ["etcd": SocketAddress(ipv4: (127, 0, 0, 1), port: clientPort)])
+            ], cpus: allCPUs, directory: directory, addresses: ["etcd": SocketAddress(ipv4: (127, 0, 0, 1), port: clientPort)])
         } catch {
             directory.remove()
             throw error
@@ -257,14 +259,10 @@ struct FleetScenario {
     /// applied table in `logs/hostN.rev`, its log in `logs/hostN.log`.
     private func spawnHost(_ index: Int, endpoint: String, logs: String) throws(BenchError) -> ChildProcess {
         let bind = "127.77.\(index / 250).\(index % 250 + 1)"
-        // Through taskset onto every CPU: a child would inherit the bench's pinning to one.
-        let candidates: [String] = ["/usr/bin/taskset", "/bin/taskset"]
-        let taskset = candidates.first { access($0, X_OK) == 0 }
-        let cpus = "0-\(max(1, loadCPU))"
-        return try ChildProcess.spawn(name: "host\(index)", path: taskset ?? berth, arguments: (taskset == nil ? [] : ["-c", cpus, berth]) + [
+        return try Launcher.spawnOnCPUs(name: "host\(index)", path: berth, arguments: [
             "discover", "--etcd", endpoint, "--prefix", Self.prefix, "--bind", bind, "--workers", "1", "--stats", "off",
             "--linger", "0", "--drain-timeout", "0", "--revision-log", "\(logs)/host\(index).rev",
-        ] + (options.fleetRelistJitter.map { ["--relist-jitter", "\($0)"] } ?? []), logFile: "\(logs)/host\(index).log")
+        ] + (options.fleetRelistJitter.map { ["--relist-jitter", "\($0)"] } ?? []), cpus: allCPUs, logFile: "\(logs)/host\(index).log")
     }
 
     /// SIGTERM to every host first (they drain in parallel), then each reaped.

@@ -224,6 +224,17 @@ enum Launcher {
         }
     }
 
+    /// `path` under `taskset -c CPUS` when taskset exists (a child would otherwise inherit the
+    /// bench's own pinning to the load CPU), its stdout and stderr in `logFile`.
+    static func spawnOnCPUs(name: String, path: String, arguments: [String], cpus: String,
+                            logFile: String) throws(BenchError) -> ChildProcess {
+        let tasksetPaths: [String] = ["/usr/bin/taskset", "/bin/taskset"]
+        guard let taskset = tasksetPaths.first(where: { access($0, X_OK) == 0 }) else {
+            return try ChildProcess.spawn(name: name, path: path, arguments: arguments, logFile: logFile)
+        }
+        return try ChildProcess.spawn(name: name, path: taskset, arguments: ["-c", cpus, path] + arguments, logFile: logFile)
+    }
+
     /// A program that does not watch its stdin (HAProxy, the berth binary), its stdout and
     /// stderr in `directory/NAME.log`, run under `taskset -c CPUS` when taskset exists (a child
     /// would otherwise inherit the bench's own pinning to the load CPU), with a watchdog role
@@ -233,13 +244,7 @@ enum Launcher {
     static func startExternal(name: String, path: String, arguments: [String], cpus: String,
                               directory: TemporaryDirectory, addresses: [String: SocketAddress]) throws(BenchError) -> ServingProcess {
         let log = "\(directory.path)/\(name).log"
-        let tasksetPaths: [String] = ["/usr/bin/taskset", "/bin/taskset"]
-        let taskset = tasksetPaths.first { access($0, X_OK) == 0 }
-        let child = if let taskset {
-            try ChildProcess.spawn(name: name, path: taskset, arguments: ["-c", cpus, path] + arguments, logFile: log)
-        } else {
-            try ChildProcess.spawn(name: name, path: path, arguments: arguments, logFile: log)
-        }
+        let child = try spawnOnCPUs(name: name, path: path, arguments: arguments, cpus: cpus, logFile: log)
         let watchdog: ChildProcess
         do {
             watchdog = try ChildProcess.spawn(name: "\(name) watchdog", path: currentExecutablePath(), arguments: [

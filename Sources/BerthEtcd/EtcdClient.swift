@@ -132,17 +132,13 @@ public final class EtcdClient: Sendable {
     /// Deletes one key; returns how many were deleted (0 or 1).
     @discardableResult
     public func delete(key: String) async throws -> Int64 {
-        var request = Etcdserverpb_DeleteRangeRequest()
-        request.key = Data(key.utf8)
-        return try await deleteRange(request)
+        try await deleteResponse(Self.deletion(of: key)).deleted
     }
 
     /// Deletes one key; returns the revision of the deletion (the store's revision when there
     /// was nothing to delete).
     public func deleteReturningRevision(key: String) async throws -> Int64 {
-        var request = Etcdserverpb_DeleteRangeRequest()
-        request.key = Data(key.utf8)
-        return try await deleteResponse(request).header.revision
+        try await deleteResponse(Self.deletion(of: key)).header.revision
     }
 
     /// Deletes every key under `prefix`; returns how many.
@@ -151,11 +147,14 @@ public final class EtcdClient: Sendable {
         var request = Etcdserverpb_DeleteRangeRequest()
         request.key = Data(prefix.isEmpty ? [0] : Array(prefix.utf8))
         request.rangeEnd = Data(Self.rangeEnd(ofPrefix: prefix))
-        return try await deleteRange(request)
+        return try await deleteResponse(request).deleted
     }
 
-    private func deleteRange(_ request: Etcdserverpb_DeleteRangeRequest) async throws -> Int64 {
-        try await deleteResponse(request).deleted
+    /// The request deleting exactly `key`.
+    private static func deletion(of key: String) -> Etcdserverpb_DeleteRangeRequest {
+        var request = Etcdserverpb_DeleteRangeRequest()
+        request.key = Data(key.utf8)
+        return request
     }
 
     private func deleteResponse(_ request: Etcdserverpb_DeleteRangeRequest) async throws -> Etcdserverpb_DeleteRangeResponse {

@@ -217,6 +217,11 @@ public final class HealthRouter: Sendable {
         state.withLock { $0.allDownEvents }
     }
 
+    /// A router dropped without `shutdown` must not leave its slow-start thread waiting.
+    deinit {
+        rampTimer.stop()
+    }
+
     /// Stops checks and the engine (draining for up to `drainTimeout` ms).
     public func shutdown(drainTimeout: Int64? = nil) {
         rampTimer.stop()

@@ -146,6 +146,8 @@ struct DiscoveryRuntime {
     /// sockets are adopted there).
     static func start(etcd: EtcdOptions, discovery: DiscoveryOptions, proxy: ProxyOptions, health: HealthOptions,
                       prepare: (HealthRouter) -> Void = { _ in }) throws -> DiscoveryRuntime {
+        // Opened before anything else: a bad path fails with nothing yet to close.
+        let revisionLog = try discovery.revisionLog.map { path in try RevisionLog(path: path) }
         let client = try EtcdClient(configuration: etcd.configuration())
         var etcdAnswered = true
         do {
@@ -168,7 +170,7 @@ struct DiscoveryRuntime {
             bind: try discovery.bindAddress(), defaults: proxy.frontendSettings, checkDefaults: health.policy.checks)
         settings.listenRetryInterval = .seconds(5)
         settings.relistJitter = discovery.relistJitter.milliseconds
-        if let path = discovery.revisionLog { settings.onApplied = try RevisionLog(path: path).record }
+        if let revisionLog { settings.onApplied = revisionLog.record }
         let service = DiscoveryService(client: client, router: router, settings: settings)
         let task = Task {
             do {

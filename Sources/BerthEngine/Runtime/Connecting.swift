@@ -21,7 +21,7 @@ extension Worker {
             }
             // The balancing mode picks the first backend; a retry moves on to the next ones in order.
             if session.attempt == 0 { session.firstPick = firstPick(session, frontend: frontend, backends: backends) }
-            var index = (session.firstPick + session.attempt) % backends.count
+            var index = RoundRobin.index(position: UInt64(session.firstPick), attempt: session.attempt, count: backends.count)
             if let silent = session.silentHost, backends[index].backend.address.withPort(0) == silent {
                 index = Self.nextOnAnotherHost(backends, after: index, avoiding: silent) ?? index
             }
@@ -70,18 +70,20 @@ extension Worker {
     /// The candidate a new session tries first, by the frontend's balancing mode.
     @inline(__always)
     func firstPick(_ session: Session, frontend: FrontendRuntime, backends: [BackendRuntime]) -> Int {
-        let count = UInt64(backends.count)
+        let rotation = RoundRobin.index(position: session.rotation, attempt: 0, count: backends.count)
         switch frontend.settings.balance {
         case .roundRobin:
-            if let schedule = frontend.schedule { return Int(schedule[Int(session.rotation % UInt64(schedule.count))]) }
-            return Int(session.rotation % count)
+            if let schedule = frontend.schedule {
+                return Int(schedule[RoundRobin.index(position: session.rotation, attempt: 0, count: schedule.count)])
+            }
+            return rotation
         case .leastConn:
             // The rotation decides where the scan starts, so that equally loaded backends take turns.
-            return LeastConnections.pick(count: backends.count, start: Int(session.rotation % count),
+            return LeastConnections.pick(count: backends.count, start: rotation,
                                          load: { backends[$0].load?.current ?? 0 },
                                          weight: { backends[$0].backend.effectiveWeight })
         case .source:
-            guard let ring = frontend.ring, let peer = session.peer else { return Int(session.rotation % count) }
+            guard let ring = frontend.ring, let peer = session.peer else { return rotation }
             return ring.owner(of: HashRing.key(of: peer)) % backends.count
         }
     }
