@@ -35,6 +35,8 @@ extension ScenarioReport {
             ("first to last host, s", { cell($0.relistSpreadSeconds, 2) }),
             ("herd: Range requests at etcd", { $0.herdRanges.map(String.init) ?? "-" }),
             ("herd: peak Range rate, /s", { cell($0.herdPeakPerSecond, 0) }),
+            ("herd: hosts that listed again", { $0.herdRelisted.map(String.init) ?? "-" }),
+            ("herd: their listings", { $0.herdListings.map(String.init) ?? "-" }),
             ("herd: hosts caught up", { String($0.herdCaughtUp) }),
             ("herd: last caught up, s", { cell($0.herdCatchUpSeconds, 2) }),
         ]
@@ -69,7 +71,9 @@ extension ScenarioReport {
                     ("restartCatchUpSeconds", .optional(row.restartCatchUpSeconds)),
                     ("rangesAfterRestart", .optional(row.rangesAfterRestart.map(Double.init))),
                     ("herdRanges", .optional(row.herdRanges.map(Double.init))), ("herdPeakPerSecond", .optional(row.herdPeakPerSecond)),
-                    ("herdCatchUpSeconds", .optional(row.herdCatchUpSeconds)), ("relistSpreadSeconds", .optional(row.relistSpreadSeconds)),
+                    ("herdCatchUpSeconds", .optional(row.herdCatchUpSeconds)),
+                    ("herdRelisted", .optional(row.herdRelisted.map(Double.init))),
+                    ("herdListings", .optional(row.herdListings.map(Double.init))), ("relistSpreadSeconds", .optional(row.relistSpreadSeconds)),
                 ])
             })),
             ("failures", .array(fleet.failures.map { .string($0) })),

@@ -30,7 +30,7 @@ struct FleetScenario {
     static let firstPort = 20_000
     static let syncTimeout: Int64 = 300_000
     static let catchUpTimeout: Int64 = 60_000
-    /// Puts made while the hosts are stopped: more watch responses than a stream buffers.
+    /// Puts made while the hosts are stopped, before etcd compacts them away.
     static let herdChanges = 1_500
 
     enum Mode: String, CaseIterable {
@@ -90,20 +90,10 @@ struct FleetScenario {
         var proxy: ServingProcess?
         defer { proxy?.stop() }
         var endpoint = "http://127.0.0.1:\(clientPort)"
+        let proxyPort = try Launcher.freePort()
         if mode == .proxy {
-            let port = try Launcher.freePort()
-            let directory = try TemporaryDirectory(prefix: "berth-fleet-proxy")
-            do throws(BenchError) {
-                proxy = try Launcher.startExternal(
-                    name: "grpc-proxy", path: DiscoveryScenario.etcdPath,
-                    arguments: ["grpc-proxy", "start", "--endpoints", "127.0.0.1:\(clientPort)", "--listen-addr", "127.0.0.1:\(port)"],
-                    cpus: allCPUs, directory: directory,
-                    addresses: ["proxy": SocketAddress(ipv4: (127, 0, 0, 1), port: port)])
-            } catch {
-                directory.remove()
-                throw error
-            }
-            endpoint = "http://127.0.0.1:\(port)"
+            proxy = try startProxy(port: proxyPort, etcdPort: clientPort)
+            endpoint = "http://127.0.0.1:\(proxyPort)"
         }
 
         // The hosts.
@@ -179,22 +169,39 @@ struct FleetScenario {
         }
         progress("fleet, \(mode.rawValue): etcd restarted; every host caught up after "
             + "\(row.restartCatchUpSeconds.map { Format.fixed($0, 2) } ?? "-") s, \(row.rangesAfterRestart.map(String.init) ?? "-") Range requests at etcd")
-        try compactionHerd(client, fleet: fleet, clientPort: clientPort, logs: logs.path, into: &row)
+        try compactionHerd(client, fleet: fleet, clientPort: clientPort, logs: logs.path, into: &row) { () throws(BenchError) in
+            etcd?.stop()
+            etcd = nil
+            etcd = try startEtcd(data: data.path, clientPort: clientPort, peerPort: peerPort)
+            // Through a proxy, the hosts' streams end at the proxy, which would resume its own
+            // watch and carry them through the restart: restarted too, so that they break.
+            if mode == .proxy {
+                proxy?.stop()
+                proxy = nil
+                proxy = try startProxy(port: proxyPort, etcdPort: clientPort)
+            }
+        }
         return row
     }
 
-    /// Every host stopped (SIGSTOP) while `herdChanges` puts go by, one response each, more than
-    /// a watch stream buffers; etcd then compacts its history, and the hosts are resumed together:
-    /// each watch has fallen behind the compaction and its host lists the registry again. etcd's
-    /// Range requests are sampled every 50 ms for the peak rate, until every host has caught up.
+    /// Every host stopped (SIGSTOP) while etcd (and the gRPC proxy) restart, which breaks their
+    /// watch streams (the kernel resets them), and `herdChanges` puts go by, each a real change;
+    /// etcd then compacts its history, and the hosts are resumed together: each host's watch
+    /// resumes from a compacted revision, so each lists the registry again. (Without the
+    /// restart, a stopped host's stream may still hold every event in its buffers and need no
+    /// listing.) etcd's Range requests are sampled every 50 ms for the peak rate, until every
+    /// host has applied the last put.
     private func compactionHerd(_ client: EtcdClient, fleet: [ChildProcess], clientPort: UInt16, logs: String,
-                                into row: inout FleetRow) throws(BenchError) {
+                                into row: inout FleetRow, restartEtcd: () throws(BenchError) -> Void) throws(BenchError) {
         for host in fleet where !host.hasExited() { kill(host.pid, SIGSTOP) }
+        let listingsBefore = (0..<fleet.count).map { Self.relistings(logs, host: $0) }
         var revision: Int64 = 0
         do throws(BenchError) {
+            try restartEtcd()
             for index in 0..<Self.herdChanges {
                 let item = index % (services * Self.instancesPerService)
-                let value = Array("{\"host\":\"127.0.0.1\",\"port\":\(3_000 + index % 1_000),\"listen\":\(Self.firstPort + item / Self.instancesPerService)}".utf8)
+                // A port no earlier put used: every put changes its instance.
+                let value = Array("{\"host\":\"127.0.0.1\",\"port\":\(3_000 + index),\"listen\":\(Self.firstPort + item / Self.instancesPerService)}".utf8)
                 revision = try DiscoveryScenario.etcdCall("put") { try await client.put(key: Self.key(item), value: value) }
             }
             let compactAt = revision
@@ -226,6 +233,9 @@ struct FleetScenario {
             }
         }
         row.herdCaughtUp = done.filter { $0 }.count
+        let listed = zip(0..<fleet.count, listingsBefore).map { Self.relistings(logs, host: $0) - $1 }
+        row.herdRelisted = listed.filter { $0 > 0 }.count
+        row.herdListings = listed.reduce(0, +)
         row.herdCatchUpSeconds = done.allSatisfy { $0 } ? Double(MonotonicClock.nanoseconds() - resumed) / 1e9 : nil
         row.herdRanges = last - min(last, before)
         row.herdPeakPerSecond = Double(peak) * 20
@@ -238,6 +248,20 @@ struct FleetScenario {
     }
 
     // MARK: Processes
+
+    private func startProxy(port: UInt16, etcdPort: UInt16) throws(BenchError) -> ServingProcess {
+        let directory = try TemporaryDirectory(prefix: "berth-fleet-proxy")
+        do throws(BenchError) {
+            return try Launcher.startExternal(
+                name: "grpc-proxy", path: DiscoveryScenario.etcdPath,
+                arguments: ["grpc-proxy", "start", "--endpoints", "127.0.0.1:\(etcdPort)", "--listen-addr", "127.0.0.1:\(port)"],
+                cpus: allCPUs, directory: directory,
+                addresses: ["proxy": SocketAddress(ipv4: (127, 0, 0, 1), port: port)])
+        } catch {
+            directory.remove()
+            throw error
+        }
+    }
 
     private func startEtcd(data: String, clientPort: UInt16, peerPort: UInt16) throws(BenchError) -> ServingProcess {
         let directory = try TemporaryDirectory(prefix: "berth-fleet-etcd-log")
@@ -275,6 +299,11 @@ struct FleetScenario {
 
     static func instanceValue(service: Int, instance: Int) -> [UInt8] {
         Array("{\"host\":\"127.0.0.1\",\"port\":\(1_000 + instance),\"listen\":\(firstPort + service)}".utf8)
+    }
+
+    /// How many times host `index` listed the registry again, from its log.
+    static func relistings(_ logs: String, host index: Int) -> Int {
+        (ProcFS.read("\(logs)/host\(index).log") ?? "").split(separator: "\n").filter { $0.hasSuffix("registry listed again") }.count
     }
 
     static func key(_ item: Int) -> String {
@@ -443,6 +472,10 @@ struct FleetRow {
     var herdRanges: UInt64?
     var herdPeakPerSecond: Double?
     var herdCaughtUp = 0
+    /// Hosts whose log says they listed the registry again during the herd.
+    var herdRelisted: Int?
+    /// Their listings in all (a host lists again once per compaction its watch meets).
+    var herdListings: Int?
     var herdCatchUpSeconds: Double?
 }
 

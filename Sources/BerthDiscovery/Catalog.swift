@@ -60,8 +60,12 @@ public struct Catalog: Sendable {
     private var revisionComplete = true
     /// Keys applied at `revision` (a transaction changes several keys at one revision).
     private var keysAtRevision: Set<String> = []
-    /// Routing memory between builds (listen ports served, when a service became empty).
+    /// Routing memory between builds (listen ports served, when a service became empty, each
+    /// service's frontend as last built).
     var routingMemory = RoutingMemory()
+    /// Services whose keys changed since the last `routingTable` (only they are built again);
+    /// nil: every service (at first, and after a `reset`).
+    var changedServices: Set<String>? = nil
 
     public init(options: Options = Options()) {
         self.options = options
@@ -77,6 +81,7 @@ public struct Catalog: Sendable {
     public mutating func reset(entries: [(key: String, value: [UInt8])], revision: Int64) -> CatalogDiff {
         let before = services
         services = [:]
+        changedServices = nil
         malformedKeys = [:]
         for entry in entries {
             _ = store(key: entry.key, value: entry.value, revision: revision)
@@ -122,17 +127,17 @@ public struct Catalog: Sendable {
         case .instance(let service, let instance):
             let removed = services[service]?.instances.removeValue(forKey: instance) != nil
             dropIfEmpty(service)
-            return removed ? .changed : .unchanged
+            return removed ? changed(service) : .unchanged
         case .port(let service):
             let removed = services[service]?.seedPort != nil
             services[service]?.seedPort = nil
             dropIfEmpty(service)
-            return removed ? .changed : .unchanged
+            return removed ? changed(service) : .unchanged
         case .config(let service):
             let removed = services[service]?.config != nil
             services[service]?.config = nil
             dropIfEmpty(service)
-            return removed ? .changed : .unchanged
+            return removed ? changed(service) : .unchanged
         }
     }
 
@@ -180,23 +185,27 @@ public struct Catalog: Sendable {
         }
         do throws(ValueError) {
             let changed: Bool
+            let name: String
             switch kind {
             case .instance(let service, let instance):
                 let parsed = try InstanceRecord.parse(value)
+                name = service
                 changed = services[service, default: Service()].instances.updateValue(parsed, forKey: instance) != parsed
             case .port(let service):
                 let port = try Self.parsePort(value)
+                name = service
                 changed = services[service]?.seedPort != port
                 services[service, default: Service()].seedPort = port
             case .config(let service):
                 let config = try ServiceConfig.parse(value)
+                name = service
                 changed = services[service]?.config != config
                 services[service, default: Service()].config = config
             case .ignored, .malformed:
                 return .unchanged
             }
             malformedKeys.removeValue(forKey: key)
-            return changed ? .changed : .unchanged
+            return changed ? self.changed(name) : .unchanged
         } catch {
             let removed = forget(kind)
             return record(MalformedEntry(key: key, reason: .value(error.reason), detail: error.detail, revision: revision),
@@ -224,6 +233,7 @@ public struct Catalog: Sendable {
             return false
         }
         dropIfEmpty(name)
+        if removed { _ = changed(name) }
         return removed
     }
 
@@ -231,6 +241,12 @@ public struct Catalog: Sendable {
         malformed.add(entry)
         malformedKeys[entry.key] = entry.reason
         return .malformed(entry, removedPrevious: removed)
+    }
+
+    /// Notes that `service` changed (its frontend is built again); returns `.changed`.
+    private mutating func changed(_ service: String) -> EventOutcome {
+        changedServices?.insert(service)
+        return .changed
     }
 
     private mutating func dropIfEmpty(_ service: String) {

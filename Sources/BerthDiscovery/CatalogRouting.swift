@@ -27,6 +27,8 @@ public struct RoutingBuild: Sendable, Equatable {
     /// When (monotonic ms, the clock `now` was read from) to build again so that a lingering
     /// frontend closes on time; nil when nothing waits.
     public var nextEvaluation: Int64?
+    /// Host names (not IP addresses) of the instances: what `HostResolver.track` should follow.
+    public var hostNames: Set<String> = []
 }
 
 /// Why a service (or one of its instances) is not served.
@@ -72,12 +74,38 @@ public struct ServiceProblem: Sendable, Equatable, CustomStringConvertible {
     }
 }
 
-/// What the catalog remembers between builds: ports served, and since when a service is empty.
+/// What the catalog remembers between builds: ports served, since when a service is empty,
+/// and each service's frontend as last built.
 struct RoutingMemory: Sendable {
     /// Service → listen port of its frontend in the last build.
     var served: [String: UInt16] = [:]
     /// Service → the `now` of the first build that saw it with no instance.
     var emptySince: [String: Int64] = [:]
+    /// Service → its frontend as last built, reused while the service's keys do not change: a
+    /// change rebuilds one service, not the table (a fleet host sees every change).
+    var built: [String: BuiltService] = [:]
+    /// The arguments the entries of `built` were made with (others: build everything again).
+    var context: BuildContext?
+}
+
+/// The arguments of `routingTable` that every service's frontend depends on.
+struct BuildContext: Sendable, Equatable {
+    var bind: SocketAddress
+    var defaults: FrontendSettings
+    var checkDefaults: CheckSettings?
+}
+
+/// One service's part of a build, kept between builds.
+struct BuiltService: Sendable {
+    /// Before port conflicts are settled (they depend on the other services); nil when the
+    /// service has no listen port.
+    var frontend: Frontend?
+    /// Its problems, in the order found (port conflicts are added per build).
+    var problems: [ServiceProblem]
+    var check: CheckSettings?
+    /// Host names (not IP addresses) its instances name: while there is one, the service is
+    /// built every time (a name's address may have changed).
+    var hostNames: [String]
 }
 
 extension Catalog {
@@ -102,11 +130,21 @@ extension Catalog {
         var candidates: [Frontend] = []
         var lingering: [String] = []
         var nextEvaluation: Int64?
+        var hostNames = Set<String>()
         var memory = routingMemory
+        let context = BuildContext(bind: bind, defaults: defaults, checkDefaults: checkDefaults)
+        var changed = changedServices
+        if memory.context != context {
+            memory.context = context
+            changed = nil
+        }
+        for name in changed ?? [] where services[name] == nil { memory.built.removeValue(forKey: name) }
+        if changed == nil { memory.built = [:] }
 
         for name in Set(services.keys).union(memory.served.keys).sorted() {
             let service = services[name] ?? Service()
             if service.instances.isEmpty {
+                memory.built.removeValue(forKey: name)
                 // Linger: a service served before keeps its frontend, empty, for a while.
                 guard let port = memory.served[name] else { continue }
                 let since = memory.emptySince[name] ?? now
@@ -124,15 +162,24 @@ extension Catalog {
                 continue
             }
             memory.emptySince.removeValue(forKey: name)
-            guard let port = listenPort(of: name, service, problems: &problems) else {
-                problems.append(ServiceProblem(service: name, kind: .noListenPort))
+            // Unchanged keys, and no instance named by host (whose address may have moved): the
+            // frontend of the last build.
+            var entry: BuiltService
+            if let kept = memory.built[name], kept.hostNames.isEmpty, changed?.contains(name) == false {
+                entry = kept
+            } else {
+                entry = build(name, service, context: context, resolve: resolve)
+                memory.built[name] = entry
+            }
+            problems.append(contentsOf: entry.problems)
+            hostNames.formUnion(entry.hostNames)
+            guard let frontend = entry.frontend else {
                 memory.served.removeValue(forKey: name)
                 continue
             }
-            let backends = self.backends(of: name, service, resolve: resolve, problems: &problems)
-            candidates.append(Frontend(name: name, listen: bind.withPort(port), backends: backends,
-                                       settings: service.config?.frontendSettings(over: defaults) ?? defaults))
+            candidates.append(frontend)
         }
+        changedServices = []
 
         // One frontend per port: the service that served it in the last build keeps it; among
         // newcomers, the first by name.
@@ -156,9 +203,7 @@ extension Catalog {
             }
             frontends.append(frontend)
             served[frontend.name] = port
-            if let overrides = services[frontend.name]?.config?.check {
-                checks[frontend.name] = overrides.settings(over: checkDefaults ?? CheckSettings())
-            }
+            if let check = memory.built[frontend.name]?.check { checks[frontend.name] = check }
         }
         memory.served = served
         memory.emptySince = memory.emptySince.filter { served[$0.key] != nil }
@@ -169,7 +214,23 @@ extension Catalog {
             .map(\.element)
         return RoutingBuild(table: RoutingTable(revision: UInt64(max(0, revision)), frontends: frontends),
                             checks: checks, problems: problems, lingering: lingering,
-                            nextEvaluation: lingering.isEmpty ? nil : nextEvaluation)
+                            nextEvaluation: lingering.isEmpty ? nil : nextEvaluation, hostNames: hostNames)
+    }
+
+    /// One service's frontend, problems and check settings.
+    private func build(_ name: String, _ service: Service, context: BuildContext,
+                       resolve: (String) -> HostResolution) -> BuiltService {
+        var problems: [ServiceProblem] = []
+        let hostNames = service.instances.values.compactMap { $0.hostKind == .name && $0.host != "localhost" ? $0.host : nil }
+        let check = service.config?.check.map { $0.settings(over: context.checkDefaults ?? CheckSettings()) }
+        guard let port = listenPort(of: name, service, problems: &problems) else {
+            problems.append(ServiceProblem(service: name, kind: .noListenPort))
+            return BuiltService(frontend: nil, problems: problems, check: check, hostNames: hostNames)
+        }
+        let backends = self.backends(of: name, service, resolve: resolve, problems: &problems)
+        let frontend = Frontend(name: name, listen: context.bind.withPort(port), backends: backends,
+                                settings: service.config?.frontendSettings(over: context.defaults) ?? context.defaults)
+        return BuiltService(frontend: frontend, problems: problems, check: check, hostNames: hostNames)
     }
 
     /// The listen port: instances' `listen` (the lowest if they disagree), else `_config`'s,

@@ -29,9 +29,11 @@ public struct DiscoverySettings: Sendable {
     /// this many ms, so that a fleet cut off together does not list at the same instant (each
     /// listing is a Range of the whole prefix). The last table is served meanwhile.
     public var relistJitter: Int64 = 1_000
-    /// Called after each table the router accepted, with the etcd revision it was built from
-    /// (under discovery's lock: it must only hand the value on). `bench --scenarios fleet`
-    /// reads when each host applied each revision through `--revision-log`.
+    /// Called with each etcd revision the routing comes to reflect: after each table the router
+    /// accepted (the revision it was built from), and after a watch batch that changed nothing
+    /// routable (a put of the value already held), whose revision the table now reflects too.
+    /// Under discovery's lock: it must only hand the value on. `bench --scenarios fleet` reads
+    /// when each host applied each revision through `--revision-log`.
     public var onApplied: (@Sendable (Int64) -> Void)?
 
     public init(catalog: Catalog.Options = .init(), bind: SocketAddress, defaults: FrontendSettings = .init(), checkDefaults: CheckSettings? = nil) {
@@ -229,7 +231,11 @@ public final class DiscoveryService: Sendable {
             state.history.append(contentsOf: batch.events.map(\.keyValue.modRevision))
             // Trimmed in halves, not per batch: amortised O(1) under the lock once full.
             if state.history.count >= 2 * Self.historyLimit { state.history.removeFirst(state.history.count - Self.historyLimit) }
-            if changed { publish(&state) }
+            if changed {
+                publish(&state)
+            } else {
+                settings.onApplied?(state.catalog.revision)
+            }
         }
     }
 
@@ -252,7 +258,7 @@ public final class DiscoveryService: Sendable {
         let build = state.catalog.routingTable(
             bind: settings.bind, defaults: settings.defaults, checkDefaults: settings.checkDefaults,
             now: MonotonicClock.milliseconds(), resolve: { resolver.lookup($0) })
-        resolver.track(state.catalog.hostNames)
+        resolver.track(build.hostNames)
         state.nextEvaluation = build.nextEvaluation
         state.problems = build.problems.map(\.description)
         let problems = Set(state.problems)

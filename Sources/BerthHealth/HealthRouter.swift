@@ -54,8 +54,20 @@ public final class HealthRouter: Sendable {
         /// Backends that took new connections in the last published table, and the frontends
         /// published before: a backend ramps when it starts taking traffic in a known frontend
         /// (the first table of a frontend, at start for instance, is served at full weight).
-        var takingTraffic: Set<BackendKey> = []
+        var takingTraffic: [String: Set<String>] = [:]
         var publishedFrontends: Set<String> = []
+        /// Each frontend as last published, with the desired frontend it was made from: reused
+        /// while that frontend is unchanged and `stale` is false, so that a table change costs
+        /// the frontends it changed, not the whole table (a fleet host sees every change).
+        var published: [String: PublishedFrontend] = [:]
+        /// Set when health, overrides, check settings or a ramp changed: every frontend is
+        /// made again at the next publish.
+        var stale = true
+    }
+
+    private struct PublishedFrontend {
+        var desired: Frontend
+        var effective: Frontend
     }
 
     /// `checker` must be the one the engine's `backendFailed` reports to (see `makeEngine`).
@@ -91,12 +103,15 @@ public final class HealthRouter: Sendable {
     public func apply(_ table: RoutingTable, checks overrides: [String: CheckSettings] = [:]) throws(EngineError) -> Engine.ApplyResult {
         try state.withLock { state throws(EngineError) -> Engine.ApplyResult in
             state.desired = table
+            if state.checkOverrides != overrides { state.stale = true }
             state.checkOverrides = overrides
-            let present = Set(table.frontends.flatMap { frontend in
-                frontend.backends.map { BackendKey(frontend: frontend.name, backend: $0.name) }
-            })
-            state.adminStates = state.adminStates.filter { present.contains($0.key) }
-            state.weightOverrides = state.weightOverrides.filter { present.contains($0.key) }
+            if !state.adminStates.isEmpty || !state.weightOverrides.isEmpty {
+                let present = Set(table.frontends.flatMap { frontend in
+                    frontend.backends.map { BackendKey(frontend: frontend.name, backend: $0.name) }
+                })
+                state.adminStates = state.adminStates.filter { present.contains($0.key) }
+                state.weightOverrides = state.weightOverrides.filter { present.contains($0.key) }
+            }
             updateChecks(&state)
             return try publish(&state)
         }
@@ -107,6 +122,8 @@ public final class HealthRouter: Sendable {
     /// own thread takes this lock only after releasing its records, so the order is safe).
     private func updateChecks(_ state: inout State) {
         guard let checker else { return }
+        // Nothing checked, before or now: nothing to tell the checker.
+        if policy.checks == nil && state.checkOverrides.isEmpty && state.checked.isEmpty && state.seededHealth.isEmpty { return }
         var targets: [CheckTarget] = []
         var checked: Set<BackendKey> = []
         for frontend in state.desired.frontends {
@@ -135,6 +152,7 @@ public final class HealthRouter: Sendable {
             guard known else { throw AdminError.unknownBackend(key) }
             let previous = state.adminStates[key] ?? .ready
             state.adminStates[key] = admin == .ready ? nil : admin
+            state.stale = true
             if (previous == .maint) != (admin == .maint) { updateChecks(&state) }
             do throws(EngineError) {
                 _ = try publish(&state)
@@ -155,6 +173,7 @@ public final class HealthRouter: Sendable {
             }
             guard known else { throw AdminError.unknownBackend(key) }
             state.weightOverrides[key] = weight
+            state.stale = true
             do throws(EngineError) {
                 _ = try publish(&state)
             } catch {
@@ -171,6 +190,7 @@ public final class HealthRouter: Sendable {
             state.seededHealth = health
             state.adminStates = adminStates.filter { $0.value != .ready }
             state.weightOverrides = weights.filter { (0...256).contains($0.value) }
+            state.stale = true
         }
     }
 
@@ -229,49 +249,42 @@ public final class HealthRouter: Sendable {
         engine.shutdown(drainTimeout: drainTimeout)
     }
 
+    /// After a health change or a ramp step: every frontend is made again.
     private func republish() {
-        state.withLock { state in _ = try? publish(&state) }
+        state.withLock { state in
+            state.stale = true
+            _ = try? publish(&state)
+        }
     }
 
     /// The table of backends that take traffic; with none up, the all-down policy decides.
+    /// Frontends unchanged since the last publish (and nothing `stale`) are reused as they were.
     private func publish(_ state: inout State) throws(EngineError) -> Engine.ApplyResult {
         let health = checker?.health() ?? [:]
-        var effective = state.desired
-        for index in effective.frontends.indices {
-            let frontend = effective.frontends[index]
-            guard checker != nil || !state.adminStates.isEmpty, !frontend.backends.isEmpty else { continue }
-            // Down, drained and maintained backends stay in the table, disabled: no new
-            // connections, and their open connections run on (a removed backend would be drained).
-            var overridden = Set<Int>()
-            for backendIndex in frontend.backends.indices {
-                let backend = frontend.backends[backendIndex]
-                let key = BackendKey(frontend: frontend.name, backend: backend.name)
-                if state.adminStates[key] != nil { overridden.insert(backendIndex) }
-                let healthy = !state.checked.contains(key) || (health[key]?.takesTraffic ?? (policy.newBackendState == .up))
-                effective.frontends[index].backends[backendIndex].enabled = backend.enabled && healthy
-                    && !overridden.contains(backendIndex)
+        let now = MonotonicClock.milliseconds()
+        var effective = RoutingTable(revision: state.desired.revision, frontends: [])
+        effective.frontends.reserveCapacity(state.desired.frontends.count)
+        var published: [String: PublishedFrontend] = [:]
+        var nextStep: Int64?
+        for frontend in state.desired.frontends {
+            if !state.stale, let kept = state.published[frontend.name], kept.desired == frontend {
+                effective.frontends.append(kept.effective)
+                published[frontend.name] = kept
+                continue
             }
-            let up = effective.frontends[index].backends.filter(\.enabled)
-            if up.isEmpty {
-                if !state.allDownNow.contains(frontend.name) {
-                    state.allDownNow.insert(frontend.name)
-                    state.allDownEvents[frontend.name, default: 0] += 1
-                }
-                // Panic routing overrides health, never an operator: drained and maintained
-                // backends stay out.
-                if policy.allDown == .tryAll {
-                    effective.frontends[index].settings.panic = true
-                    for backendIndex in frontend.backends.indices {
-                        effective.frontends[index].backends[backendIndex].enabled = frontend.backends[backendIndex].enabled
-                            && !overridden.contains(backendIndex)
-                    }
-                }
-            } else {
-                state.allDownNow.remove(frontend.name)
-            }
+            var made = frontend
+            applyHealth(&made, health: health, &state)
+            if let step = applyWeights(&made, now: now, &state) { nextStep = min(nextStep ?? step, step) }
+            effective.frontends.append(made)
+            published[frontend.name] = PublishedFrontend(desired: frontend, effective: made)
         }
-        let nextStep = applyWeights(&effective, &state)
+        let present = Set(effective.frontends.map(\.name))
+        if !state.upSince.isEmpty { state.upSince = state.upSince.filter { present.contains($0.key.frontend) } }
+        for gone in state.publishedFrontends where !present.contains(gone) { state.takingTraffic.removeValue(forKey: gone) }
+        state.publishedFrontends = present
         let result = try engine.apply(effective)
+        state.published = published
+        state.stale = false
         state.lastApplied = effective
         if let nextStep { rampTimer.schedule(at: nextStep) { [weak self] in self?.republish() } }
         if let observer = publishObserver.withLock({ $0 }) {
@@ -281,45 +294,76 @@ public final class HealthRouter: Sendable {
         return result
     }
 
-    /// Puts the operators' weights and the slow-start warmups into `effective` (whose `enabled`
-    /// flags are final); returns when the next ramp step is due, nil when nothing ramps.
-    private func applyWeights(_ effective: inout RoutingTable, _ state: inout State) -> Int64? {
-        let now = MonotonicClock.milliseconds()
-        var taking: Set<BackendKey> = []
-        var nextStep: Int64?
-        for index in effective.frontends.indices {
-            let frontend = effective.frontends[index]
-            let known = state.publishedFrontends.contains(frontend.name)
-            let slowStart = frontend.settings.slowStart
-            for backendIndex in frontend.backends.indices {
-                let backend = frontend.backends[backendIndex]
-                let key = BackendKey(frontend: frontend.name, backend: backend.name)
-                if let weight = state.weightOverrides[key] { effective.frontends[index].backends[backendIndex].weight = weight }
-                guard backend.enabled else {
-                    state.upSince[key] = nil
-                    continue
-                }
-                taking.insert(key)
-                guard slowStart > 0 else {
-                    state.upSince[key] = nil
-                    continue
-                }
-                if known && !state.takingTraffic.contains(key) && state.upSince[key] == nil { state.upSince[key] = now }
-                guard let since = state.upSince[key] else { continue }
-                let warmup = SlowStart.warmup(elapsed: now - since, over: slowStart)
-                if warmup >= Backend.fullWarmup {
-                    state.upSince[key] = nil
-                } else {
-                    effective.frontends[index].backends[backendIndex].warmup = warmup
-                    let due = now + SlowStart.step(slowStart)
-                    nextStep = min(nextStep ?? due, due)
-                }
+    /// Disables the backends of `frontend` that are down, drained or in maintenance; with none
+    /// left up, the all-down policy decides.
+    private func applyHealth(_ frontend: inout Frontend, health: [BackendKey: BackendHealth], _ state: inout State) {
+        guard checker != nil || !state.adminStates.isEmpty, !frontend.backends.isEmpty else { return }
+        let desired = frontend
+        // Down, drained and maintained backends stay in the table, disabled: no new
+        // connections, and their open connections run on (a removed backend would be drained).
+        var overridden = Set<Int>()
+        for backendIndex in desired.backends.indices {
+            let backend = desired.backends[backendIndex]
+            let key = BackendKey(frontend: desired.name, backend: backend.name)
+            if state.adminStates[key] != nil { overridden.insert(backendIndex) }
+            let healthy = !state.checked.contains(key) || (health[key]?.takesTraffic ?? (policy.newBackendState == .up))
+            frontend.backends[backendIndex].enabled = backend.enabled && healthy && !overridden.contains(backendIndex)
+        }
+        if frontend.backends.contains(where: \.enabled) {
+            state.allDownNow.remove(desired.name)
+            return
+        }
+        if !state.allDownNow.contains(desired.name) {
+            state.allDownNow.insert(desired.name)
+            state.allDownEvents[desired.name, default: 0] += 1
+        }
+        // Panic routing overrides health, never an operator: drained and maintained
+        // backends stay out.
+        if policy.allDown == .tryAll {
+            frontend.settings.panic = true
+            for backendIndex in desired.backends.indices {
+                frontend.backends[backendIndex].enabled = desired.backends[backendIndex].enabled && !overridden.contains(backendIndex)
             }
         }
-        let present = Set(effective.frontends.map(\.name))
-        state.upSince = state.upSince.filter { present.contains($0.key.frontend) }
-        state.takingTraffic = taking
-        state.publishedFrontends = present
+    }
+
+    /// Puts the operators' weights and the slow-start warmups into `frontend` (whose `enabled`
+    /// flags are final); returns when its next ramp step is due, nil when nothing ramps.
+    private func applyWeights(_ frontend: inout Frontend, now: Int64, _ state: inout State) -> Int64? {
+        let known = state.publishedFrontends.contains(frontend.name)
+        let slowStart = frontend.settings.slowStart
+        let wasTaking = state.takingTraffic[frontend.name] ?? []
+        var taking = Set<String>()
+        var nextStep: Int64?
+        guard !state.weightOverrides.isEmpty || slowStart > 0 || !state.upSince.isEmpty else {
+            state.takingTraffic[frontend.name] = Set(frontend.backends.lazy.filter(\.enabled).map(\.name))
+            return nil
+        }
+        for backendIndex in frontend.backends.indices {
+            let backend = frontend.backends[backendIndex]
+            let key = BackendKey(frontend: frontend.name, backend: backend.name)
+            if let weight = state.weightOverrides[key] { frontend.backends[backendIndex].weight = weight }
+            guard backend.enabled else {
+                state.upSince[key] = nil
+                continue
+            }
+            taking.insert(backend.name)
+            guard slowStart > 0 else {
+                state.upSince[key] = nil
+                continue
+            }
+            if known && !wasTaking.contains(backend.name) && state.upSince[key] == nil { state.upSince[key] = now }
+            guard let since = state.upSince[key] else { continue }
+            let warmup = SlowStart.warmup(elapsed: now - since, over: slowStart)
+            if warmup >= Backend.fullWarmup {
+                state.upSince[key] = nil
+            } else {
+                frontend.backends[backendIndex].warmup = warmup
+                let due = now + SlowStart.step(slowStart)
+                nextStep = min(nextStep ?? due, due)
+            }
+        }
+        state.takingTraffic[frontend.name] = taking
         return nextStep
     }
 }

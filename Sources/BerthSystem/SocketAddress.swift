@@ -176,23 +176,32 @@ public struct SocketAddress: Sendable, Hashable, CustomStringConvertible {
         }
     }
 
-    private var comparableBytes: [UInt8] {
-        switch storage {
-        case .v4(let address):
-            withUnsafeBytes(of: address.sin_addr) { Array($0) } + [4, UInt8(port >> 8), UInt8(port & 0xff)]
-        case .v6(let address):
-            withUnsafeBytes(of: address.sin6_addr) { Array($0) }
-                + withUnsafeBytes(of: address.sin6_scope_id) { Array($0) }
-                + [6, UInt8(port >> 8), UInt8(port & 0xff)]
+    /// Family, host, port (and an IPv6 scope): what makes two addresses the same. Compared and
+    /// hashed without allocating (tables compare their backends' addresses on every change).
+    public static func == (lhs: SocketAddress, rhs: SocketAddress) -> Bool {
+        switch (lhs.storage, rhs.storage) {
+        case (.v4(let a), .v4(let b)):
+            a.sin_addr.s_addr == b.sin_addr.s_addr && a.sin_port == b.sin_port
+        case (.v6(let a), .v6(let b)):
+            a.sin6_port == b.sin6_port && a.sin6_scope_id == b.sin6_scope_id
+                && withUnsafeBytes(of: a.sin6_addr) { x in withUnsafeBytes(of: b.sin6_addr) { y in x.elementsEqual(y) } }
+        default:
+            false
         }
     }
 
-    public static func == (lhs: SocketAddress, rhs: SocketAddress) -> Bool {
-        lhs.comparableBytes == rhs.comparableBytes
-    }
-
     public func hash(into hasher: inout Hasher) {
-        hasher.combine(comparableBytes)
+        switch storage {
+        case .v4(let address):
+            hasher.combine(UInt8(4))
+            hasher.combine(address.sin_addr.s_addr)
+            hasher.combine(address.sin_port)
+        case .v6(let address):
+            hasher.combine(UInt8(6))
+            withUnsafeBytes(of: address.sin6_addr) { hasher.combine(bytes: $0) }
+            hasher.combine(address.sin6_scope_id)
+            hasher.combine(address.sin6_port)
+        }
     }
 }
 

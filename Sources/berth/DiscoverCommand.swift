@@ -113,7 +113,8 @@ struct DiscoveryOptions: ParsableArguments {
     }
 }
 
-/// `--revision-log PATH`: one line per applied table, its revision and the monotonic clock in
+/// `--revision-log PATH`: one line per revision the routing came to reflect (each applied table,
+/// and each watch batch that changed nothing routable), the revision and the monotonic clock in
 /// ns (comparable across processes on one host), one append each. For the fleet benchmark.
 final class RevisionLog: Sendable {
     private let fd: CInt

@@ -360,4 +360,54 @@ final class CatalogTests: XCTestCase {
         XCTAssertEqual(result.table.frontends.count, 1_000)
         XCTAssertNil(result.table.validationError())
     }
+
+    /// A build reuses the frontends of services whose keys did not change: after every step of
+    /// a random history (puts, deletes, malformed values, configs, port conflicts, names, a
+    /// re-list), the table equals one built from scratch by the same catalog.
+    func testIncrementalBuildEqualsAFullBuild() {
+        var generator = SystemRandomNumberGenerator()
+        var catalog = Catalog(options: Catalog.Options(linger: 50))
+        var revision: Int64 = 1
+        var rebuiltServices = 0
+        let resolve: (String) -> HostResolution = { name in
+            name.hasSuffix(".ok") ? .resolved(try! SocketAddress(host: "10.9.9.9", port: 0)) : .failed("unknown")
+        }
+        for step in 0..<3_000 {
+            let service = "s\(Int.random(in: 0..<12, using: &generator))"
+            let instance = "i\(Int.random(in: 0..<5, using: &generator))"
+            revision += 1
+            switch Int.random(in: 0..<20, using: &generator) {
+            case 0..<8:
+                let listen = 40_000 + Int.random(in: 0..<14, using: &generator)
+                let host = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "db.ok", "gone.invalid"].randomElement(using: &generator)!
+                catalog.apply(put: "/backends/\(service)/\(instance)",
+                              value: bytes(#"{"host":"\#(host)","port":\#(Int.random(in: 1..<4, using: &generator)),"listen":\#(listen)}"#), revision: revision)
+            case 8..<15:
+                catalog.apply(delete: "/backends/\(service)/\(instance)", revision: revision)
+            case 15:
+                catalog.apply(put: "/backends/\(service)/\(instance)", value: bytes("{not json"), revision: revision)
+            case 16:
+                catalog.apply(put: "/backends/_config/\(service)", value: bytes(#"{"retries":\#(Int.random(in: 0..<3, using: &generator)),"check":{"kind":"tcp"}}"#), revision: revision)
+            case 17:
+                catalog.apply(delete: "/backends/_config/\(service)", revision: revision)
+            case 18:
+                // An instance with no listen port: the service may have none.
+                catalog.apply(put: "/backends/\(service)/\(instance)", value: bytes(#"{"host":"10.0.0.1","port":1}"#), revision: revision)
+            default:
+                if step % 500 == 0 {
+                    catalog.reset(entries: [("/backends/s1/i0", bytes(#"{"host":"10.0.0.1","port":1,"listen":40000}"#))], revision: revision)
+                }
+            }
+            let now = Int64(step)
+            rebuiltServices += catalog.changedServices?.count ?? 12
+            var full = catalog
+            full.changedServices = nil
+            let expected = full.routingTable(bind: bind, now: now, resolve: resolve)
+            let incremental = catalog.routingTable(bind: bind, now: now, resolve: resolve)
+            XCTAssertEqual(incremental, expected, "step \(step)")
+            XCTAssertNil(incremental.table.validationError(), "step \(step)")
+            if incremental != expected { return }
+        }
+        XCTAssertLessThan(rebuiltServices, 3_000 * 3, "a step rebuilds the services it changed, not all 12")
+    }
 }

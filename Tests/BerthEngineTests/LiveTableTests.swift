@@ -129,6 +129,47 @@ final class LiveTableTests: DataPlaneTestCase {
         XCTAssertEqual(engine.statistics().frontends["svc"]?.backends[silent.description]?.connectErrors, 1)
     }
 
+    /// A table that changes one frontend leaves the others as they were (their rotation goes
+    /// on where it was), and still drops the counters of a backend removed earlier from one of
+    /// those others once its last connection has closed.
+    func testAChangeToOneFrontendLeavesTheOthersAndPrunesWhatLeftThem() throws {
+        let a1 = try echoBackend(tag: 1), a2 = try echoBackend(tag: 2), b1 = try echoBackend(tag: 3)
+        let (engine, listening) = try startEngine([
+            Frontend(name: "a", listen: loopbackAnyPort, backends: [Backend(a1.address), Backend(a2.address)]),
+            Frontend(name: "b", listen: loopbackAnyPort, backends: [Backend(b1.address)]),
+        ], configure: { $0.workers = 1 })
+        let a = listening["a"]!, b = listening["b"]!
+        let held = try open(a)
+        XCTAssertEqual(held.tag, 1)
+        // a loses a1 while a connection to it is open: its counters stay while it drains.
+        _ = try engine.apply(RoutingTable(revision: 2, frontends: [
+            Frontend(name: "a", listen: a, backends: [Backend(a2.address)]),
+            Frontend(name: "b", listen: b, backends: [Backend(b1.address)]),
+        ]))
+        XCTAssertTrue(try echo(held.fd, "draining"))
+        XCTAssertNotNil(engine.statistics().frontends["a"]?.backends[a1.address.description])
+        close(held.fd)
+        XCTAssertNotNil(waitUntil(timeout: 5) { engine.openConnections == 0 }, "the drained connection never closed")
+        // Only b changes: a is kept as it was, and a1's counters, no longer held, go.
+        let b2 = try echoBackend(tag: 4)
+        _ = try engine.apply(RoutingTable(revision: 3, frontends: [
+            Frontend(name: "a", listen: a, backends: [Backend(a2.address)]),
+            Frontend(name: "b", listen: b, backends: [Backend(b1.address), Backend(b2.address)]),
+        ]))
+        let tags = try (0..<4).map { _ in
+            let connection = try open(b)
+            close(connection.fd)
+            return connection.tag
+        }
+        XCTAssertEqual(Set(tags), [3, 4], "b's new backend takes connections")
+        let onA = try open(a)
+        close(onA.fd)
+        XCTAssertEqual(onA.tag, 2)
+        XCTAssertTrue(eventually { engine.statistics().frontends["a"]?.backends[a1.address.description] == nil },
+                      "the removed backend's counters were kept after its last connection closed")
+        XCTAssertEqual(engine.statistics().frontends["a"]?.backends[a2.address.description]?.totalSessions, 1)
+    }
+
     func testFrontendsAddedAndRemovedAtRuntime() throws {
         let first = try echoBackend(tag: 1)
         let second = try echoBackend(tag: 2)

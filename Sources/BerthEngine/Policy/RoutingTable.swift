@@ -15,26 +15,22 @@ public struct RoutingTable: Sendable, Equatable {
 
     /// Returns a description of the first inconsistency, or nil when the table can be served.
     public func validationError() -> String? {
+        validationError(checking: { _ in true })
+    }
+
+    /// The same, with each frontend's own rules (`Frontend.validationError`) checked only where
+    /// `checking` says so (the engine skips frontends it validated in an earlier table).
+    func validationError(checking: (Frontend) -> Bool) -> String? {
         var names = Set<String>()
         var addresses = Set<SocketAddress>()
+        names.reserveCapacity(frontends.count)
         for frontend in frontends {
             if frontend.name.isEmpty { return "a frontend has an empty name" }
             if !names.insert(frontend.name).inserted { return "frontend '\(frontend.name)' appears twice" }
             if frontend.listen.port != 0 && !addresses.insert(frontend.listen).inserted {
                 return "two frontends listen on \(frontend.listen)"
             }
-            var backendNames = Set<String>()
-            for backend in frontend.backends where !backendNames.insert(backend.name).inserted {
-                return "frontend '\(frontend.name)' has backend '\(backend.name)' twice"
-            }
-            if frontend.settings.retries < 0 { return "frontend '\(frontend.name)': retries must be >= 0" }
-            if let bad = frontend.backends.first(where: { !(0...256).contains($0.weight) }) {
-                return "frontend '\(frontend.name)': backend '\(bad.name)' has weight \(bad.weight) (0 to 256)"
-            }
-            if let bad = frontend.backends.first(where: { !(1...Backend.fullWarmup).contains($0.warmup) }) {
-                return "frontend '\(frontend.name)': backend '\(bad.name)' has warmup \(bad.warmup) (1 to \(Backend.fullWarmup))"
-            }
-            if frontend.settings.slowStart < 0 { return "frontend '\(frontend.name)': slow start must be >= 0" }
+            if checking(frontend), let problem = frontend.validationError() { return problem }
         }
         return nil
     }
@@ -52,6 +48,24 @@ public struct Frontend: Sendable, Equatable {
         self.listen = listen
         self.backends = backends
         self.settings = settings
+    }
+
+    /// The frontend's own rules (unique backend names, weights, warmups, settings in range).
+    func validationError() -> String? {
+        var backendNames = Set<String>()
+        backendNames.reserveCapacity(backends.count)
+        for backend in backends where !backendNames.insert(backend.name).inserted {
+            return "frontend '\(name)' has backend '\(backend.name)' twice"
+        }
+        if settings.retries < 0 { return "frontend '\(name)': retries must be >= 0" }
+        if let bad = backends.first(where: { !(0...256).contains($0.weight) }) {
+            return "frontend '\(name)': backend '\(bad.name)' has weight \(bad.weight) (0 to 256)"
+        }
+        if let bad = backends.first(where: { !(1...Backend.fullWarmup).contains($0.warmup) }) {
+            return "frontend '\(name)': backend '\(bad.name)' has warmup \(bad.warmup) (1 to \(Backend.fullWarmup))"
+        }
+        if settings.slowStart < 0 { return "frontend '\(name)': slow start must be >= 0" }
+        return nil
     }
 }
 

@@ -130,11 +130,11 @@ final class CounterRegistry: Sendable {
         }
     }
 
-    /// Drops counters of backends and frontends that left the table and carry no session
-    /// (`live` names those of the table and of every open session).
-    func prune(keeping live: Set<Key>) {
+    /// Drops the counters of backends and frontends that left the table and carry no session.
+    func remove(_ keys: [Key]) {
+        guard !keys.isEmpty else { return }
         entries.withLock { entries in
-            entries = entries.filter { live.contains($0.key) }
+            for key in keys { entries.removeValue(forKey: key) }
         }
     }
 }

@@ -29,6 +29,9 @@ public final class Engine: Sendable {
         var threads: [pthread_t] = []
         var revision: UInt64 = 0
         var stopped = false
+        /// The table last published: its frontends are not validated again, and their balancing
+        /// plans are reused, while a new table gives them unchanged.
+        var published: PublishedTable?
     }
 
     /// Starts the workers. They serve nothing until `apply` gives them a table.
@@ -80,9 +83,12 @@ public final class Engine: Sendable {
     /// accepting, backend sets change for new connections only. Connections to removed backends
     /// or frontends drain (they run to their end or `drainTimeout`).
     public func apply(_ table: RoutingTable) throws(EngineError) -> ApplyResult {
-        if let problem = table.validationError() { throw EngineError.invalidTable(problem) }
-        return try control.withLock { state throws(EngineError) -> ApplyResult in
+        try control.withLock { state throws(EngineError) -> ApplyResult in
             guard !state.stopped else { throw EngineError.stopped }
+            let previous = state.published
+            if let problem = table.validationError(checking: { previous?.frontend(named: $0.name) != $0 }) {
+                throw EngineError.invalidTable(problem)
+            }
             var result = ApplyResult()
             var handoffs = Array(repeating: [String: [CInt]](), count: handles.count)
             var served: [Frontend] = []
@@ -130,7 +136,9 @@ public final class Engine: Sendable {
             state.loads = loads
             state.revision = table.revision
             let published = PublishedTable(
-                table: RoutingTable(revision: table.revision, frontends: served), cursors: state.cursors, loads: loads)
+                table: RoutingTable(revision: table.revision, frontends: served), cursors: state.cursors, loads: loads,
+                previous: previous)
+            state.published = published
             for (index, handle) in handles.enumerated() {
                 handle.post(.install(published, listeners: handoffs[index]))
             }

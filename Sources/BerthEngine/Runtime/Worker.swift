@@ -20,6 +20,9 @@ final class Worker<IO: SocketIO> {
     var deferredSessions: [Session] = []
     private var deferredRound: [Session] = []
     var frontends: [String: FrontendRuntime] = [:]
+    /// Counters of backends and frontends that left the table, still registered: dropped once
+    /// no session holds them (`install`).
+    var unprunedCounters = Set<CounterRegistry.Key>()
     /// Listening sockets and their frontends, indexed by listener token slot.
     var listenerSlots: [ListenerSlot?] = []
     var now: Int64 = MonotonicClock.milliseconds()

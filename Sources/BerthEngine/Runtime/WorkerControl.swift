@@ -22,22 +22,28 @@ extension Worker {
         }
     }
 
+    /// Installs a table. A frontend given exactly as before (and no new listener for it) is
+    /// kept as it is: a change costs the frontends it changed.
     func install(_ published: PublishedTable, listeners: [String: [CInt]]) {
         assertOnLoop()
         var next: [String: FrontendRuntime] = [:]
-        var live = Set<CounterRegistry.Key>()
+        next.reserveCapacity(published.table.frontends.count)
+        var removedAny = false
         for spec in published.table.frontends {
+            if let kept = frontends[spec.name], kept.spec == spec, listeners[spec.name] == nil {
+                next[spec.name] = kept
+                continue
+            }
             let runtime = frontends[spec.name] ?? FrontendRuntime(
                 name: spec.name,
                 cursor: published.cursors[spec.name] ?? RoundRobinCursor(),
                 counters: handle.registry.counters(frontend: spec.name, backend: nil),
                 settings: spec.settings)
             runtime.settings = spec.settings
-            live.insert(.init(frontend: spec.name, backend: nil))
+            runtime.spec = spec
             var existing: [String: BackendRuntime] = [:]
             for backend in runtime.backends { existing[backend.backend.name] = backend }
             runtime.backends = spec.backends.map { backend in
-                live.insert(.init(frontend: spec.name, backend: backend.name))
                 // Kept only at the same address: one that moved under the same name stays in
                 // `existing` and is drained below like any removed backend.
                 if let kept = existing[backend.name], kept.backend.address == backend.address {
@@ -54,7 +60,11 @@ extension Worker {
             runtime.ring = published.rings[spec.name]
             let loads = published.loads[spec.name]
             for backend in runtime.backends { backend.load = loads?[backend.backend.name] }
-            for gone in existing.values { gone.removed = true }
+            for gone in existing.values {
+                gone.removed = true
+                removedAny = true
+                unprunedCounters.insert(.init(frontend: spec.name, backend: gone.backend.name))
+            }
             if let fds = listeners[spec.name], let first = fds.first {
                 closeListener(runtime)
                 runtime.listener.adopt(first)
@@ -65,24 +75,42 @@ extension Worker {
         }
         for (name, runtime) in frontends where next[name] == nil {
             runtime.removed = true
-            for backend in runtime.backends { backend.removed = true }
+            removedAny = true
+            unprunedCounters.insert(.init(frontend: name, backend: nil))
+            for backend in runtime.backends {
+                backend.removed = true
+                unprunedCounters.insert(.init(frontend: name, backend: backend.backend.name))
+            }
             closeListener(runtime)
         }
         // Sockets for frontends this table does not contain (raced with a newer table): close.
         for (name, fds) in listeners where next[name] == nil { for fd in fds { closeDescriptor(fd) } }
         frontends = next
+        guard removedAny || !unprunedCounters.isEmpty else { return }
         // Removed backends and frontends: their open connections drain, and their counters
         // (those of these sessions, connecting ones included: they count only once connected)
-        // are kept while any is open. The table's own are live already.
+        // are kept while any is open; then dropped.
         let drainDeadline = Deadline.after(configuration.drainTimeout, from: now)
+        var held = Set<CounterRegistry.Key>()
         for session in sessions.live {
             guard let frontend = session.frontend, frontend.removed || session.server?.removed == true else { continue }
-            live.insert(.init(frontend: frontend.name, backend: nil))
-            if let server = session.server { live.insert(.init(frontend: frontend.name, backend: server.backend.name)) }
+            held.insert(.init(frontend: frontend.name, backend: nil))
+            if let server = session.server { held.insert(.init(frontend: frontend.name, backend: server.backend.name)) }
             session.drainDeadline = min(session.drainDeadline, drainDeadline)
             arm(session, at: session.nextDeadline())
         }
-        handle.registry.prune(keeping: live)
+        var drop: [CounterRegistry.Key] = []
+        for key in unprunedCounters where !held.contains(key) {
+            // Back in the table (or moved to a new address under the same name): its counters
+            // are the table's again.
+            if let frontend = next[key.frontend], key.backend.map({ name in frontend.backends.contains { $0.backend.name == name } }) ?? true {
+                unprunedCounters.remove(key)
+                continue
+            }
+            drop.append(key)
+            unprunedCounters.remove(key)
+        }
+        handle.registry.remove(drop)
     }
 
     /// Polls every socket of the frontend's listener group (one, or more after a takeover).

@@ -26,6 +26,8 @@ final class FrontendRuntime {
     var extraListeners = DescriptorBatch()
     var listenerRegistered = false
     var removed = false
+    /// The frontend as last installed: a table giving it again unchanged leaves it as it is.
+    var spec: Frontend?
 
     init(name: String, cursor: RoundRobinCursor, counters: TrafficCounters, settings: FrontendSettings) {
         self.name = name
@@ -75,13 +77,28 @@ final class PublishedTable: Sendable {
     /// Per source frontend: its hash ring over the candidates.
     let rings: [String: HashRing]
 
-    init(table: RoutingTable, cursors: [String: RoundRobinCursor], loads: [String: [String: BackendLoad]] = [:]) {
+    /// Frontend name → index in `table.frontends`.
+    private let index: [String: Int]
+
+    /// `previous`: the table published before; the schedules and rings of frontends it has
+    /// with the same backends and balance mode are reused rather than built again.
+    init(table: RoutingTable, cursors: [String: RoundRobinCursor], loads: [String: [String: BackendLoad]] = [:],
+         previous: PublishedTable? = nil) {
         self.table = table
         self.cursors = cursors
         self.loads = loads
         var schedules: [String: [Int32]] = [:]
         var rings: [String: HashRing] = [:]
-        for frontend in table.frontends {
+        var index: [String: Int] = [:]
+        index.reserveCapacity(table.frontends.count)
+        for (position, frontend) in table.frontends.enumerated() {
+            index[frontend.name] = position
+            if let previous, let before = previous.frontend(named: frontend.name),
+               before.backends == frontend.backends, before.settings.balance == frontend.settings.balance {
+                schedules[frontend.name] = previous.schedules[frontend.name]
+                rings[frontend.name] = previous.rings[frontend.name]
+                continue
+            }
             let candidates = frontend.backends.filter(Self.isCandidate)
             switch frontend.settings.balance {
             case .roundRobin:
@@ -94,6 +111,12 @@ final class PublishedTable: Sendable {
         }
         self.schedules = schedules
         self.rings = rings
+        self.index = index
+    }
+
+    /// The frontend of this table named `name`.
+    func frontend(named name: String) -> Frontend? {
+        index[name].map { table.frontends[$0] }
     }
 
     /// Whether new connections may go to `backend`: enabled, weight above 0. Workers filter
