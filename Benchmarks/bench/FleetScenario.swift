@@ -55,7 +55,7 @@ struct FleetScenario {
             progress("fleet skipped: \(result.skipped!)")
             return result
         }
-        for mode in Mode.allCases {
+        for mode in Mode.allCases where options.fleetModes?.contains(mode.rawValue) ?? true {
             do throws(BenchError) {
                 result.rows.append(try measure(mode))
             } catch {
@@ -169,6 +169,7 @@ struct FleetScenario {
         }
         progress("fleet, \(mode.rawValue): etcd restarted; every host caught up after "
             + "\(row.restartCatchUpSeconds.map { Format.fixed($0, 2) } ?? "-") s, \(row.rangesAfterRestart.map(String.init) ?? "-") Range requests at etcd")
+        defer { if let kept = options.fleetLogs { Self.copyLogs(logs.path, to: "\(kept)/\(mode.rawValue)") } }
         try compactionHerd(client, fleet: fleet, clientPort: clientPort, logs: logs.path, into: &row) { () throws(BenchError) in
             etcd?.stop()
             etcd = nil
@@ -299,6 +300,28 @@ struct FleetScenario {
 
     static func instanceValue(service: Int, instance: Int) -> [UInt8] {
         Array("{\"host\":\"127.0.0.1\",\"port\":\(1_000 + instance),\"listen\":\(firstPort + service)}".utf8)
+    }
+
+    /// Copies the hosts' logs (`--fleet-logs`) before their directory is removed.
+    private static func copyLogs(_ from: String, to directory: String) {
+        for path in [String(directory.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")), directory]
+        where !path.isEmpty {
+            _ = mkdir(path, 0o755)
+        }
+        guard let listing = opendir(from) else { return }
+        defer { closedir(listing) }
+        while let entry = readdir(listing) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            guard name.hasPrefix("host"), let text = ProcFS.read("\(from)/\(name)") else { continue }
+            let fd = open("\(directory)/\(name)", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            guard fd >= 0 else {
+                progress("fleet: cannot write \(directory)/\(name) (errno \(errno))")
+                return
+            }
+            var bytes = Array(text.utf8)
+            _ = bytes.withUnsafeMutableBytes { write(fd, $0.baseAddress, $0.count) }
+            close(fd)
+        }
     }
 
     /// How many times host `index` listed the registry again, from its log.

@@ -156,6 +156,10 @@ struct BenchOptions: Sendable {
     var fleetServices: Int?
     /// The hosts' `--relist-jitter` in ms (`--fleet-relist-jitter`; nil: berth's default).
     var fleetRelistJitter: Int?
+    /// The fleet scenario's configurations (`--fleet-modes`; nil: direct, then grpc-proxy).
+    var fleetModes: [String]?
+    /// Where the fleet scenario copies its hosts' logs and revision logs (`--fleet-logs`).
+    var fleetLogs: String?
     /// The `berth` executable the scenarios run; nil: the one built beside this bench.
     var berthPath: String?
     /// An older `berth` the features scenario also runs with its defaults (the "before" row).
@@ -214,6 +218,13 @@ enum CommandLineParser {
             case "--fleet-hosts": options.fleetHosts = try reader.integer(for: flag, in: 1...1_000, "a number of hosts")
             case "--fleet-services": options.fleetServices = try reader.integer(for: flag, in: 1...10_000, "a number of services")
             case "--fleet-relist-jitter": options.fleetRelistJitter = try reader.integer(for: flag, in: 0...60_000, "milliseconds")
+            case "--fleet-modes":
+                let modes = try reader.value(for: flag).split(separator: ",").map(String.init)
+                guard !modes.isEmpty, modes.allSatisfy({ $0 == "direct" || $0 == "grpc-proxy" }) else {
+                    throw UsageError(description: "--fleet-modes: expected direct, grpc-proxy or both, separated by commas")
+                }
+                options.fleetModes = modes
+            case "--fleet-logs": options.fleetLogs = try reader.value(for: flag)
             case "--proxy-wrapper":
                 options.proxyWrapper = try reader.value(for: flag).split(separator: " ").map(String.init)
                 guard !options.proxyWrapper.isEmpty else { throw UsageError(description: "--proxy-wrapper needs a command") }

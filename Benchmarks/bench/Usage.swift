@@ -3,6 +3,7 @@ let benchUsage = """
     usage: bench [--quick] [--json] [--phases LIST] [--scenarios LIST] [--setups LIST] [--seconds N]
                  [--rate N] [--repeat N] [--haproxy PATH] [--berth PATH] [--berth-before PATH]
                  [--fleet-hosts N] [--fleet-services N] [--fleet-relist-jitter MS]
+                 [--fleet-modes LIST] [--fleet-logs DIR]
                  [--proxy-wrapper COMMAND] [--help]
 
     Measures Berth against a direct connection and against HAProxy on this machine, all in one
@@ -54,6 +55,9 @@ let benchUsage = """
                        the fleet scenario's services of 10 instances (default 1000; 100 with --quick)
       --fleet-relist-jitter MS
                        the fleet hosts' --relist-jitter in ms (default: berth's, 1 s)
+      --fleet-modes LIST
+                       the fleet's configurations: direct, grpc-proxy (default: both)
+      --fleet-logs DIR the fleet hosts' logs and revision logs are copied to DIR/MODE
       --proxy-wrapper COMMAND
                        run Berth's proxy process under COMMAND (split on spaces), e.g.
                        "valgrind --tool=callgrind --callgrind-out-file=/tmp/berth.%p.out";

@@ -74,18 +74,35 @@ public struct ServiceProblem: Sendable, Equatable, CustomStringConvertible {
     }
 }
 
-/// What the catalog remembers between builds: ports served, since when a service is empty,
-/// and each service's frontend as last built.
+/// What the catalog remembers between builds, per service (served now, or with keys), in
+/// ascending order of name: the port it served, since when it is empty, its frontend as last
+/// built. A build looks up only the services whose keys changed (a fleet host sees every
+/// change, and a table holds a thousand services).
 struct RoutingMemory: Sendable {
-    /// Service → listen port of its frontend in the last build.
-    var served: [String: UInt16] = [:]
-    /// Service → the `now` of the first build that saw it with no instance.
-    var emptySince: [String: Int64] = [:]
-    /// Service → its frontend as last built, reused while the service's keys do not change: a
-    /// change rebuilds one service, not the table (a fleet host sees every change).
-    var built: [String: BuiltService] = [:]
-    /// The arguments the entries of `built` were made with (others: build everything again).
+    struct Row: Sendable {
+        var name: String
+        /// Its frontend as last built (nil: not built, or no instance); reused while the
+        /// service's keys do not change.
+        var built: BuiltService?
+        /// The listen port of its frontend in the last build.
+        var served: UInt16?
+        /// The `now` of the first build that saw it with no instance.
+        var emptySince: Int64?
+    }
+
+    var rows: [Row] = []
+    /// The arguments the rows were built with (others: build everything again).
     var context: BuildContext?
+
+    /// Where `name` is, or would be inserted.
+    func search(_ name: String) -> (index: Int, found: Bool) {
+        var low = 0, high = rows.count
+        while low < high {
+            let middle = (low + high) / 2
+            if rows[middle].name < name { low = middle + 1 } else { high = middle }
+        }
+        return (low, low < rows.count && rows[low].name == name)
+    }
 }
 
 /// The arguments of `routingTable` that every service's frontend depends on.
@@ -95,17 +112,27 @@ struct BuildContext: Sendable, Equatable {
     var checkDefaults: CheckSettings?
 }
 
-/// One service's part of a build, kept between builds.
-struct BuiltService: Sendable {
+/// One service's part of a build, kept between builds (a reference: a build passes a thousand
+/// of them along).
+final class BuiltService: Sendable {
     /// Before port conflicts are settled (they depend on the other services); nil when the
     /// service has no listen port.
-    var frontend: Frontend?
+    let frontend: Frontend?
     /// Its problems, in the order found (port conflicts are added per build).
-    var problems: [ServiceProblem]
-    var check: CheckSettings?
+    let problems: [ServiceProblem]
+    let check: CheckSettings?
+    let hasCheck: Bool
     /// Host names (not IP addresses) its instances name: while there is one, the service is
     /// built every time (a name's address may have changed).
-    var hostNames: [String]
+    let hostNames: [String]
+
+    init(frontend: Frontend?, problems: [ServiceProblem], check: CheckSettings?, hostNames: [String]) {
+        self.frontend = frontend
+        self.problems = problems
+        self.check = check
+        hasCheck = check != nil
+        self.hostNames = hostNames
+    }
 }
 
 extension Catalog {
@@ -127,7 +154,6 @@ extension Catalog {
         now: Int64, resolve: (String) -> HostResolution = { _ in .failed("no resolver") }
     ) -> RoutingBuild {
         var problems: [ServiceProblem] = []
-        var candidates: [Frontend] = []
         var lingering: [String] = []
         var nextEvaluation: Int64?
         var hostNames = Set<String>()
@@ -138,80 +164,126 @@ extension Catalog {
             memory.context = context
             changed = nil
         }
-        for name in changed ?? [] where services[name] == nil { memory.built.removeValue(forKey: name) }
-        if changed == nil { memory.built = [:] }
-
-        for name in Set(services.keys).union(memory.served.keys).sorted() {
-            let service = services[name] ?? Service()
-            if service.instances.isEmpty {
-                memory.built.removeValue(forKey: name)
-                // Linger: a service served before keeps its frontend, empty, for a while.
-                guard let port = memory.served[name] else { continue }
-                let since = memory.emptySince[name] ?? now
-                let deadline = since + (service.config?.linger ?? options.linger)
-                guard now < deadline else {
-                    memory.served.removeValue(forKey: name)
-                    memory.emptySince.removeValue(forKey: name)
-                    continue
+        // The rows to look at again: the changed services (a new one gets its row), or all.
+        var dirty: [Bool]
+        if let changed {
+            dirty = [Bool](repeating: false, count: memory.rows.count)
+            for name in changed {
+                let (index, found) = memory.search(name)
+                if found {
+                    dirty[index] = true
+                } else if services[name] != nil {
+                    memory.rows.insert(RoutingMemory.Row(name: name), at: index)
+                    dirty.insert(true, at: index)
                 }
-                memory.emptySince[name] = since
-                nextEvaluation = min(nextEvaluation ?? deadline, deadline)
-                lingering.append(name)
-                candidates.append(Frontend(name: name, listen: bind.withPort(port), backends: [],
-                                           settings: service.config?.frontendSettings(over: defaults) ?? defaults))
-                continue
             }
-            memory.emptySince.removeValue(forKey: name)
-            // Unchanged keys, and no instance named by host (whose address may have moved): the
-            // frontend of the last build.
-            var entry: BuiltService
-            if let kept = memory.built[name], kept.hostNames.isEmpty, changed?.contains(name) == false {
-                entry = kept
-            } else {
-                entry = build(name, service, context: context, resolve: resolve)
-                memory.built[name] = entry
+        } else {
+            var rows: [RoutingMemory.Row] = []
+            var known = Set<String>()
+            for row in memory.rows where row.served != nil {
+                rows.append(RoutingMemory.Row(name: row.name, served: row.served, emptySince: row.emptySince))
+                known.insert(row.name)
             }
-            problems.append(contentsOf: entry.problems)
-            hostNames.formUnion(entry.hostNames)
-            guard let frontend = entry.frontend else {
-                memory.served.removeValue(forKey: name)
-                continue
-            }
-            candidates.append(frontend)
+            for name in services.keys where !known.contains(name) { rows.append(RoutingMemory.Row(name: name)) }
+            memory.rows = rows.sorted { $0.name < $1.name }
+            dirty = [Bool](repeating: true, count: memory.rows.count)
         }
         changedServices = []
 
-        // One frontend per port: the service that served it in the last build keeps it; among
-        // newcomers, the first by name.
-        var holders: [UInt16: String] = [:]
-        for frontend in candidates where memory.served[frontend.name] == frontend.listen.port {
-            if holders[frontend.listen.port] == nil { holders[frontend.listen.port] = frontend.name }
-        }
-        for frontend in candidates where holders[frontend.listen.port] == nil {
-            holders[frontend.listen.port] = frontend.name
-        }
-        var frontends: [Frontend] = []
-        var checks: [String: CheckSettings] = [:]
-        var served: [String: UInt16] = [:]
-        for frontend in candidates {
-            let port = frontend.listen.port
-            guard holders[port] == frontend.name else {
-                problems.append(ServiceProblem(service: frontend.name, kind: .portConflict(port: port, heldBy: holders[port]!)))
-                memory.emptySince.removeValue(forKey: frontend.name)
-                lingering.removeAll { $0 == frontend.name }
+        // Candidates: (row, frontend); the row's `built` holds its check settings.
+        var candidates: [(row: Int, frontend: Frontend)] = []
+        candidates.reserveCapacity(memory.rows.count)
+        var gone: [Int] = []
+        for index in memory.rows.indices {
+            // Unchanged keys, and no instance named by host (whose address may have moved): the
+            // frontend of the last build.
+            if !dirty[index], let kept = memory.rows[index].built, kept.hostNames.isEmpty {
+                if !kept.problems.isEmpty { problems.append(contentsOf: kept.problems) }
+                if let frontend = kept.frontend { candidates.append((index, frontend)) }
                 continue
             }
-            frontends.append(frontend)
-            served[frontend.name] = port
-            if let check = memory.built[frontend.name]?.check { checks[frontend.name] = check }
+            let name = memory.rows[index].name
+            let service = services[name] ?? Service()
+            if service.instances.isEmpty {
+                memory.rows[index].built = nil
+                if services[name] == nil { gone.append(index) }
+                // Linger: a service served before keeps its frontend, empty, for a while.
+                guard let port = memory.rows[index].served else { continue }
+                let since = memory.rows[index].emptySince ?? now
+                let deadline = since + (service.config?.linger ?? options.linger)
+                guard now < deadline else {
+                    memory.rows[index].served = nil
+                    memory.rows[index].emptySince = nil
+                    continue
+                }
+                memory.rows[index].emptySince = since
+                nextEvaluation = min(nextEvaluation ?? deadline, deadline)
+                lingering.append(name)
+                candidates.append((index, Frontend(name: name, listen: bind.withPort(port), backends: [],
+                                                   settings: service.config?.frontendSettings(over: defaults) ?? defaults)))
+                continue
+            }
+            memory.rows[index].emptySince = nil
+            let entry = build(name, service, context: context, resolve: resolve)
+            memory.rows[index].built = entry
+            problems.append(contentsOf: entry.problems)
+            hostNames.formUnion(entry.hostNames)
+            if let frontend = entry.frontend { candidates.append((index, frontend)) }
         }
-        memory.served = served
-        memory.emptySince = memory.emptySince.filter { served[$0.key] != nil }
+        for row in memory.rows { if let kept = row.built, !kept.hostNames.isEmpty { hostNames.formUnion(kept.hostNames) } }
+
+        // One frontend per port: the service that served it in the last build keeps it; among
+        // newcomers, the first by name. (No port asked twice, the common case: no dictionary.)
+        var holders: [UInt16: Int]?
+        var ports = [UInt64](repeating: 0, count: 1_024)
+        for candidate in candidates {
+            let port = Int(candidate.frontend.listen.port)
+            if ports[port >> 6] & (1 << UInt64(port & 63)) != 0 {
+                holders = [:]
+                break
+            }
+            ports[port >> 6] |= 1 << UInt64(port & 63)
+        }
+        if holders != nil {
+            var chosen: [UInt16: Int] = [:]
+            for (position, candidate) in candidates.enumerated() where memory.rows[candidate.row].served == candidate.frontend.listen.port {
+                if chosen[candidate.frontend.listen.port] == nil { chosen[candidate.frontend.listen.port] = position }
+            }
+            for (position, candidate) in candidates.enumerated() where chosen[candidate.frontend.listen.port] == nil {
+                chosen[candidate.frontend.listen.port] = position
+            }
+            holders = chosen
+        }
+        var frontends: [Frontend] = []
+        frontends.reserveCapacity(candidates.count)
+        var checks: [String: CheckSettings] = [:]
+        var winners = [Bool](repeating: false, count: memory.rows.count)
+        for (position, candidate) in candidates.enumerated() {
+            let port = candidate.frontend.listen.port
+            if let holders, holders[port] != position {
+                let holder = candidates[holders[port]!].frontend.name
+                problems.append(ServiceProblem(service: candidate.frontend.name, kind: .portConflict(port: port, heldBy: holder)))
+                lingering.removeAll { $0 == candidate.frontend.name }
+                continue
+            }
+            frontends.append(candidate.frontend)
+            winners[candidate.row] = true
+            memory.rows[candidate.row].served = port
+            if let built = memory.rows[candidate.row].built, built.hasCheck { checks[candidate.frontend.name] = built.check }
+        }
+        // Served only by the winners; a service with no keys left and nothing served goes.
+        for index in memory.rows.indices where !winners[index] {
+            memory.rows[index].served = nil
+            memory.rows[index].emptySince = nil
+        }
+        for index in gone.reversed() where memory.rows[index].served == nil { memory.rows.remove(at: index) }
         routingMemory = memory
         // By service; within one, in the order found (instances by id).
-        problems = problems.enumerated()
-            .sorted { ($0.element.service, $0.offset) < ($1.element.service, $1.offset) }
-            .map(\.element)
+        if problems.count > 1 {
+            problems = problems.enumerated()
+                .sorted { ($0.element.service, $0.offset) < ($1.element.service, $1.offset) }
+                .map(\.element)
+        }
         return RoutingBuild(table: RoutingTable(revision: UInt64(max(0, revision)), frontends: frontends),
                             checks: checks, problems: problems, lingering: lingering,
                             nextEvaluation: lingering.isEmpty ? nil : nextEvaluation, hostNames: hostNames)

@@ -9,7 +9,9 @@ extension EtcdClient {
     /// A broken, cancelled ("no leader") or silent stream is reopened on the next endpoint from
     /// the revision after the last event delivered, so no revision is skipped or repeated. A
     /// stream counts as silent when it answers none of the progress requests sent every
-    /// `watchProgressInterval` for twice that long.
+    /// `watchProgressInterval` for twice that long. An endpoint that ignores progress requests
+    /// (etcd 3.4's gRPC proxy) is told from a silent one by a request on the same connection;
+    /// its streams are then watched by the transport's keepalive alone.
     ///
     /// - Throws: `EtcdError.compacted` when the revision to resume from is gone (the caller lists
     ///   again and watches from the new revision); `EtcdError.authenticationFailed`;
@@ -79,7 +81,9 @@ extension EtcdClient {
         _ endpoint: EtcdEndpoint, progress: WatchProgress, _ attempt: @escaping @Sendable () async throws -> Void
     ) async throws {
         let interval = configuration.watchProgressInterval
-        let healthy: @Sendable () -> Bool = { progress.isCreated && progress.silence <= interval + EndpointProbe.stallThreshold }
+        let healthy: @Sendable () -> Bool = {
+            progress.isCreated && (!progress.silenceMeansTrouble || progress.silence <= interval + EndpointProbe.stallThreshold)
+        }
         try await withThrowingTaskGroup(of: Bool.self) { group in
             group.addTask {
                 try await attempt()
@@ -135,6 +139,17 @@ extension EtcdClient {
         let interval = configuration.watchProgressInterval
         let endpoint = connection.endpoint
         progress.touch()
+        progress.use(endpoint)
+        // Whether the peer answers at all: a one-key read on this connection (serializable: no
+        // consensus round), within one progress interval.
+        var probe = Etcdserverpb_RangeRequest()
+        probe.key = Data(prefix.isEmpty ? [0] : Array(prefix.utf8))
+        probe.serializable = true
+        let probeRequest = probe
+        var probeOptions = options
+        probeOptions.timeout = interval
+        let probeCallOptions = probeOptions
+        let probeMetadata = metadata
 
         try await Etcdserverpb_Watch.Client(wrapping: connection.client).watch(
             metadata: metadata, options: options,
@@ -144,16 +159,30 @@ extension EtcdClient {
                 while true {
                     try await Task.sleep(for: interval)
                     if progress.silence > interval * 2 {
-                        throw RPCError(code: .unavailable, message: "the watch stream has been silent for \(progress.silence)")
+                        switch progress.answersProgress {
+                        case true?:
+                            throw RPCError(code: .unavailable, message: "the watch stream has been silent for \(progress.silence)")
+                        case nil:
+                            // No progress request answered yet: a dead peer, or one that ignores
+                            // them. A read on the same connection tells which.
+                            let answered = (try? await Etcdserverpb_KV.Client(wrapping: connection.client)
+                                .range(probeRequest, metadata: probeMetadata, options: probeCallOptions)) != nil
+                            guard answered else {
+                                throw RPCError(code: .unavailable, message: "the watch stream has been silent for \(progress.silence)")
+                            }
+                            progress.ignoresProgress()
+                        case false?:
+                            break
+                        }
                     }
-                    try await writer.write(progressRequest)
+                    if progress.answersProgress != false { try await writer.write(progressRequest) }
                 }
             },
             onResponse: { response in
                 for try await message in response.messages {
                     // A quiet stream still answers a progress request every interval; silent
                     // for a second more, then back: an outage ended.
-                    if progress.silence > interval + EndpointProbe.stallThreshold { progress.markRecovered() }
+                    if progress.silenceMeansTrouble && progress.silence > interval + EndpointProbe.stallThreshold { progress.markRecovered() }
                     progress.touch()
                     if message.compactRevision != 0 { throw EtcdError.compacted(message.compactRevision) }
                     if message.canceled {
@@ -169,6 +198,7 @@ extension EtcdClient {
                     if message.events.isEmpty {
                         // A progress notification: the stream is alive. Its revision is not used
                         // to resume (etcd 3.4 may send it before an unsynced watcher caught up).
+                        if !message.created { progress.answersProgressRequests() }
                         continue
                     }
                     let events = message.events.map(WatchEvent.init)
@@ -195,6 +225,9 @@ final class WatchProgress: Sendable {
         var created = false
         var hadStream = false
         var recovered: ContinuousClock.Instant?
+        /// Whether the endpoint answers progress requests (nil: not known yet), and which.
+        var answersProgress: Bool?
+        var endpoint: EtcdEndpoint?
     }
 
     /// How long after an outage ends its replayed events are still flagged `afterOutage`.
@@ -227,6 +260,22 @@ final class WatchProgress: Sendable {
             return state.created
         }
     }
+
+    /// A stream on `endpoint` begins: what was learnt of another endpoint is forgotten.
+    func use(_ endpoint: EtcdEndpoint) {
+        state.withLock { state in
+            if state.endpoint != endpoint {
+                state.endpoint = endpoint
+                state.answersProgress = nil
+            }
+        }
+    }
+    var answersProgress: Bool? { state.withLock { $0.answersProgress } }
+    func answersProgressRequests() { state.withLock { $0.answersProgress = true } }
+    func ignoresProgress() { state.withLock { $0.answersProgress = false } }
+    /// Whether a silent stream is a sign of trouble: not on an endpoint that ignores progress
+    /// requests, whose streams are quiet whenever the registry is.
+    var silenceMeansTrouble: Bool { state.withLock { $0.answersProgress != false } }
 
     var next: Int64 { state.withLock { $0.next } }
     var silence: Duration { state.withLock { .now - $0.lastMessage } }

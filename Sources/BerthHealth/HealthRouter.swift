@@ -55,11 +55,11 @@ public final class HealthRouter: Sendable {
         /// published before: a backend ramps when it starts taking traffic in a known frontend
         /// (the first table of a frontend, at start for instance, is served at full weight).
         var takingTraffic: [String: Set<String>] = [:]
-        var publishedFrontends: Set<String> = []
-        /// Each frontend as last published, with the desired frontend it was made from: reused
-        /// while that frontend is unchanged and `stale` is false, so that a table change costs
-        /// the frontends it changed, not the whole table (a fleet host sees every change).
-        var published: [String: PublishedFrontend] = [:]
+        /// Each frontend as last published (in the desired table's order), with the desired
+        /// frontend it was made from: reused while that frontend is unchanged and `stale` is
+        /// false, so that a table change costs the frontends it changed, not the whole table (a
+        /// fleet host sees every change).
+        var published: [PublishedFrontend] = []
         /// Set when health, overrides, check settings or a ramp changed: every frontend is
         /// made again at the next publish.
         var stale = true
@@ -264,24 +264,29 @@ public final class HealthRouter: Sendable {
         let now = MonotonicClock.milliseconds()
         var effective = RoutingTable(revision: state.desired.revision, frontends: [])
         effective.frontends.reserveCapacity(state.desired.frontends.count)
-        var published: [String: PublishedFrontend] = [:]
+        var published: [PublishedFrontend] = []
+        published.reserveCapacity(state.desired.frontends.count)
+        var matcher = NameMatcher(previous: state.published.map(\.desired.name))
         var nextStep: Int64?
         for frontend in state.desired.frontends {
-            if !state.stale, let kept = state.published[frontend.name], kept.desired == frontend {
-                effective.frontends.append(kept.effective)
-                published[frontend.name] = kept
+            let position = matcher.position(of: frontend.name)
+            if !state.stale, let position, state.published[position].desired == frontend {
+                effective.frontends.append(state.published[position].effective)
+                published.append(state.published[position])
                 continue
             }
             var made = frontend
             applyHealth(&made, health: health, &state)
-            if let step = applyWeights(&made, now: now, &state) { nextStep = min(nextStep ?? step, step) }
+            // A frontend published before ramps the backends that start taking traffic.
+            if let step = applyWeights(&made, known: position != nil, now: now, &state) { nextStep = min(nextStep ?? step, step) }
             effective.frontends.append(made)
-            published[frontend.name] = PublishedFrontend(desired: frontend, effective: made)
+            published.append(PublishedFrontend(desired: frontend, effective: made))
         }
-        let present = Set(effective.frontends.map(\.name))
-        if !state.upSince.isEmpty { state.upSince = state.upSince.filter { present.contains($0.key.frontend) } }
-        for gone in state.publishedFrontends where !present.contains(gone) { state.takingTraffic.removeValue(forKey: gone) }
-        state.publishedFrontends = present
+        if !matcher.matchedAll {
+            let present = Set(published.map(\.desired.name))
+            state.upSince = state.upSince.filter { present.contains($0.key.frontend) }
+            state.takingTraffic = state.takingTraffic.filter { present.contains($0.key) }
+        }
         let result = try engine.apply(effective)
         state.published = published
         state.stale = false
@@ -329,8 +334,7 @@ public final class HealthRouter: Sendable {
 
     /// Puts the operators' weights and the slow-start warmups into `frontend` (whose `enabled`
     /// flags are final); returns when its next ramp step is due, nil when nothing ramps.
-    private func applyWeights(_ frontend: inout Frontend, now: Int64, _ state: inout State) -> Int64? {
-        let known = state.publishedFrontends.contains(frontend.name)
+    private func applyWeights(_ frontend: inout Frontend, known: Bool, now: Int64, _ state: inout State) -> Int64? {
         let slowStart = frontend.settings.slowStart
         let wasTaking = state.takingTraffic[frontend.name] ?? []
         var taking = Set<String>()

@@ -5,7 +5,8 @@ import XCTest
 
 /// Berth through etcd's gRPC proxy (`etcd grpc-proxy start`), as a fleet would run it: the
 /// registrar's lease kept alive through the proxy (the proxy cancels a keep-alive stream whose
-/// client half-closed before its answer), and discovery's listing and watch.
+/// client half-closed before its answer), and discovery's listing and watch (the proxy answers no
+/// watch progress request).
 final class GRPCProxyTests: BerthTestCase {
     func testRegisterAndDiscoverThroughTheGRPCProxy() throws {
         let etcd = try EtcdFixture()
@@ -34,12 +35,18 @@ final class GRPCProxyTests: BerthTestCase {
         XCTAssertTrue(discover.waitForStandardError(containing: "watching the registry", timeout: 10), discover.standardError)
         XCTAssertNotNil(waitUntil(timeout: 10) { (try? HTTPProbe.get(port: listen, timeout: 1))?.contains("proxied") == true },
                         "not routed through the proxy's listing: \(discover.standardError)")
-        // A change reaches discovery through the proxy's watch: the instance goes away.
+        // The proxy answers no progress request: a quiet watch must still stay as it is (not
+        // be taken for a silent one and opened again every few seconds), ...
+        sleep(seconds: 9)
+        XCTAssertFalse(discover.standardError.contains("etcd endpoint failed"), "the quiet watch was reopened: \(discover.standardError)")
+        // ... and a change after the quiet spell is no outage's: the instance goes away at once
+        // (an expiry after an outage would be held for 5 s).
         register.signal(SIGTERM)
         XCTAssertEqual(register.waitForExit(timeout: 10), .exited(0), register.standardError)
         XCTAssertTrue(register.standardError.contains("revoked"), register.standardError)
-        XCTAssertNotNil(waitUntil(timeout: 10) { (try? HTTPProbe.get(port: listen, timeout: 1)) == nil },
+        XCTAssertNotNil(waitUntil(timeout: 3) { (try? HTTPProbe.get(port: listen, timeout: 1)) == nil },
                         "the revoked instance is still served")
+        XCTAssertFalse(discover.standardError.contains("held"), discover.standardError)
         discover.signal(SIGTERM)
         XCTAssertEqual(discover.waitForExit(timeout: 10), .exited(0), discover.standardError)
         proxy.signal(SIGTERM)

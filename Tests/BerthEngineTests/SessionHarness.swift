@@ -148,7 +148,7 @@ final class SessionHarness {
     /// A client accepted now; the worker starts connecting it at once.
     func accept() -> Session {
         let fd = sockets.makeClient()
-        worker.startSession(client: fd, peer: sockets.clientAddress, frontend: worker.frontends[Self.frontend]!)
+        worker.startSession(client: fd, peer: sockets.clientAddress, frontend: worker.frontends.first { $0.name == Self.frontend }!)
         return worker.sessions.elements.first { $0.client.raw == fd }!
     }
 
@@ -165,6 +165,6 @@ final class SessionHarness {
     }
 
     func backendRuntime(_ name: String) -> BackendRuntime? {
-        worker.frontends[Self.frontend]?.backends.first { $0.backend.name == name }
+        worker.frontends.first { $0.name == Self.frontend }?.backends.first { $0.backend.name == name }
     }
 }

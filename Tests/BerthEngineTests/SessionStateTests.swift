@@ -127,8 +127,8 @@ final class SessionStateTests: XCTestCase {
             harness.install([("a", SessionHarness.address(1))])
             harness.sockets.pendingClients = 1
         }
-        let secondFrontend = try XCTUnwrap(second.worker.frontends[SessionHarness.frontend])
-        let firstFrontend = try XCTUnwrap(first.worker.frontends[SessionHarness.frontend])
+        let secondFrontend = try XCTUnwrap(second.worker.frontends.first { $0.name == SessionHarness.frontend })
+        let firstFrontend = try XCTUnwrap(first.worker.frontends.first { $0.name == SessionHarness.frontend })
         first.sockets.duringAccept = { second.worker.acceptConnections(secondFrontend, listener: secondFrontend.listener.raw) }
         first.worker.acceptConnections(firstFrontend, listener: firstFrontend.listener.raw)
 

@@ -17,10 +17,11 @@ public final class Engine: Sendable {
     let control: Mutex<ControlState>
 
     struct ControlState: ~Copyable {
-        /// Per frontend name: the address asked for, the address bound (port 0 resolved), and
-        /// the group's sockets (owned by the workers, or by an install message on its way to
-        /// them: open while they are listed here; the takeover sends duplicates of them).
-        var listening: [String: ListenerGroup] = [:]
+        /// Per frontend served (in the order of `published`'s table): the address asked for, the
+        /// address bound (port 0 resolved), and the group's sockets (owned by the workers, or by
+        /// an install message on its way to them: open while they are listed here; the takeover
+        /// sends duplicates of them).
+        var groups: [ListenerGroup] = []
         /// Sockets handed over by a previous process (`adopt`), not yet taken by a frontend.
         var adopted: [ListenerGroup] = []
         var cursors: [String: RoundRobinCursor] = [:]
@@ -32,6 +33,12 @@ public final class Engine: Sendable {
         /// The table last published: its frontends are not validated again, and their balancing
         /// plans are reused, while a new table gives them unchanged.
         var published: PublishedTable?
+
+        /// The listener groups by frontend name.
+        var listening: [String: ListenerGroup] {
+            guard let published else { return [:] }
+            return Dictionary(uniqueKeysWithValues: zip(published.table.frontends.map(\.name), groups))
+        }
     }
 
     /// Starts the workers. They serve nothing until `apply` gives them a table.
@@ -74,31 +81,47 @@ public final class Engine: Sendable {
     /// The outcome of `apply`: where each frontend listens, and the frontends that could not
     /// listen (they are left out of the table; the others are served).
     public struct ApplyResult: Sendable {
-        public var listening: [String: SocketAddress] = [:]
+        /// The frontends served, and where each listens (made into `listening` when asked).
+        var served: [String] = []
+        var bound: [SocketAddress] = []
         public var failures: [String: SystemError] = [:]
+
+        public var listening: [String: SocketAddress] { Dictionary(uniqueKeysWithValues: zip(served, bound)) }
     }
 
     /// Replaces the routing table, live: new frontends start listening (one SO_REUSEPORT socket
     /// per worker, bound here so that errors are reported synchronously), removed ones stop
     /// accepting, backend sets change for new connections only. Connections to removed backends
     /// or frontends drain (they run to their end or `drainTimeout`).
+    ///
+    /// A frontend given as in the last table costs no more than finding it there (see
+    /// `NameMatcher`): it is not validated again, and keeps its listener and balancing plan.
     public func apply(_ table: RoutingTable) throws(EngineError) -> ApplyResult {
         try control.withLock { state throws(EngineError) -> ApplyResult in
             guard !state.stopped else { throw EngineError.stopped }
             let previous = state.published
-            if let problem = table.validationError(checking: { previous?.frontend(named: $0.name) != $0 }) {
+            let before = previous?.table.frontends ?? []
+            var matcher = NameMatcher(previous: before.map(\.name))
+            let positions = table.frontends.map { matcher.position(of: $0.name) }
+            if let problem = Self.validationError(of: table, previous: before, positions: positions) {
                 throw EngineError.invalidTable(problem)
             }
             var result = ApplyResult()
+            result.served.reserveCapacity(table.frontends.count)
+            result.bound.reserveCapacity(table.frontends.count)
             var handoffs = Array(repeating: [String: [CInt]](), count: handles.count)
             var served: [Frontend] = []
-            var listening: [String: ListenerGroup] = [:]
-            for frontend in table.frontends {
+            served.reserveCapacity(table.frontends.count)
+            var servedPositions: [Int?] = []
+            servedPositions.reserveCapacity(table.frontends.count)
+            var groups: [ListenerGroup] = []
+            groups.reserveCapacity(table.frontends.count)
+            for (frontend, position) in zip(table.frontends, positions) {
                 // Unchanged when asked for the same address, or for the address it is bound to
                 // (a caller that asked for port 0 may pass the port it got). Rebinding would close
                 // the old sockets and reset the connections waiting in their accept queues.
-                if let current = state.listening[frontend.name], current.serves(frontend.listen) {
-                    listening[frontend.name] = current
+                if let position, state.groups[position].serves(frontend.listen) {
+                    groups.append(state.groups[position])
                 } else {
                     do throws(SystemError) {
                         var group: ListenerGroup
@@ -110,19 +133,24 @@ public final class Engine: Sendable {
                         for (index, fds) in group.distribute(over: handles.count).enumerated() where !fds.isEmpty {
                             handoffs[index][frontend.name] = fds
                         }
-                        listening[frontend.name] = group
+                        groups.append(group)
                     } catch {
                         result.failures[frontend.name] = error
                         continue
                     }
                 }
-                result.listening[frontend.name] = listening[frontend.name]!.bound
-                if state.cursors[frontend.name] == nil { state.cursors[frontend.name] = RoundRobinCursor() }
+                result.served.append(frontend.name)
+                result.bound.append(groups[groups.count - 1].bound)
+                if position == nil && state.cursors[frontend.name] == nil { state.cursors[frontend.name] = RoundRobinCursor() }
                 served.append(frontend)
+                servedPositions.append(position)
             }
             if served.contains(where: \.settings.logConnections) { shared.connectionLog?.start() }
-            state.listening = listening
-            state.cursors = state.cursors.filter { listening[$0.key] != nil }
+            state.groups = groups
+            if !matcher.matchedAll || !result.failures.isEmpty || state.cursors.count != served.count {
+                let names = Set(result.served)
+                state.cursors = state.cursors.filter { names.contains($0.key) }
+            }
             // A backend keeps its counter while it stays in a leastconn frontend; sessions hold
             // the counter they added to, so one dropped here is still decremented correctly.
             var loads: [String: [String: BackendLoad]] = [:]
@@ -137,13 +165,33 @@ public final class Engine: Sendable {
             state.revision = table.revision
             let published = PublishedTable(
                 table: RoutingTable(revision: table.revision, frontends: served), cursors: state.cursors, loads: loads,
-                previous: previous)
+                previous: previous, previousPositions: servedPositions)
             state.published = published
             for (index, handle) in handles.enumerated() {
                 handle.post(.install(published, listeners: handoffs[index]))
             }
             return result
         }
+    }
+
+    /// `table.validationError()`, skipping what the previous table (already valid) settles: the
+    /// rules of each frontend given unchanged; the names' uniqueness when they are in ascending
+    /// order; the listen addresses' when no frontend is new or moved.
+    private static func validationError(of table: RoutingTable, previous: [Frontend], positions: [Int?]) -> String? {
+        var ascending = true
+        var moved = false
+        for (index, frontend) in table.frontends.enumerated() {
+            if frontend.name.isEmpty { return "a frontend has an empty name" }
+            if index > 0 && !(table.frontends[index - 1].name < frontend.name) { ascending = false }
+            guard let position = positions[index], previous[position].listen == frontend.listen else {
+                moved = true
+                if let problem = frontend.validationError() { return problem }
+                continue
+            }
+            if previous[position] != frontend, let problem = frontend.validationError() { return problem }
+        }
+        if ascending && !moved { return nil }
+        return table.validationError(checking: { _ in false })
     }
 
     /// Binds one socket per worker to `address` (the first decides the port when it is 0).

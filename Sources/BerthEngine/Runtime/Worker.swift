@@ -19,7 +19,8 @@ final class Worker<IO: SocketIO> {
     var activeSessions = 0
     var deferredSessions: [Session] = []
     private var deferredRound: [Session] = []
-    var frontends: [String: FrontendRuntime] = [:]
+    /// In the order of the table installed last.
+    var frontends: [FrontendRuntime] = []
     /// Counters of backends and frontends that left the table, still registered: dropped once
     /// no session holds them (`install`).
     var unprunedCounters = Set<CounterRegistry.Key>()
@@ -45,7 +46,7 @@ final class Worker<IO: SocketIO> {
 
     deinit {
         for session in sessions.live { closeSession(session) }
-        for frontend in frontends.values { closeListener(frontend) }
+        for frontend in frontends { closeListener(frontend) }
         scratch.deallocate()
     }
 
@@ -155,7 +156,7 @@ final class Worker<IO: SocketIO> {
         acceptPaused = true
         acceptResumeAt = Deadline.after(configuration.acceptRetryDelay, from: now)
         handle.registry.acceptPauses.add(1, ordering: .relaxed)
-        for frontend in frontends.values where frontend.listenerRegistered {
+        for frontend in frontends where frontend.listenerRegistered {
             deregisterListener(frontend)
         }
     }
@@ -163,7 +164,7 @@ final class Worker<IO: SocketIO> {
     func resumeAccepting() {
         acceptPaused = false
         acceptResumeAt = .max
-        for frontend in frontends.values where frontend.listener.isOpen && !frontend.listenerRegistered {
+        for frontend in frontends where frontend.listener.isOpen && !frontend.listenerRegistered {
             registerListener(frontend)
         }
     }

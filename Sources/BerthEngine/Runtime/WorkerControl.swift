@@ -26,15 +26,20 @@ extension Worker {
     /// kept as it is: a change costs the frontends it changed.
     func install(_ published: PublishedTable, listeners: [String: [CInt]]) {
         assertOnLoop()
-        var next: [String: FrontendRuntime] = [:]
+        var next: [FrontendRuntime] = []
         next.reserveCapacity(published.table.frontends.count)
+        var matcher = NameMatcher(previous: frontends.map(\.name))
+        var stays = [Bool](repeating: false, count: frontends.count)
         var removedAny = false
-        for spec in published.table.frontends {
-            if let kept = frontends[spec.name], kept.spec == spec, listeners[spec.name] == nil {
-                next[spec.name] = kept
+        for (index, spec) in published.table.frontends.enumerated() {
+            let position = matcher.position(of: spec.name)
+            if let position { stays[position] = true }
+            let current = position.map { frontends[$0] }
+            if let kept = current, kept.spec == spec, listeners.isEmpty || listeners[spec.name] == nil {
+                next.append(kept)
                 continue
             }
-            let runtime = frontends[spec.name] ?? FrontendRuntime(
+            let runtime = current ?? FrontendRuntime(
                 name: spec.name,
                 cursor: published.cursors[spec.name] ?? RoundRobinCursor(),
                 counters: handle.registry.counters(frontend: spec.name, backend: nil),
@@ -56,8 +61,8 @@ extension Worker {
                     counters: handle.registry.counters(frontend: spec.name, backend: backend.name))
             }
             runtime.candidates = runtime.backends.filter { PublishedTable.isCandidate($0.backend) }
-            runtime.schedule = published.schedules[spec.name]
-            runtime.ring = published.rings[spec.name]
+            runtime.schedule = published.schedules[index]
+            runtime.ring = published.rings[index]
             let loads = published.loads[spec.name]
             for backend in runtime.backends { backend.load = loads?[backend.backend.name] }
             for gone in existing.values {
@@ -71,9 +76,10 @@ extension Worker {
                 runtime.extraListeners.append(contentsOf: Array(fds.dropFirst()))
                 registerListener(runtime)
             }
-            next[spec.name] = runtime
+            next.append(runtime)
         }
-        for (name, runtime) in frontends where next[name] == nil {
+        for (position, runtime) in frontends.enumerated() where !stays[position] {
+            let name = runtime.name
             runtime.removed = true
             removedAny = true
             unprunedCounters.insert(.init(frontend: name, backend: nil))
@@ -84,7 +90,10 @@ extension Worker {
             closeListener(runtime)
         }
         // Sockets for frontends this table does not contain (raced with a newer table): close.
-        for (name, fds) in listeners where next[name] == nil { for fd in fds { closeDescriptor(fd) } }
+        if !listeners.isEmpty {
+            let installed = Set(next.map(\.name))
+            for (name, fds) in listeners where !installed.contains(name) { for fd in fds { closeDescriptor(fd) } }
+        }
         frontends = next
         guard removedAny || !unprunedCounters.isEmpty else { return }
         // Removed backends and frontends: their open connections drain, and their counters
@@ -103,7 +112,8 @@ extension Worker {
         for key in unprunedCounters where !held.contains(key) {
             // Back in the table (or moved to a new address under the same name): its counters
             // are the table's again.
-            if let frontend = next[key.frontend], key.backend.map({ name in frontend.backends.contains { $0.backend.name == name } }) ?? true {
+            if let frontend = next.first(where: { $0.name == key.frontend }),
+               key.backend.map({ name in frontend.backends.contains { $0.backend.name == name } }) ?? true {
                 unprunedCounters.remove(key)
                 continue
             }
@@ -158,6 +168,6 @@ extension Worker {
     func beginStopping(deadline: Int64) {
         stopping = true
         stopDeadline = deadline
-        for frontend in frontends.values { closeListener(frontend) }
+        for frontend in frontends { closeListener(frontend) }
     }
 }

@@ -71,52 +71,49 @@ final class PublishedTable: Sendable {
     let cursors: [String: RoundRobinCursor]
     /// Per leastconn frontend, per backend name: its open connections over every worker.
     let loads: [String: [String: BackendLoad]]
-    /// Per round-robin frontend with unequal weights: its smooth weighted schedule over the
-    /// candidates (`isCandidate`), built once here on the control thread and shared by every worker.
-    let schedules: [String: [Int32]]
-    /// Per source frontend: its hash ring over the candidates.
-    let rings: [String: HashRing]
+    /// Per frontend (in the table's order), round-robin with unequal weights: its smooth
+    /// weighted schedule over the candidates (`isCandidate`), built once here on the control
+    /// thread and shared by every worker.
+    let schedules: [[Int32]?]
+    /// Per frontend (in the table's order), `balance source`: its hash ring over the candidates.
+    let rings: [HashRing?]
 
-    /// Frontend name → index in `table.frontends`.
-    private let index: [String: Int]
-
-    /// `previous`: the table published before; the schedules and rings of frontends it has
-    /// with the same backends and balance mode are reused rather than built again.
+    /// `previousPositions`: for each frontend, its position in `previous` (the table published
+    /// before), if it was there: its schedule or ring is reused when its backends and balance
+    /// mode are the same.
     init(table: RoutingTable, cursors: [String: RoundRobinCursor], loads: [String: [String: BackendLoad]] = [:],
-         previous: PublishedTable? = nil) {
+         previous: PublishedTable? = nil, previousPositions: [Int?] = []) {
         self.table = table
         self.cursors = cursors
         self.loads = loads
-        var schedules: [String: [Int32]] = [:]
-        var rings: [String: HashRing] = [:]
-        var index: [String: Int] = [:]
-        index.reserveCapacity(table.frontends.count)
-        for (position, frontend) in table.frontends.enumerated() {
-            index[frontend.name] = position
-            if let previous, let before = previous.frontend(named: frontend.name),
-               before.backends == frontend.backends, before.settings.balance == frontend.settings.balance {
-                schedules[frontend.name] = previous.schedules[frontend.name]
-                rings[frontend.name] = previous.rings[frontend.name]
-                continue
+        var schedules: [[Int32]?] = []
+        var rings: [HashRing?] = []
+        schedules.reserveCapacity(table.frontends.count)
+        rings.reserveCapacity(table.frontends.count)
+        for (index, frontend) in table.frontends.enumerated() {
+            if let previous, index < previousPositions.count, let position = previousPositions[index] {
+                let before = previous.table.frontends[position]
+                if before.backends == frontend.backends && before.settings.balance == frontend.settings.balance {
+                    schedules.append(previous.schedules[position])
+                    rings.append(previous.rings[position])
+                    continue
+                }
             }
             let candidates = frontend.backends.filter(Self.isCandidate)
             switch frontend.settings.balance {
             case .roundRobin:
-                schedules[frontend.name] = WeightedSchedule.make(candidates.map(\.effectiveWeight))
+                schedules.append(WeightedSchedule.make(candidates.map(\.effectiveWeight)))
+                rings.append(nil)
             case .source:
-                rings[frontend.name] = HashRing(names: candidates.map(\.name), weights: candidates.map(\.effectiveWeight))
+                schedules.append(nil)
+                rings.append(HashRing(names: candidates.map(\.name), weights: candidates.map(\.effectiveWeight)))
             case .leastConn:
-                break
+                schedules.append(nil)
+                rings.append(nil)
             }
         }
         self.schedules = schedules
         self.rings = rings
-        self.index = index
-    }
-
-    /// The frontend of this table named `name`.
-    func frontend(named name: String) -> Frontend? {
-        index[name].map { table.frontends[$0] }
     }
 
     /// Whether new connections may go to `backend`: enabled, weight above 0. Workers filter
