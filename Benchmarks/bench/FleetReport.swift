@@ -7,7 +7,8 @@ extension ScenarioReport {
         out += "loopback address of its own), on one etcd (\(DiscoveryScenario.etcdPath), one member), directly and through "
         out += "etcd grpc-proxy; \(Format.grouped(UInt64(fleet.services))) services x \(FleetScenario.instancesPerService) "
         out += "instances, then \(Format.fixed(FleetScenario.changesPerSecond, 0)) deletes and puts a second for "
-        out += "\(Format.fixed(fleet.churnSeconds, 0)) s; every process shares this machine's CPUs\n"
+        out += "\(Format.fixed(fleet.churnSeconds, 0)) s; the odd hosts watch only service0 and a tenth of the others "
+        out += "(--services; their routing counts their services' changes); every process shares this machine's CPUs\n"
         if let skipped = fleet.skipped { return out + "skipped: \(skipped)\n\n" }
         guard !fleet.rows.isEmpty else { return out + "not measured (see the notes)\n\n" }
         func cell(_ value: Double?, _ digits: Int) -> String { value.map { Format.fixed($0, digits) } ?? "-" }
@@ -27,6 +28,13 @@ extension ScenarioReport {
             ("grpc-proxy CPU, share", { cell($0.proxyCPUShare, 2) }),
             ("grpc-proxy RSS, MiB", { mebibytes($0.proxyResidentBytes) }),
             ("hosts' CPU, cores (all)", { cell($0.hostsCPUShare, 2) }),
+            ("hosts with --services", { String($0.filteredHosts) }),
+            ("CPU per host, all services, %", { cell($0.wholeHostCPUShare.map { $0 * 100 }, 2) }),
+            ("CPU per host, --services, %", { cell($0.filteredHostCPUShare.map { $0 * 100 }, 2) }),
+            ("per host p50, all services, ms", { cell($0.wholeRouting?.perHost(50), 1) }),
+            ("per host p50, --services, ms", { cell($0.filteredRouting?.perHost(50), 1) }),
+            ("per host p99, all services, ms", { cell($0.wholeRouting?.perHost(99), 1) }),
+            ("per host p99, --services, ms", { cell($0.filteredRouting?.perHost(99), 1) }),
             ("host RSS mean, MiB", { mebibytes($0.hostMeanResidentBytes) }),
             ("host RSS max, MiB", { mebibytes($0.hostMaxResidentBytes) }),
             ("etcd restart: all caught up, s", { cell($0.restartCatchUpSeconds, 2) }),
@@ -67,6 +75,10 @@ extension ScenarioReport {
                     ("etcdCPUShare", .optional(row.etcdCPUShare)), ("etcdBytesPerChange", .optional(row.etcdBytesPerChange)),
                     ("etcdResidentBytes", .optional(row.etcdResidentBytes.map(Double.init))),
                     ("proxyCPUShare", .optional(row.proxyCPUShare)), ("hostsCPUShare", .optional(row.hostsCPUShare)),
+                    ("filteredHosts", .integer(Int64(row.filteredHosts))),
+                    ("wholeHostCPUShare", .optional(row.wholeHostCPUShare)), ("filteredHostCPUShare", .optional(row.filteredHostCPUShare)),
+                    ("wholePerHostP99Milliseconds", .optional(row.wholeRouting?.perHost(99))),
+                    ("filteredPerHostP99Milliseconds", .optional(row.filteredRouting?.perHost(99))),
                     ("hostMeanResidentBytes", .optional(row.hostMeanResidentBytes.map(Double.init))),
                     ("restartCatchUpSeconds", .optional(row.restartCatchUpSeconds)),
                     ("rangesAfterRestart", .optional(row.rangesAfterRestart.map(Double.init))),

@@ -16,6 +16,9 @@ import Glibc
 ///   measured from just before the change was sent. Reported: that time on every host (the
 ///   slowest host per change) and per host and change; etcd's CPU share over the churn, its
 ///   RSS, and the bytes it sent per change (its `etcd_network_client_grpc_sent_bytes_total`).
+/// - Half the hosts (the odd ones) watch only the services they use (`--services`): service0,
+///   which every host uses, and a tenth of the others; their figures are reported apart, and
+///   their routing counts only the changes of their services.
 /// - An etcd restart (SIGTERM, then the same data and ports): the time from its new start
 ///   until every host has applied a put made as soon as it answers, and how many hosts listed
 ///   the registry again (and how spread out those listings were: a herd arrives together).
@@ -132,13 +135,23 @@ struct FleetScenario {
             row.etcdBytesPerChange = Double(after - before) / Double(changes.count)
         }
         row.etcdResidentBytes = ProcFS.residentBytes(of: etcdPID)
-        let hostTicks = zip(fleet, hostsBefore).map { (ProcFS.cpuTicks(of: $0.pid) ?? $1) - $1 }.reduce(0, +)
-        row.hostsCPUShare = Double(hostTicks) / ProcFS.ticksPerSecond / seconds
+        let perHostTicks = zip(fleet, hostsBefore).map { (ProcFS.cpuTicks(of: $0.pid) ?? $1) - $1 }
+        row.hostsCPUShare = Double(perHostTicks.reduce(0, +)) / ProcFS.ticksPerSecond / seconds
+        let watches = (0..<hosts).map { watched(host: $0) }
+        for filtered in [false, true] {
+            let group = perHostTicks.indices.filter { (watches[$0] != nil) == filtered }
+            guard !group.isEmpty else { continue }
+            let share = Double(group.map { perHostTicks[$0] }.reduce(0, +)) / ProcFS.ticksPerSecond / seconds / Double(group.count)
+            if filtered { row.filteredHostCPUShare = share } else { row.wholeHostCPUShare = share }
+        }
+        row.filteredHosts = watches.filter { $0 != nil }.count
         row.changes = changes.count
-        let last = changes.last?.revision ?? listed
-        _ = awaitRevision(last, logs: logs.path, since: 0, fleet: fleet, timeout: 30_000)
+        _ = awaitRevisions(lastWatched(changes.map { ($0.service, $0.revision) }, floor: listed), logs: logs.path, since: 0,
+                           fleet: fleet, timeout: 30_000)
         let applied = (0..<hosts).map { Self.readLog(logs.path, host: $0) }
-        row.routing = RoutingFigures(changes: changes, applied: applied)
+        row.routing = RoutingFigures(changes: changes, applied: applied, watches: watches)
+        row.wholeRouting = RoutingFigures(changes: changes, applied: applied, watches: watches, only: false)
+        row.filteredRouting = RoutingFigures(changes: changes, applied: applied, watches: watches, only: true)
         progress("fleet, \(mode.rawValue): \(changes.count) changes; put -> routable on all hosts p99 "
             + "\(row.routing?.allHosts(99).map { Format.fixed($0, 1) } ?? "-") ms")
 
@@ -197,6 +210,7 @@ struct FleetScenario {
         for host in fleet where !host.hasExited() { kill(host.pid, SIGSTOP) }
         let listingsBefore = (0..<fleet.count).map { Self.relistings(logs, host: $0) }
         var revision: Int64 = 0
+        var puts: [(service: Int, revision: Int64)] = []
         do throws(BenchError) {
             try restartEtcd()
             for index in 0..<Self.herdChanges {
@@ -204,6 +218,7 @@ struct FleetScenario {
                 // A port no earlier put used: every put changes its instance.
                 let value = Array("{\"host\":\"127.0.0.1\",\"port\":\(3_000 + index),\"listen\":\(Self.firstPort + item / Self.instancesPerService)}".utf8)
                 revision = try DiscoveryScenario.etcdCall("put") { try await client.put(key: Self.key(item), value: value) }
+                puts.append((item / Self.instancesPerService, revision))
             }
             let compactAt = revision
             _ = try DiscoveryScenario.etcdCall("compact") { try await client.compact(revision: compactAt) }
@@ -211,6 +226,7 @@ struct FleetScenario {
             for host in fleet where !host.hasExited() { kill(host.pid, SIGCONT) }
             throw error
         }
+        let targets = lastWatched(puts, floor: revision)
         let before = rangeRequests(clientPort) ?? 0
         let resumed = MonotonicClock.nanoseconds()
         for host in fleet where !host.hasExited() { kill(host.pid, SIGCONT) }
@@ -228,7 +244,7 @@ struct FleetScenario {
             // The logs every 250 ms: reading N files every 50 ms would weigh on the sampling.
             if step % 5 == 0 {
                 for host in done.indices where !done[host] {
-                    done[host] = Self.readLog(logs, host: host).contains { $0.revision >= revision && $0.time > resumed }
+                    done[host] = Self.readLog(logs, host: host).contains { $0.revision >= targets[host] && $0.time > resumed }
                 }
                 if done.allSatisfy({ $0 }) { break }
             }
@@ -284,10 +300,27 @@ struct FleetScenario {
     /// applied table in `logs/hostN.rev`, its log in `logs/hostN.log`.
     private func spawnHost(_ index: Int, endpoint: String, logs: String) throws(BenchError) -> ChildProcess {
         let bind = "127.77.\(index / 250).\(index % 250 + 1)"
+        let filter = watched(host: index).map { ["--services", $0.sorted().map { "service\($0)" }.joined(separator: ",")] } ?? []
         return try Launcher.spawnOnCPUs(name: "host\(index)", path: berth, arguments: [
             "discover", "--etcd", endpoint, "--prefix", Self.prefix, "--bind", bind, "--workers", "1", "--stats", "off",
             "--linger", "0", "--drain-timeout", "0", "--revision-log", "\(logs)/host\(index).rev",
-        ] + (options.fleetRelistJitter.map { ["--relist-jitter", "\($0)"] } ?? []), cpus: allCPUs, logFile: "\(logs)/host\(index).log")
+        ] + filter + (options.fleetRelistJitter.map { ["--relist-jitter", "\($0)"] } ?? []), cpus: allCPUs, logFile: "\(logs)/host\(index).log")
+    }
+
+    /// The services host `index` watches (`--services`), nil for all: the odd hosts watch
+    /// service0 and a tenth of the services from a place of their own.
+    func watched(host index: Int) -> Set<Int>? {
+        guard index % 2 == 1 else { return nil }
+        let count = max(1, services / 10)
+        return Set([0] + (0..<count).map { (index * 7 + $0) % services })
+    }
+
+    /// For each host, the last of `changes` it watches (`floor` when none).
+    private func lastWatched(_ changes: [(service: Int, revision: Int64)], floor: Int64) -> [Int64] {
+        (0..<hosts).map { host in
+            let services = watched(host: host)
+            return changes.last { services?.contains($0.service) ?? true }?.revision ?? floor
+        }
     }
 
     /// SIGTERM to every host first (they drain in parallel), then each reaped.
@@ -368,7 +401,7 @@ struct FleetScenario {
                 absent.insert(item)
                 revision = try DiscoveryScenario.etcdCall("delete") { try await client.deleteReturningRevision(key: key) }
             }
-            changes.append(FleetChange(sent: sent, revision: revision))
+            changes.append(FleetChange(sent: sent, revision: revision, service: item / Self.instancesPerService))
         }
         return changes
     }
@@ -409,11 +442,16 @@ struct FleetScenario {
     /// Waits until every host has applied a table of `revision` or later after `since` (ns);
     /// the time the last one did, or nil at the timeout (or when a host exited).
     private func awaitRevision(_ revision: Int64, logs: String, since: UInt64, fleet: [ChildProcess], timeout: Int64) -> UInt64? {
+        awaitRevisions([Int64](repeating: revision, count: fleet.count), logs: logs, since: since, fleet: fleet, timeout: timeout)
+    }
+
+    /// The time the last host applied its revision (`revisions[host]`), or nil.
+    private func awaitRevisions(_ revisions: [Int64], logs: String, since: UInt64, fleet: [ChildProcess], timeout: Int64) -> UInt64? {
         let deadline = MonotonicClock.milliseconds() + timeout
         var done = [UInt64?](repeating: nil, count: fleet.count)
         while MonotonicClock.milliseconds() < deadline {
             for host in done.indices where done[host] == nil {
-                done[host] = Self.readLog(logs, host: host).first { $0.revision >= revision && $0.time > since }?.time
+                done[host] = Self.readLog(logs, host: host).first { $0.revision >= revisions[host] && $0.time > since }?.time
             }
             if done.allSatisfy({ $0 != nil }) { return done.compactMap { $0 }.max() }
             if fleet.contains(where: { $0.hasExited() }) { return nil }
@@ -423,10 +461,11 @@ struct FleetScenario {
     }
 }
 
-/// One change the churn made: when it was sent, and the revision etcd gave it.
+/// One change the churn made: when it was sent, the revision etcd gave it, its service.
 struct FleetChange {
     var sent: UInt64
     var revision: Int64
+    var service: Int
 }
 
 /// Put → routable, from the hosts' revision logs.
@@ -438,11 +477,16 @@ struct RoutingFigures {
     var perHost: [Double] = []
     var missing = 0
 
-    init(changes: [FleetChange], applied: [[(revision: Int64, time: UInt64)]]) {
+    /// `watches[host]`: the services a host watches (nil: all); a change counts only on the
+    /// hosts that watch its service. `only`: just the hosts with a filter (true) or without
+    /// (false); nil: every host.
+    init(changes: [FleetChange], applied: [[(revision: Int64, time: UInt64)]], watches: [Set<Int>?], only filtered: Bool? = nil) {
         for change in changes {
             var slowest = 0.0
             var complete = true
-            for log in applied {
+            for (host, log) in applied.enumerated() {
+                if let filtered, (watches[host] != nil) != filtered { continue }
+                if let services = watches[host], !services.contains(change.service) { continue }
                 // The first line at or past the change's revision (revisions only grow in a log,
                 // a listing again repeats one).
                 guard let entry = log.first(where: { $0.revision >= change.revision }) else {
@@ -495,6 +539,13 @@ struct FleetRow {
     var herdRanges: UInt64?
     var herdPeakPerSecond: Double?
     var herdCaughtUp = 0
+    /// Hosts with `--services`, their mean CPU per host over the churn, and the others'.
+    var filteredHosts = 0
+    var filteredHostCPUShare: Double?
+    var wholeHostCPUShare: Double?
+    /// Put → routable per host, for the hosts watching every service and for the others.
+    var wholeRouting: RoutingFigures?
+    var filteredRouting: RoutingFigures?
     /// Hosts whose log says they listed the registry again during the herd.
     var herdRelisted: Int?
     /// Their listings in all (a host lists again once per compaction its watch meets).

@@ -19,13 +19,24 @@ public struct Catalog: Sendable {
         public var linger: Int64
         /// How many malformed keys are kept for the stats page and the log.
         public var malformedHistory: Int
+        /// Only these services (`--services`; nil: all). Their keys come from one watch each
+        /// (`watchRanges`), and the others' keys are ignored.
+        public var services: Set<String>?
 
         public init(layout: RegistryLayout = RegistryLayout(), defaultListen: UInt16? = nil,
-                    linger: Int64 = 30_000, malformedHistory: Int = 64) {
+                    linger: Int64 = 30_000, malformedHistory: Int = 64, services: Set<String>? = nil) {
             self.layout = layout
             self.defaultListen = defaultListen
             self.linger = linger
             self.malformedHistory = malformedHistory
+            self.services = services
+        }
+
+        /// The key prefixes to list and watch: the whole registry, or with `services` each
+        /// service's prefix and the `_config` prefix (sorted).
+        public var watchRanges: [String] {
+            guard let services else { return [layout.watchPrefix] }
+            return (services.map(layout.servicePrefix) + [layout.configPrefix]).sorted()
         }
     }
 
@@ -56,10 +67,12 @@ public struct Catalog: Sendable {
     /// deleted or gets a good value.
     public private(set) var malformedKeys: [String: MalformedReason] = [:]
 
-    /// True after `reset(revision: R)`: every event of revision R is already reflected.
-    private var revisionComplete = true
-    /// Keys applied at `revision` (a transaction changes several keys at one revision).
-    private var keysAtRevision: Set<String> = []
+    /// The revision order of each watched range (one range, the whole prefix, unless
+    /// `Options.services`: one watch stream per range, and etcd orders events within a watch
+    /// only, so each range is replayed and deduplicated on its own).
+    private var orders: [String: RevisionOrder] = [:]
+    /// The revision of the last `reset` (where every range's order starts).
+    private var listedRevision: Int64 = 0
     /// Routing memory between builds (listen ports served, when a service became empty, each
     /// service's frontend as last built).
     var routingMemory = RoutingMemory()
@@ -87,8 +100,8 @@ public struct Catalog: Sendable {
             _ = store(key: entry.key, value: entry.value, revision: revision)
         }
         self.revision = revision
-        revisionComplete = true
-        keysAtRevision = []
+        listedRevision = revision
+        orders = [:]
         return CatalogDiff(before: before, after: services)
     }
 
@@ -119,7 +132,9 @@ public struct Catalog: Sendable {
     @discardableResult
     public mutating func remove(key: String) -> EventOutcome {
         malformedKeys.removeValue(forKey: key)
-        switch options.layout.classify(key) {
+        let kind = options.layout.classify(key)
+        if let wanted = options.services, let service = kind.service, !wanted.contains(service) { return .ignored(.otherService) }
+        switch kind {
         case .ignored(let reason):
             return .ignored(reason)
         case .malformed:
@@ -163,22 +178,27 @@ public struct Catalog: Sendable {
     }
 
     private mutating func admit(key: String, revision: Int64) -> Bool {
-        if revision > self.revision {
-            self.revision = revision
-            revisionComplete = false
-            keysAtRevision = [key]
-            return true
-        }
-        if revision == self.revision && !revisionComplete && keysAtRevision.insert(key).inserted {
-            return true
-        }
-        return false
+        let range = range(of: key)
+        var order = orders[range] ?? RevisionOrder(revision: listedRevision)
+        defer { orders[range] = order }
+        guard order.admit(key: key, revision: revision) else { return false }
+        self.revision = max(self.revision, revision)
+        return true
+    }
+
+    /// The watched range `key` came from.
+    private func range(of key: String) -> String {
+        guard options.services != nil else { return "" }
+        let rest = key.utf8.dropFirst(options.layout.watchPrefix.utf8.count)
+        guard let slash = rest.firstIndex(of: UInt8(ascii: "/")) else { return String(Substring(rest)) }
+        return String(Substring(key.utf8[key.utf8.startIndex..<slash]))
     }
 
     /// Sets the key's meaning from its value, or drops it and counts the value as malformed.
     private mutating func store(key: String, value: [UInt8], revision: Int64) -> EventOutcome {
         let kind = options.layout.classify(key)
         if case .ignored(let reason) = kind { return .ignored(reason) }
+        if let wanted = options.services, let service = kind.service, !wanted.contains(service) { return .ignored(.otherService) }
         if case .malformed(let error) = kind {
             return record(MalformedEntry(key: key, reason: .key(error.reason), detail: error.reason.rawValue, revision: revision),
                           removed: false)
@@ -403,6 +423,41 @@ public struct CatalogDiff: Sendable, Equatable {
                 }
             }
             if old.seedPort != new.seedPort || old.config != new.config { servicesReconfigured.append(name) }
+        }
+    }
+}
+
+/// Revision order within one watched range: events older than the last applied, and repeats of
+/// one applied at the same revision, are replays. Events of one revision (a transaction) all
+/// apply.
+struct RevisionOrder: Sendable {
+    var revision: Int64
+    /// Every event of `revision` is already reflected (after a listing at it).
+    var complete = true
+    /// Keys applied at `revision`.
+    var keys: Set<String> = []
+
+    init(revision: Int64) {
+        self.revision = revision
+    }
+
+    mutating func admit(key: String, revision: Int64) -> Bool {
+        if revision > self.revision {
+            self.revision = revision
+            complete = false
+            keys = [key]
+            return true
+        }
+        return revision == self.revision && !complete && keys.insert(key).inserted
+    }
+}
+
+extension KeyClass {
+    /// The service a key belongs to (nil: ignored or malformed).
+    var service: String? {
+        switch self {
+        case .instance(let service, _), .port(let service), .config(let service): service
+        case .ignored, .malformed: nil
         }
     }
 }

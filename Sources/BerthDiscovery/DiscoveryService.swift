@@ -115,7 +115,7 @@ public final class DiscoveryService: Sendable {
     /// Lists and watches until cancelled. Throws only `CancellationError`, or
     /// `EtcdError.authenticationFailed` when etcd refuses the credentials.
     public func run() async throws {
-        let prefix = settings.catalog.layout.watchPrefix
+        let ranges = settings.catalog.watchRanges
         var backoff = Backoff(client.configuration.backoff)
         let timer = Task { [weak self] in await self?.runTimer() }
         defer {
@@ -125,19 +125,24 @@ public final class DiscoveryService: Sendable {
         while true {
             try Task.checkCancellation()
             do {
-                let listing = try await client.get(prefix: prefix)
+                let listing = try await list(ranges)
                 reset(with: listing)
                 backoff.reset()
-                try await client.watch(
-                    prefix: prefix, fromRevision: listing.revision + 1,
-                    onConnected: { [weak self] endpoint in self?.connected(endpoint) },
-                    onBatch: { [weak self] batch in self?.apply(batch) })
+                try await watch(ranges, from: listing.revision + 1)
+            } catch EtcdError.server(_, let message) where message.contains("compacted") {
+                // A listing of several ranges pinned to a revision compacted meanwhile: again.
+                setDisconnected()
+                continue
             } catch let error as EtcdError {
                 setDisconnected()
                 switch error {
-                case .compacted(let revision):
+                case .compacted, .watchBehind:
                     let wait = settings.relistJitter > 0 ? Int64.random(in: 0...settings.relistJitter) : 0
-                    logger.warning("the watch fell behind etcd's compaction: listing again in \(wait) ms", metadata: ["compacted": "\(revision)"])
+                    if case .compacted(let revision) = error {
+                        logger.warning("the watch fell behind etcd's compaction: listing again in \(wait) ms", metadata: ["compacted": "\(revision)"])
+                    } else {
+                        logger.warning("\(error): listing again in \(wait) ms")
+                    }
                     if wait > 0 { try await Task.sleep(for: .milliseconds(wait)) }
                     continue
                 case .authenticationFailed:
@@ -152,6 +157,37 @@ public final class DiscoveryService: Sendable {
                 setDisconnected()
                 logger.warning("etcd: \(error); serving the last table, retrying")
                 try await backoff.wait()
+            }
+        }
+    }
+
+    /// Every key of the watched ranges, at one revision (the first range's).
+    private func list(_ ranges: [String]) async throws -> RangeResult {
+        var listing = try await client.get(prefix: ranges[0])
+        for range in ranges.dropFirst() {
+            listing.keyValues += try await client.get(prefix: range, atRevision: listing.revision).keyValues
+        }
+        return listing
+    }
+
+    /// Watches every range from `revision` on, one stream each (with `--services`, a host's
+    /// services and `_config`), until one of them throws (a compaction passed it, ...).
+    private func watch(_ ranges: [String], from revision: Int64) async throws {
+        let client = self.client
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for range in ranges {
+                group.addTask { [weak self] in
+                    try await client.watch(
+                        prefix: range, fromRevision: revision,
+                        onConnected: { [weak self] endpoint in self?.connected(endpoint, range: ranges.count > 1 ? range : nil) },
+                        onBatch: { [weak self] batch in self?.apply(batch) })
+                }
+            }
+            do {
+                while try await group.next() != nil {}
+            } catch {
+                group.cancelAll()
+                throw error
             }
         }
     }
@@ -239,9 +275,11 @@ public final class DiscoveryService: Sendable {
         }
     }
 
-    private func connected(_ endpoint: EtcdEndpoint) {
+    private func connected(_ endpoint: EtcdEndpoint, range: String?) {
         state.withLock { $0.connected = true }
-        logger.info("watching the registry", metadata: ["endpoint": "\(endpoint)"])
+        var metadata: Logger.Metadata = ["endpoint": "\(endpoint)"]
+        if let range { metadata["range"] = "\(range)" }
+        logger.info("watching the registry", metadata: metadata)
     }
 
     private func setDisconnected() {

@@ -66,11 +66,13 @@ public final class EtcdClient: Sendable {
 
     // MARK: - KV
 
-    /// Every key under `prefix` (all keys when empty), at one revision.
-    public func get(prefix: String) async throws -> RangeResult {
+    /// Every key under `prefix` (all keys when empty), at one revision: etcd's current one, or
+    /// `revision` (an `EtcdError.server` error when etcd compacted it away).
+    public func get(prefix: String, atRevision revision: Int64 = 0) async throws -> RangeResult {
         var request = Etcdserverpb_RangeRequest()
         request.key = Data(prefix.isEmpty ? [0] : Array(prefix.utf8))
         request.rangeEnd = Data(Self.rangeEnd(ofPrefix: prefix))
+        request.revision = revision
         let message = request
         let response = try await call("Range") { connection, metadata, options in
             try await Etcdserverpb_KV.Client(wrapping: connection.client).range(message, metadata: metadata, options: options)

@@ -70,6 +70,11 @@ public enum EtcdError: Error, CustomStringConvertible, Sendable, Equatable {
     case server(String, String)
     /// A watch stream was cancelled by the server (no leader, ...).
     case watchCancelled(String)
+    /// A watch on an endpoint that answers no progress request (etcd's gRPC proxy) delivered
+    /// nothing while its range kept a newer put for a whole check period: the stream is stuck
+    /// (the proxy can leave a watch created at a compacted revision without a word). List
+    /// again, as after a compaction.
+    case watchBehind(delivered: Int64, latest: Int64)
     case invalidConfiguration(String)
 
     public var description: String {
@@ -80,6 +85,8 @@ public enum EtcdError: Error, CustomStringConvertible, Sendable, Equatable {
         case .compacted(let revision): "etcd compacted the watched revisions (compact revision \(revision))"
         case .server(let code, let message): "etcd error (\(code)): \(message)"
         case .watchCancelled(let reason): "etcd cancelled the watch: \(reason)"
+        case .watchBehind(let delivered, let latest):
+            "the watch delivered nothing past revision \(delivered) while its range holds a put at \(latest)"
         case .invalidConfiguration(let reason): "etcd client configuration: \(reason)"
         }
     }

@@ -11,7 +11,9 @@ extension EtcdClient {
     /// stream counts as silent when it answers none of the progress requests sent every
     /// `watchProgressInterval` for twice that long. An endpoint that ignores progress requests
     /// (etcd 3.4's gRPC proxy) is told from a silent one by a request on the same connection;
-    /// its streams are then watched by the transport's keepalive alone.
+    /// its streams are then watched by the transport's keepalive, and, every
+    /// `stallCheckInterval` of quiet, by a read of the newest put in the range: one the stream
+    /// has still not delivered at the next check throws `EtcdError.watchBehind`.
     ///
     /// - Throws: `EtcdError.compacted` when the revision to resume from is gone (the caller lists
     ///   again and watches from the new revision); `EtcdError.authenticationFailed`;
@@ -52,7 +54,7 @@ extension EtcdClient {
                 }
             } catch let error as EtcdError {
                 switch error {
-                case .compacted, .authenticationFailed: throw error
+                case .compacted, .authenticationFailed, .watchBehind: throw error
                 default: failover(from: connection, reason: "\(connection.endpoint): \(error)")
                 }
             } catch is CancellationError {
@@ -150,6 +152,17 @@ extension EtcdClient {
         probeOptions.timeout = interval
         let probeCallOptions = probeOptions
         let probeMetadata = metadata
+        // The newest put in the range (for endpoints that answer no progress request).
+        var latest = Etcdserverpb_RangeRequest()
+        latest.key = Data(prefix.isEmpty ? [0] : Array(prefix.utf8))
+        latest.rangeEnd = Data(Self.rangeEnd(ofPrefix: prefix))
+        latest.sortOrder = .descend
+        latest.sortTarget = .mod
+        latest.limit = 1
+        latest.keysOnly = true
+        latest.serializable = true
+        let latestRequest = latest
+        let stallCheck = Self.stallCheckInterval
 
         try await Etcdserverpb_Watch.Client(wrapping: connection.client).watch(
             metadata: metadata, options: options,
@@ -172,7 +185,15 @@ extension EtcdClient {
                             }
                             progress.ignoresProgress()
                         case false?:
-                            break
+                            // Quiet, with no progress answers to tell quiet from stuck: is there
+                            // a put the stream has not delivered, and still not one check later?
+                            guard progress.silence >= stallCheck, progress.stallCheckDue(every: stallCheck) else { break }
+                            guard let answer = try? await Etcdserverpb_KV.Client(wrapping: connection.client)
+                                .range(latestRequest, metadata: probeMetadata, options: probeCallOptions),
+                                  let newest = answer.kvs.first?.modRevision else { break }
+                            if let delivered = progress.behind(newest: newest) {
+                                throw EtcdError.watchBehind(delivered: delivered, latest: newest)
+                            }
                         }
                     }
                     if progress.answersProgress != false { try await writer.write(progressRequest) }
@@ -228,6 +249,10 @@ final class WatchProgress: Sendable {
         /// Whether the endpoint answers progress requests (nil: not known yet), and which.
         var answersProgress: Bool?
         var endpoint: EtcdEndpoint?
+        /// Without progress answers: the last stall check, and the newest put in the range it
+        /// found undelivered.
+        var lastStallCheck: ContinuousClock.Instant?
+        var undelivered: Int64?
     }
 
     /// How long after an outage ends its replayed events are still flagged `afterOutage`.
@@ -271,6 +296,27 @@ final class WatchProgress: Sendable {
         }
     }
     var answersProgress: Bool? { state.withLock { $0.answersProgress } }
+    /// Whether a stall check is due (one every `interval`; the first at once).
+    func stallCheckDue(every interval: Duration) -> Bool {
+        state.withLock { state in
+            if let last = state.lastStallCheck, .now - last < interval { return false }
+            state.lastStallCheck = .now
+            return true
+        }
+    }
+    /// The newest put in the range is `newest`: the last revision delivered when that put is
+    /// past it and was already found undelivered at the previous check (the stream is stuck),
+    /// else nil.
+    func behind(newest: Int64) -> Int64? {
+        state.withLock { state in
+            guard newest >= state.next else {
+                state.undelivered = nil
+                return nil
+            }
+            defer { state.undelivered = newest }
+            return state.undelivered.map { $0 < state.next ? nil : state.next - 1 } ?? nil
+        }
+    }
     func answersProgressRequests() { state.withLock { $0.answersProgress = true } }
     func ignoresProgress() { state.withLock { $0.answersProgress = false } }
     /// Whether a silent stream is a sign of trouble: not on an endpoint that ignores progress
@@ -279,7 +325,12 @@ final class WatchProgress: Sendable {
 
     var next: Int64 { state.withLock { $0.next } }
     var silence: Duration { state.withLock { .now - $0.lastMessage } }
-    func touch() { state.withLock { $0.lastMessage = .now } }
+    func touch() {
+        state.withLock { state in
+            state.lastMessage = .now
+            state.lastStallCheck = nil
+        }
+    }
     func delivered(through revision: Int64) { state.withLock { $0.next = max($0.next, revision + 1) } }
 }
 
@@ -288,4 +339,12 @@ extension WatchEvent {
         self.init(kind: event.type == .delete ? .delete : .put, keyValue: KeyValue(event.kv),
                   previous: event.hasPrevKv ? KeyValue(event.prevKv) : nil)
     }
+}
+
+extension EtcdClient {
+    /// How often a quiet watch on an endpoint that answers no progress request reads the newest
+    /// put of its range (`EtcdError.watchBehind`).
+    /// Each check is one Range per watch stream (serializable: no consensus round, and a proxy
+    /// may answer it from its cache); a stuck stream is found within two of them.
+    static let stallCheckInterval: Duration = .seconds(30)
 }

@@ -41,6 +41,15 @@ public struct RegistryLayout: Sendable, Equatable {
     }
 
     /// The settings key of a service.
+    /// The prefix of a service's instance keys (and of the seed's port key): what a host that
+    /// watches only some services watches for each (with `configPrefix` for their settings).
+    public func servicePrefix(_ service: String) -> String {
+        "\(watchPrefix)\(KeySegment.encode(service))/"
+    }
+
+    /// The prefix of every service's `_config` key.
+    public var configPrefix: String { "\(watchPrefix)\(Self.configSegment)/" }
+
     public func configKey(service: String) -> String {
         "\(watchPrefix)\(Self.configSegment)/\(KeySegment.encode(service))"
     }
@@ -102,6 +111,8 @@ public enum IgnoredReason: String, Sendable, Equatable {
     case outsidePrefix = "outside the prefix"
     /// A service name beginning with `_` other than `_config`: reserved for later layouts.
     case reservedService = "reserved service name"
+    /// A service this host does not watch (`--services`).
+    case otherService = "a service not watched here"
 }
 
 /// A key under the prefix that does not fit the layout.

@@ -76,7 +76,7 @@ struct DiscoverCommand: ParsableCommand {
 struct DiscoveryOptions: ParsableArguments {
     static let environment: [(flag: String, variable: String)] = [
         ("--bind", "BERTH_BIND"), ("--default-listen", "BERTH_DEFAULT_LISTEN"), ("--linger", "BERTH_LINGER"),
-        ("--state-file", "BERTH_STATE_FILE"), ("--relist-jitter", "BERTH_RELIST_JITTER"),
+        ("--state-file", "BERTH_STATE_FILE"), ("--relist-jitter", "BERTH_RELIST_JITTER"), ("--services", "BERTH_SERVICES"),
     ]
 
     @Option(help: EnvironmentFlags.help("Address every service listens on (its port comes from the registry).", "BERTH_BIND"))
@@ -94,6 +94,9 @@ struct DiscoveryOptions: ParsableArguments {
     @Option(help: EnvironmentFlags.help("When the watch fell behind an etcd compaction, wait a random time up to this long before listing the registry again, so that hosts cut off together do not all list at once (0: at once).", "BERTH_RELIST_JITTER"), transform: DurationArgument.parse)
     var relistJitter = DurationArgument(milliseconds: 1_000)
 
+    @Option(help: EnvironmentFlags.help("Serve only these services (comma-separated names): discovery lists and watches only their keys and their _config, so etcd sends this host nothing about the others (default: every service).", "BERTH_SERVICES"))
+    var services: String?
+
     /// Appends "REVISION MONOTONIC-NS" for every table applied (`bench --scenarios fleet`).
     @Option(help: .hidden)
     var revisionLog: String?
@@ -102,6 +105,18 @@ struct DiscoveryOptions: ParsableArguments {
         _ = try bindAddress()
         if defaultListen == 0 { throw invalid("--default-listen", "0", "a port from 1 to 65535") }
         if stateFile?.isEmpty == true { throw invalid("--state-file", "", "a file path") }
+        _ = try serviceFilter()
+    }
+
+    /// `--services` as a set of names (nil: every service).
+    func serviceFilter() throws -> Set<String>? {
+        guard let services else { return nil }
+        let names = services.split(separator: ",", omittingEmptySubsequences: false)
+            .map { String($0.drop { $0 == " " }.reversed().drop { $0 == " " }.reversed()) }
+        guard !names.isEmpty, names.allSatisfy({ !$0.isEmpty && !$0.contains("/") }) else {
+            throw invalid("--services", services, "service names separated by commas (none empty, no '/')")
+        }
+        return Set(names)
     }
 
     func bindAddress() throws -> SocketAddress {
@@ -167,7 +182,7 @@ struct DiscoveryRuntime {
         let stateFile = discovery.stateFile.map { StateFileSession.start(path: $0, router: router, restore: !etcdAnswered) }
         var settings = DiscoverySettings(
             catalog: Catalog.Options(layout: RegistryLayout(prefix: etcd.prefix), defaultListen: discovery.defaultListen,
-                                     linger: discovery.linger.milliseconds),
+                                     linger: discovery.linger.milliseconds, services: try discovery.serviceFilter()),
             bind: try discovery.bindAddress(), defaults: proxy.frontendSettings, checkDefaults: health.policy.checks)
         settings.listenRetryInterval = .seconds(5)
         settings.relistJitter = discovery.relistJitter.milliseconds

@@ -33,6 +33,50 @@ final class DiscoverCommandTests: BerthTestCase {
         XCTAssertEqual(discover.waitForExit(timeout: 10), .exited(0), discover.standardError)
     }
 
+    /// `--services`: only those services are listed, watched and served; etcd sends this host
+    /// no watch event about the others (its `etcd_debugging_mvcc_events_total` counts the
+    /// events it sends to watchers), only their `_config` keys.
+    func testServicesFilterListsAndWatchesOnlyThoseServices() throws {
+        let etcd = try EtcdFixture()
+        defer { etcd.stop() }
+        let alpha = try startWhoami(id: "alpha"), beta = try startWhoami(id: "beta")
+        let alphaListen = try freeLoopbackPort(), betaListen = try freeLoopbackPort()
+        try etcd.etcdctl(["put", "/backends/alpha/1", "{\"host\":\"127.0.0.1\",\"port\":\(alpha.port),\"listen\":\(alphaListen)}"])
+        try etcd.etcdctl(["put", "/backends/beta/1", "{\"host\":\"127.0.0.1\",\"port\":\(beta.port),\"listen\":\(betaListen)}"])
+        let discover = try launch(BerthBinary.path, ["discover", "--etcd", etcd.endpoints, "--bind", "127.0.0.1", "--workers", "1",
+                                                     "--stats", "off"], environment: ["BERTH_SERVICES": "alpha, gamma"])
+        XCTAssertTrue(discover.waitForStandardError(containing: "watching the registry", timeout: 10), discover.standardError)
+        XCTAssertNotNil(waitUntil(timeout: 10) { (try? HTTPProbe.get(port: alphaListen, timeout: 1))?.contains("alpha") == true },
+                        discover.standardError)
+        XCTAssertNil(try? HTTPProbe.get(port: betaListen, timeout: 1), "beta is not a service of this host")
+        // Three watches: alpha's keys, gamma's, and every _config.
+        let watchers = { self.etcdMetric(etcd, "etcd_debugging_mvcc_watcher_total") }
+        XCTAssertNotNil(waitUntil(timeout: 10) { watchers() == 3 }, "watchers: \(watchers().map(String.init) ?? "-")")
+        let events = { self.etcdMetric(etcd, "etcd_debugging_mvcc_events_total") ?? -1 }
+        let before = events()
+        for index in 0..<10 {
+            try etcd.etcdctl(["put", "/backends/beta/\(index + 2)", "{\"host\":\"127.0.0.1\",\"port\":\(beta.port),\"listen\":\(betaListen)}"])
+        }
+        XCTAssertEqual(events(), before, "etcd sent this host events of a service it does not watch")
+        // A change to alpha reaches it: a second instance (beta's backend) joins the rotation.
+        try etcd.etcdctl(["put", "/backends/alpha/2", "{\"host\":\"127.0.0.1\",\"port\":\(beta.port),\"listen\":\(alphaListen)}"])
+        XCTAssertNotNil(waitUntil(timeout: 10) { (try? HTTPProbe.get(port: alphaListen, timeout: 1))?.contains("beta") == true },
+                        "alpha's new instance was not routed")
+        XCTAssertEqual(events(), before + 1)
+        XCTAssertNil(try? HTTPProbe.get(port: betaListen, timeout: 1))
+        discover.signal(SIGTERM)
+        XCTAssertEqual(discover.waitForExit(timeout: 10), .exited(0), discover.standardError)
+    }
+
+    /// A counter or gauge from the first member's /metrics.
+    private func etcdMetric(_ etcd: EtcdFixture, _ name: String) -> Int? {
+        guard let text = try? HTTPProbe.get(port: etcd.members[0].clientPort, path: "/metrics", timeout: 2) else { return nil }
+        for line in text.split(separator: "\n") where line.hasPrefix(name + " ") {
+            return Double(line.split(separator: " ").last ?? "").map { Int($0) }
+        }
+        return nil
+    }
+
     func testWrongEtcdPasswordIsAClearErrorAtStartUp() throws {
         let etcd = try EtcdFixture()
         defer { etcd.stop() }
@@ -53,7 +97,9 @@ final class DiscoverCommandTests: BerthTestCase {
     func testBadEtcdFlagsAreUsageErrors() throws {
         for (arguments, reason) in [(["--etcd", "ftp://a:1"], "scheme"), (["--prefix", "backends"], "must start with '/'"),
                                     (["--etcd-user", "root"], "go together"), (["--bind", "1.2.3"], "--bind"),
-                                    (["--linger", "soon"], "linger"), (["--relist-jitter", "soon"], "relist-jitter")] {
+                                    (["--linger", "soon"], "linger"), (["--relist-jitter", "soon"], "relist-jitter"),
+                                    (["--services", "a,,b"], "--services"), (["--services", ""], "--services"),
+                                    (["--services", "a/b"], "--services")] {
             let (ended, _, error) = try runBerth(["discover"] + arguments)
             XCTAssertEqual(ended, .exited(64), "\(arguments): \(error)")
             XCTAssertTrue(error.contains(reason), "\(arguments): \(error)")

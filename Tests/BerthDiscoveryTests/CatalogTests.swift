@@ -410,4 +410,33 @@ final class CatalogTests: XCTestCase {
         }
         XCTAssertLessThan(rebuiltServices, 3_000 * 3, "a step rebuilds the services it changed, not all 12")
     }
+
+    /// `services`: other services' keys are ignored, and each watched range keeps its own
+    /// revision order (one watch stream each: etcd orders events within a watch only), so a
+    /// range that is behind another still applies, while a replay within a range does not.
+    func testAServiceFilterIgnoresOthersAndOrdersEachRangeOnItsOwn() {
+        var catalog = Catalog(options: Catalog.Options(services: ["a", "b"]))
+        XCTAssertEqual(catalog.options.watchRanges, ["/backends/_config/", "/backends/a/", "/backends/b/"])
+        catalog.reset(entries: [("/backends/a/1", bytes(#"{"host":"10.0.0.1","port":1,"listen":80}"#))], revision: 10)
+        XCTAssertEqual(catalog.apply(put: "/backends/c/1", value: bytes(#"{"host":"10.0.0.3","port":1,"listen":82}"#), revision: 11),
+                       .ignored(.otherService))
+        XCTAssertEqual(catalog.apply(put: "/backends/_config/c", value: bytes(#"{"retries":1}"#), revision: 12), .ignored(.otherService))
+        // a's stream is at 20 when b's delivers 15: both apply.
+        XCTAssertEqual(catalog.apply(put: "/backends/a/2", value: bytes(#"{"host":"10.0.0.1","port":2,"listen":80}"#), revision: 20), .changed)
+        XCTAssertEqual(catalog.apply(put: "/backends/b/1", value: bytes(#"{"host":"10.0.0.2","port":1,"listen":81}"#), revision: 15), .changed)
+        XCTAssertEqual(catalog.apply(put: "/backends/_config/b", value: bytes(#"{"retries":1}"#), revision: 13), .changed)
+        // Replays within a range are still ignored.
+        XCTAssertEqual(catalog.apply(delete: "/backends/b/1", revision: 14), .stale)
+        XCTAssertEqual(catalog.apply(delete: "/backends/a/1", revision: 19), .stale)
+        XCTAssertEqual(catalog.revision, 20)
+        let result = build(&catalog)
+        XCTAssertEqual(result.table.frontends.map(\.name), ["a", "b"])
+        XCTAssertEqual(backends(result, "a")?.map(\.name), ["1", "2"])
+        XCTAssertEqual(result.table.frontends.last?.settings.retries, 1)
+        // Without a filter, one range: an event older than the last is a replay.
+        var whole = Catalog()
+        whole.reset(entries: [], revision: 10)
+        XCTAssertEqual(whole.apply(put: "/backends/a/1", value: bytes(#"{"host":"10.0.0.1","port":1,"listen":80}"#), revision: 20), .changed)
+        XCTAssertEqual(whole.apply(put: "/backends/b/1", value: bytes(#"{"host":"10.0.0.2","port":1,"listen":81}"#), revision: 15), .stale)
+    }
 }

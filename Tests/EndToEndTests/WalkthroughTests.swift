@@ -100,8 +100,12 @@ final class WalkthroughTests: XCTestCase {
         let host = try DockerFixture()
         defer { host.stop() }
         let bind = "127.0.0.5"
+        // As in the walkthrough: between the container's exit and its deregistration, Docker's
+        // userland proxy still accepts on its published port and then waits ~3 s on the dead
+        // container's address (a full-suite run lost one request to it): response-timeout too.
         let run = try SpawnedProcess(BerthBinary.path, [
-            "run", "--bind", bind, "--workers", "1", "--ttl", "5s", "--stats", "off", "--retry-on", "empty-response",
+            "run", "--bind", bind, "--workers", "1", "--ttl", "5s", "--stats", "off",
+            "--retry-on", "empty-response,response-timeout", "--first-byte-timeout", "1s",
         ], environment: ["ETCD_HOST": "127.0.0.1:\(etcd.members[0].clientPort)", "HOST_IP": "127.0.0.1", "DOCKER_HOST": host.host])
         defer { run.stop() }
         addTeardownBlock { [weak self] in
