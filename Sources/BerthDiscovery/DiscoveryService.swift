@@ -176,7 +176,7 @@ public final class DiscoveryService: Sendable {
         let client = self.client
         try await withThrowingTaskGroup(of: Void.self) { group in
             for range in ranges {
-                group.addTask { [weak self] in
+                group.addTask {
                     try await client.watch(
                         prefix: range, fromRevision: revision,
                         onConnected: { [weak self] endpoint in self?.connected(endpoint, range: ranges.count > 1 ? range : nil) },
