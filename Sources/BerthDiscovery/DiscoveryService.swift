@@ -100,6 +100,8 @@ public final class DiscoveryService: Sendable {
     }
 
     static let historyLimit = 100_000
+    /// Progress requests of the watch streams after the first (`--services`).
+    static let extraRangeProgressInterval: Duration = .seconds(30)
 
     public init(client: EtcdClient, router: HealthRouter, settings: DiscoverySettings,
                 resolver: HostResolver = HostResolver(), logger: Logger = Logger(label: "berth.discovery")) {
@@ -175,10 +177,14 @@ public final class DiscoveryService: Sendable {
     private func watch(_ ranges: [String], from revision: Int64) async throws {
         let client = self.client
         try await withThrowingTaskGroup(of: Void.self) { group in
-            for range in ranges {
+            // The first stream finds a cut within two progress intervals (the cut connection
+            // then fails them all); the others ask for progress every 30 s, or a host watching
+            // a hundred services would send 50 progress requests a second.
+            let relaxed = max(client.configuration.watchProgressInterval, Self.extraRangeProgressInterval)
+            for (index, range) in ranges.enumerated() {
                 group.addTask {
                     try await client.watch(
-                        prefix: range, fromRevision: revision,
+                        prefix: range, fromRevision: revision, progressInterval: index == 0 ? nil : relaxed,
                         onConnected: { [weak self] endpoint in self?.connected(endpoint, range: ranges.count > 1 ? range : nil) },
                         onBatch: { [weak self] batch in self?.apply(batch) })
                 }

@@ -18,13 +18,18 @@ extension EtcdClient {
     /// - Throws: `EtcdError.compacted` when the revision to resume from is gone (the caller lists
     ///   again and watches from the new revision); `EtcdError.authenticationFailed`;
     ///   `CancellationError`; whatever `onBatch` throws.
+    ///
+    /// `progressInterval` replaces `watchProgressInterval` for this watch: several watches on
+    /// one connection (`--services`) need only one of them to find a cut quickly (the cut
+    /// connection fails them all), so the others ask for progress less often.
     public func watch(
         prefix: String,
         fromRevision revision: Int64,
+        progressInterval: Duration? = nil,
         onConnected: @escaping @Sendable (EtcdEndpoint) -> Void = { _ in },
         onBatch: @escaping @Sendable (WatchBatch) async throws -> Void
     ) async throws {
-        let progress = WatchProgress(next: revision)
+        let progress = WatchProgress(next: revision, interval: progressInterval ?? configuration.watchProgressInterval)
         var backoff = Backoff(configuration.backoff)
         while true {
             try Task.checkCancellation()
@@ -82,7 +87,7 @@ extension EtcdClient {
     private func untilEndpointRecovers(
         _ endpoint: EtcdEndpoint, progress: WatchProgress, _ attempt: @escaping @Sendable () async throws -> Void
     ) async throws {
-        let interval = configuration.watchProgressInterval
+        let interval = progress.interval
         let healthy: @Sendable () -> Bool = {
             progress.isCreated && (!progress.silenceMeansTrouble || progress.silence <= interval + EndpointProbe.stallThreshold)
         }
@@ -138,7 +143,7 @@ extension EtcdClient {
         progressMessage.progressRequest = Etcdserverpb_WatchProgressRequest()
         let createRequest = createMessage
         let progressRequest = progressMessage
-        let interval = configuration.watchProgressInterval
+        let interval = progress.interval
         let endpoint = connection.endpoint
         progress.touch()
         progress.use(endpoint)
@@ -149,7 +154,7 @@ extension EtcdClient {
         probe.serializable = true
         let probeRequest = probe
         var probeOptions = options
-        probeOptions.timeout = interval
+        probeOptions.timeout = configuration.watchProgressInterval
         let probeCallOptions = probeOptions
         let probeMetadata = metadata
         // The newest put in the range (for endpoints that answer no progress request).
@@ -259,9 +264,12 @@ final class WatchProgress: Sendable {
     static let recoveryWindow: Duration = .seconds(2)
 
     private let state: Mutex<State>
+    /// Between progress requests; silent for twice this, a stream is dropped.
+    let interval: Duration
 
-    init(next: Int64) {
+    init(next: Int64, interval: Duration = .seconds(2)) {
         state = Mutex(State(next: next))
+        self.interval = interval
     }
 
     func markCreated() {
