@@ -504,14 +504,8 @@ struct RoutingFigures {
         perHost.sort()
     }
 
-    func allHosts(_ percentile: Double) -> Double? { Self.percentile(allHosts, percentile) }
-    func perHost(_ percentile: Double) -> Double? { Self.percentile(perHost, percentile) }
-
-    static func percentile(_ sorted: [Double], _ percentile: Double) -> Double? {
-        guard !sorted.isEmpty else { return nil }
-        let rank = Int((percentile / 100 * Double(sorted.count)).rounded(.up)) - 1
-        return sorted[min(sorted.count - 1, max(0, rank))]
-    }
+    func allHosts(_ percentile: Double) -> Double? { nearestRank(allHosts, percentile) }
+    func perHost(_ percentile: Double) -> Double? { nearestRank(perHost, percentile) }
 }
 
 /// One configuration of the fleet (direct, or through the gRPC proxy).

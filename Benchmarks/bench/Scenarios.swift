@@ -165,10 +165,7 @@ struct Propagation {
 
     /// The nearest-rank percentile of `values` (ns), in ms; nil when empty.
     static func percentile(_ values: [UInt64], _ percentile: Double) -> Double? {
-        guard !values.isEmpty else { return nil }
-        let sorted = values.sorted()
-        let rank = Int((percentile / 100 * Double(sorted.count)).rounded(.up))
-        return Double(sorted[min(max(rank, 1), sorted.count) - 1]) / 1e6
+        nearestRank(values.sorted(), percentile).map { Double($0) / 1e6 }
     }
 }
 
@@ -272,4 +269,11 @@ struct ScenarioRunner {
         }
         return results
     }
+}
+
+/// The nearest-rank `percentile` (0 to 100) of `sorted`, ascending; nil when empty.
+func nearestRank<Value>(_ sorted: [Value], _ percentile: Double) -> Value? {
+    guard !sorted.isEmpty else { return nil }
+    let rank = Int((percentile / 100 * Double(sorted.count)).rounded(.up))
+    return sorted[min(max(rank, 1), sorted.count) - 1]
 }

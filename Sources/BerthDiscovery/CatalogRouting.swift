@@ -121,6 +121,7 @@ final class BuiltService: Sendable {
     /// Its problems, in the order found (port conflicts are added per build).
     let problems: [ServiceProblem]
     let check: CheckSettings?
+    /// `check != nil`, read without copying the settings (a build reads it for every service).
     let hasCheck: Bool
     /// Host names (not IP addresses) its instances name: while there is one, the service is
     /// built every time (a name's address may have changed).

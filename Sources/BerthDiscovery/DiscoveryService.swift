@@ -131,16 +131,13 @@ public final class DiscoveryService: Sendable {
                 reset(with: listing)
                 backoff.reset()
                 try await watch(ranges, from: listing.revision + 1)
-            } catch EtcdError.server(_, let message) where message.contains("compacted") {
-                // A listing of several ranges pinned to a revision compacted meanwhile: again.
-                setDisconnected()
-                continue
             } catch let error as EtcdError {
                 setDisconnected()
                 switch error {
                 case .compacted, .watchBehind:
                     let wait = settings.relistJitter > 0 ? Int64.random(in: 0...settings.relistJitter) : 0
                     if case .compacted(let revision) = error {
+                        // (A listing of several ranges, pinned to a revision compacted meanwhile, too.)
                         logger.warning("the watch fell behind etcd's compaction: listing again in \(wait) ms", metadata: ["compacted": "\(revision)"])
                     } else {
                         logger.warning("\(error): listing again in \(wait) ms")

@@ -67,11 +67,10 @@ public final class EtcdClient: Sendable {
     // MARK: - KV
 
     /// Every key under `prefix` (all keys when empty), at one revision: etcd's current one, or
-    /// `revision` (an `EtcdError.server` error when etcd compacted it away).
+    /// `revision` (`EtcdError.compacted` when etcd compacted it away).
     public func get(prefix: String, atRevision revision: Int64 = 0) async throws -> RangeResult {
         var request = Etcdserverpb_RangeRequest()
-        request.key = Data(prefix.isEmpty ? [0] : Array(prefix.utf8))
-        request.rangeEnd = Data(Self.rangeEnd(ofPrefix: prefix))
+        (request.key, request.rangeEnd) = Self.keyRange(ofPrefix: prefix)
         request.revision = revision
         let message = request
         let response = try await call("Range") { connection, metadata, options in
@@ -147,8 +146,7 @@ public final class EtcdClient: Sendable {
     @discardableResult
     public func delete(prefix: String) async throws -> Int64 {
         var request = Etcdserverpb_DeleteRangeRequest()
-        request.key = Data(prefix.isEmpty ? [0] : Array(prefix.utf8))
-        request.rangeEnd = Data(Self.rangeEnd(ofPrefix: prefix))
+        (request.key, request.rangeEnd) = Self.keyRange(ofPrefix: prefix)
         return try await deleteResponse(request).deleted
     }
 
@@ -264,6 +262,8 @@ public final class EtcdClient: Sendable {
                 case .tokenExpired, .authentication:
                     throw EtcdError.authenticationFailed(error.message)
                 case .server:
+                    // A read pinned to a revision etcd has compacted away.
+                    if error.message.contains(Self.compactedMessage) { throw EtcdError.compacted(0) }
                     throw EtcdError.server("\(error.code)", error.message)
                 }
             }
@@ -273,6 +273,9 @@ public final class EtcdClient: Sendable {
 
     enum FailureKind { case transport, tokenExpired, authentication, server }
 
+    /// etcd's message for a revision it has compacted away.
+    static let compactedMessage = "mvcc: required revision has been compacted"
+
     static func classify(_ error: RPCError) -> FailureKind {
         let message = error.message
         if message.contains("authentication failed") || message.contains("user name is empty")
@@ -281,7 +284,7 @@ public final class EtcdClient: Sendable {
         }
         switch error.code {
         case .unavailable, .deadlineExceeded, .cancelled, .unknown, .internalError, .resourceExhausted:
-            return message.contains("mvcc: required revision has been compacted") ? .server : .transport
+            return message.contains(compactedMessage) ? .server : .transport
         case .unauthenticated:
             return .tokenExpired
         default:
@@ -353,6 +356,11 @@ public final class EtcdClient: Sendable {
                 state.everConnected = true
             }
         }
+    }
+
+    /// etcd's key and range_end for every key under `prefix` (all keys when empty).
+    static func keyRange(ofPrefix prefix: String) -> (key: Data, rangeEnd: Data) {
+        (Data(prefix.isEmpty ? [0] : Array(prefix.utf8)), Data(rangeEnd(ofPrefix: prefix)))
     }
 
     /// The smallest key greater than every key that starts with `prefix` (etcd's range_end).

@@ -64,7 +64,8 @@ public enum EtcdError: Error, CustomStringConvertible, Sendable, Equatable {
     case unavailable(String)
     /// Wrong username or password, or auth needed and none given.
     case authenticationFailed(String)
-    /// The watch's start revision was compacted: list again from the current revision.
+    /// The watch's start revision (or a read's pinned revision) was compacted: list again from
+    /// the current revision.
     case compacted(Int64)
     /// The server answered with an error (code and message).
     case server(String, String)

@@ -16,8 +16,8 @@ extension EtcdClient {
     /// has still not delivered at the next check throws `EtcdError.watchBehind`.
     ///
     /// - Throws: `EtcdError.compacted` when the revision to resume from is gone (the caller lists
-    ///   again and watches from the new revision); `EtcdError.authenticationFailed`;
-    ///   `CancellationError`; whatever `onBatch` throws.
+    ///   again and watches from the new revision); `EtcdError.watchBehind` (list again too);
+    ///   `EtcdError.authenticationFailed`; `CancellationError`; whatever `onBatch` throws.
     ///
     /// `progressInterval` replaces `watchProgressInterval` for this watch: several watches on
     /// one connection (`--services`) need only one of them to find a cut quickly (the cut
@@ -132,8 +132,7 @@ extension EtcdClient {
         metadata.addString("true", forKey: "hasleader")
 
         var create = Etcdserverpb_WatchCreateRequest()
-        create.key = Data(prefix.isEmpty ? [0] : Array(prefix.utf8))
-        create.rangeEnd = Data(Self.rangeEnd(ofPrefix: prefix))
+        (create.key, create.rangeEnd) = Self.keyRange(ofPrefix: prefix)
         create.startRevision = progress.next
         create.prevKv = true
         create.progressNotify = true
@@ -147,26 +146,25 @@ extension EtcdClient {
         let endpoint = connection.endpoint
         progress.touch()
         progress.use(endpoint)
-        // Whether the peer answers at all: a one-key read on this connection (serializable: no
-        // consensus round), within one progress interval.
-        var probe = Etcdserverpb_RangeRequest()
-        probe.key = Data(prefix.isEmpty ? [0] : Array(prefix.utf8))
-        probe.serializable = true
-        let probeRequest = probe
-        var probeOptions = options
-        probeOptions.timeout = configuration.watchProgressInterval
-        let probeCallOptions = probeOptions
-        let probeMetadata = metadata
-        // The newest put in the range (for endpoints that answer no progress request).
+        // On this connection, within one default progress interval, the newest put in the range
+        // (serializable: no consensus round): whether the peer answers at all, and, for one that
+        // answers no progress request, whether the stream missed a put.
         var latest = Etcdserverpb_RangeRequest()
-        latest.key = Data(prefix.isEmpty ? [0] : Array(prefix.utf8))
-        latest.rangeEnd = Data(Self.rangeEnd(ofPrefix: prefix))
+        (latest.key, latest.rangeEnd) = Self.keyRange(ofPrefix: prefix)
         latest.sortOrder = .descend
         latest.sortTarget = .mod
         latest.limit = 1
         latest.keysOnly = true
         latest.serializable = true
         let latestRequest = latest
+        var probeOptions = options
+        probeOptions.timeout = configuration.watchProgressInterval
+        let probeCallOptions = probeOptions
+        let probeMetadata = metadata
+        let newestPut: @Sendable () async -> Etcdserverpb_RangeResponse? = {
+            try? await Etcdserverpb_KV.Client(wrapping: connection.client)
+                .range(latestRequest, metadata: probeMetadata, options: probeCallOptions)
+        }
         let stallCheck = Self.stallCheckInterval
 
         try await Etcdserverpb_Watch.Client(wrapping: connection.client).watch(
@@ -183,9 +181,7 @@ extension EtcdClient {
                         case nil:
                             // No progress request answered yet: a dead peer, or one that ignores
                             // them. A read on the same connection tells which.
-                            let answered = (try? await Etcdserverpb_KV.Client(wrapping: connection.client)
-                                .range(probeRequest, metadata: probeMetadata, options: probeCallOptions)) != nil
-                            guard answered else {
+                            guard await newestPut() != nil else {
                                 throw RPCError(code: .unavailable, message: "the watch stream has been silent for \(progress.silence)")
                             }
                             progress.ignoresProgress()
@@ -193,9 +189,7 @@ extension EtcdClient {
                             // Quiet, with no progress answers to tell quiet from stuck: is there
                             // a put the stream has not delivered, and still not one check later?
                             guard progress.silence >= stallCheck, progress.stallCheckDue(every: stallCheck) else { break }
-                            guard let answer = try? await Etcdserverpb_KV.Client(wrapping: connection.client)
-                                .range(latestRequest, metadata: probeMetadata, options: probeCallOptions),
-                                  let newest = answer.kvs.first?.modRevision else { break }
+                            guard let newest = await newestPut()?.kvs.first?.modRevision else { break }
                             if let delivered = progress.behind(newest: newest) {
                                 throw EtcdError.watchBehind(delivered: delivered, latest: newest)
                             }
@@ -322,7 +316,9 @@ final class WatchProgress: Sendable {
                 return nil
             }
             defer { state.undelivered = newest }
-            return state.undelivered.map { $0 < state.next ? nil : state.next - 1 } ?? nil
+            // Stuck when the put found undelivered last time is still undelivered.
+            guard let earlier = state.undelivered, earlier >= state.next else { return nil }
+            return state.next - 1
         }
     }
     func answersProgressRequests() { state.withLock { $0.answersProgress = true } }

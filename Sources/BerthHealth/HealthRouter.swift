@@ -38,7 +38,6 @@ public final class HealthRouter: Sendable {
         var checkOverrides: [String: CheckSettings] = [:]
         /// Backends with an active check now: the others take traffic whatever the checker says.
         var checked: Set<BackendKey> = []
-        var lastApplied: RoutingTable?
         var allDownEvents: [String: UInt64] = [:]
         var allDownNow: Set<String> = []
         /// Operator overrides (drain, maint); `ready` is stored as no entry. Pruned to the
@@ -51,14 +50,12 @@ public final class HealthRouter: Sendable {
         var weightOverrides: [BackendKey: Int] = [:]
         /// Slow start: when each ramping backend came up (monotonic ms); dropped at full weight.
         var upSince: [BackendKey: Int64] = [:]
-        /// Backends that took new connections in the last published table, and the frontends
-        /// published before: a backend ramps when it starts taking traffic in a known frontend
-        /// (the first table of a frontend, at start for instance, is served at full weight).
-        var takingTraffic: [String: Set<String>] = [:]
         /// Each frontend as last published (in the desired table's order), with the desired
         /// frontend it was made from: reused while that frontend is unchanged and `stale` is
         /// false, so that a table change costs the frontends it changed, not the whole table (a
-        /// fleet host sees every change).
+        /// fleet host sees every change). Slow start reads it too: a backend ramps when it
+        /// starts taking traffic in a frontend published before (the first table of a frontend,
+        /// at start for instance, is served at full weight).
         var published: [PublishedFrontend] = []
         /// Set when health, overrides, check settings or a ramp changed: every frontend is
         /// made again at the next publish.
@@ -199,7 +196,7 @@ public final class HealthRouter: Sendable {
     public func weights() -> [BackendKey: WeightInForce] {
         state.withLock { state in
             var weights: [BackendKey: WeightInForce] = [:]
-            for frontend in state.lastApplied?.frontends ?? [] {
+            for frontend in state.published.map(\.effective) {
                 for backend in frontend.backends {
                     let key = BackendKey(frontend: frontend.name, backend: backend.name)
                     weights[key] = WeightInForce(weight: backend.weight, warmup: backend.warmup,
@@ -277,20 +274,18 @@ public final class HealthRouter: Sendable {
             }
             var made = frontend
             applyHealth(&made, health: health, &state)
-            // A frontend published before ramps the backends that start taking traffic.
-            if let step = applyWeights(&made, known: position != nil, now: now, &state) { nextStep = min(nextStep ?? step, step) }
+            let before = position.map { state.published[$0].effective }
+            if let step = applyWeights(&made, before: before, now: now, &state) { nextStep = min(nextStep ?? step, step) }
             effective.frontends.append(made)
             published.append(PublishedFrontend(desired: frontend, effective: made))
         }
         if !matcher.matchedAll {
             let present = Set(published.map(\.desired.name))
             state.upSince = state.upSince.filter { present.contains($0.key.frontend) }
-            state.takingTraffic = state.takingTraffic.filter { present.contains($0.key) }
         }
         let result = try engine.apply(effective)
         state.published = published
         state.stale = false
-        state.lastApplied = effective
         if let nextStep { rampTimer.schedule(at: nextStep) { [weak self] in self?.republish() } }
         if let observer = publishObserver.withLock({ $0 }) {
             observer(AppliedRouting(desired: state.desired, health: health.mapValues(\.status), adminStates: state.adminStates,
@@ -334,15 +329,13 @@ public final class HealthRouter: Sendable {
 
     /// Puts the operators' weights and the slow-start warmups into `frontend` (whose `enabled`
     /// flags are final); returns when its next ramp step is due, nil when nothing ramps.
-    private func applyWeights(_ frontend: inout Frontend, known: Bool, now: Int64, _ state: inout State) -> Int64? {
+    /// `before`: the frontend as last published (nil: new), whose enabled backends were taking
+    /// traffic.
+    private func applyWeights(_ frontend: inout Frontend, before: Frontend?, now: Int64, _ state: inout State) -> Int64? {
         let slowStart = frontend.settings.slowStart
-        let wasTaking = state.takingTraffic[frontend.name] ?? []
-        var taking = Set<String>()
+        guard !state.weightOverrides.isEmpty || slowStart > 0 || !state.upSince.isEmpty else { return nil }
+        let wasTaking = slowStart > 0 ? Set(before?.backends.lazy.filter(\.enabled).map(\.name) ?? []) : []
         var nextStep: Int64?
-        guard !state.weightOverrides.isEmpty || slowStart > 0 || !state.upSince.isEmpty else {
-            state.takingTraffic[frontend.name] = Set(frontend.backends.lazy.filter(\.enabled).map(\.name))
-            return nil
-        }
         for backendIndex in frontend.backends.indices {
             let backend = frontend.backends[backendIndex]
             let key = BackendKey(frontend: frontend.name, backend: backend.name)
@@ -351,12 +344,11 @@ public final class HealthRouter: Sendable {
                 state.upSince[key] = nil
                 continue
             }
-            taking.insert(backend.name)
             guard slowStart > 0 else {
                 state.upSince[key] = nil
                 continue
             }
-            if known && !wasTaking.contains(backend.name) && state.upSince[key] == nil { state.upSince[key] = now }
+            if before != nil && !wasTaking.contains(backend.name) && state.upSince[key] == nil { state.upSince[key] = now }
             guard let since = state.upSince[key] else { continue }
             let warmup = SlowStart.warmup(elapsed: now - since, over: slowStart)
             if warmup >= Backend.fullWarmup {
@@ -367,7 +359,6 @@ public final class HealthRouter: Sendable {
                 nextStep = min(nextStep ?? due, due)
             }
         }
-        state.takingTraffic[frontend.name] = taking
         return nextStep
     }
 }

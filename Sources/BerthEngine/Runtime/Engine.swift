@@ -147,7 +147,8 @@ public final class Engine: Sendable {
             }
             if served.contains(where: \.settings.logConnections) { shared.connectionLog?.start() }
             state.groups = groups
-            if !matcher.matchedAll || !result.failures.isEmpty || state.cursors.count != served.count {
+            // Every served frontend has a cursor: more cursors than frontends, some left.
+            if state.cursors.count != served.count {
                 let names = Set(result.served)
                 state.cursors = state.cursors.filter { names.contains($0.key) }
             }
