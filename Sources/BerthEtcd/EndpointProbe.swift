@@ -1,5 +1,6 @@
 import NIOCore
 import NIOPosix
+import Synchronization
 
 /// Seeing an etcd endpoint come back at once after a network cut.
 ///
@@ -20,7 +21,16 @@ enum EndpointProbe {
     static let stallThreshold: Duration = .seconds(1)
 
     /// Whether a TCP connection to the endpoint opens within `probeTimeout` (closed at once).
+    /// One probe per endpoint and `probeInterval` in the whole process: the watch loops waiting
+    /// on the same endpoint (a host with `--services` runs one per service) share its answer,
+    /// so a fleet does not hit an etcd coming back up with thousands of probes a second.
     static func reachable(_ endpoint: EtcdEndpoint) async -> Bool {
+        await shared.answer(for: endpoint, maxAge: probeInterval) { await connects(endpoint) }
+    }
+
+    private static let shared = SharedAnswers<EtcdEndpoint>()
+
+    static func connects(_ endpoint: EtcdEndpoint) async -> Bool {
         let timeout = TimeAmount.milliseconds(probeTimeout / .milliseconds(1) == 0 ? 1 : Int64(probeTimeout / .milliseconds(1)))
         do {
             let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
@@ -54,6 +64,27 @@ enum EndpointProbe {
             if let deadline { pause = min(pause, max(.zero, deadline - .now)) }
             try await Task.sleep(for: pause)
         }
+    }
+}
+
+/// The latest answer to a yes/no question per key, shared by every caller within `maxAge` of
+/// when it was asked; callers that come while it is being asked wait for that answer.
+final class SharedAnswers<Key: Hashable & Sendable>: Sendable {
+    private struct Entry {
+        var asked: ContinuousClock.Instant
+        var answer: Task<Bool, Never>
+    }
+    private let entries = Mutex<[Key: Entry]>([:])
+
+    func answer(for key: Key, maxAge: Duration, ask: @escaping @Sendable () async -> Bool) async -> Bool {
+        let task = entries.withLock { entries in
+            let now = ContinuousClock.now
+            if let entry = entries[key], now - entry.asked < maxAge { return entry.answer }
+            let task = Task { await ask() }
+            entries[key] = Entry(asked: now, answer: task)
+            return task
+        }
+        return await task.value
     }
 }
 

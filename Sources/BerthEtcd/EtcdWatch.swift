@@ -146,26 +146,45 @@ extension EtcdClient {
         let endpoint = connection.endpoint
         progress.touch()
         progress.use(endpoint)
-        // On this connection, within one default progress interval, the newest put in the range
-        // (serializable: no consensus round): whether the peer answers at all, and, for one that
-        // answers no progress request, whether the stream missed a put.
+        // On this connection, within one default progress interval, the newest put in the range:
+        // whether the peer answers at all (serializable: no consensus round), and, for one that
+        // answers no progress request, whether the stream missed a put (linearizable: etcd's
+        // gRPC proxy answers a serializable read from its cache, which writes made directly to
+        // etcd leave stale).
         var latest = Etcdserverpb_RangeRequest()
         (latest.key, latest.rangeEnd) = Self.keyRange(ofPrefix: prefix)
         latest.sortOrder = .descend
         latest.sortTarget = .mod
         latest.limit = 1
         latest.keysOnly = true
-        latest.serializable = true
         let latestRequest = latest
         var probeOptions = options
         probeOptions.timeout = configuration.watchProgressInterval
         let probeCallOptions = probeOptions
         let probeMetadata = metadata
-        let newestPut: @Sendable () async -> Etcdserverpb_RangeResponse? = {
-            try? await Etcdserverpb_KV.Client(wrapping: connection.client)
-                .range(latestRequest, metadata: probeMetadata, options: probeCallOptions)
+        let newestPut: @Sendable (_ serializable: Bool) async -> Etcdserverpb_RangeResponse? = { serializable in
+            var request = latestRequest
+            request.serializable = serializable
+            return try? await Etcdserverpb_KV.Client(wrapping: connection.client)
+                .range(request, metadata: probeMetadata, options: probeCallOptions)
         }
         let stallCheck = Self.stallCheckInterval
+
+        if progress.hadStream && progress.next > 1 {
+            // Resuming after a stream broke: is the history from `next` on still there? A read
+            // pinned to the revision before it fails when etcd compacted past it (a compaction
+            // exactly at `next` too, which then costs one listing more than needed). etcd says
+            // so on the new watch anyway, but its gRPC proxy, restarted, can create a watch at a
+            // compacted revision and never answer it (linearizable, so the proxy passes the read
+            // to etcd and does not answer it from its cache).
+            var pinned = Etcdserverpb_RangeRequest()
+            (pinned.key, pinned.rangeEnd) = Self.keyRange(ofPrefix: prefix)
+            pinned.revision = progress.next - 1
+            pinned.limit = 1
+            pinned.keysOnly = true
+            _ = try await Etcdserverpb_KV.Client(wrapping: connection.client)
+                .range(pinned, metadata: metadata, options: probeCallOptions)
+        }
 
         try await Etcdserverpb_Watch.Client(wrapping: connection.client).watch(
             metadata: metadata, options: options,
@@ -181,7 +200,7 @@ extension EtcdClient {
                         case nil:
                             // No progress request answered yet: a dead peer, or one that ignores
                             // them. A read on the same connection tells which.
-                            guard await newestPut() != nil else {
+                            guard await newestPut(true) != nil else {
                                 throw RPCError(code: .unavailable, message: "the watch stream has been silent for \(progress.silence)")
                             }
                             progress.ignoresProgress()
@@ -189,7 +208,7 @@ extension EtcdClient {
                             // Quiet, with no progress answers to tell quiet from stuck: is there
                             // a put the stream has not delivered, and still not one check later?
                             guard progress.silence >= stallCheck, progress.stallCheckDue(every: stallCheck) else { break }
-                            guard let newest = await newestPut()?.kvs.first?.modRevision else { break }
+                            guard let newest = await newestPut(false)?.kvs.first?.modRevision else { break }
                             if let delivered = progress.behind(newest: newest) {
                                 throw EtcdError.watchBehind(delivered: delivered, latest: newest)
                             }
@@ -348,7 +367,7 @@ extension WatchEvent {
 extension EtcdClient {
     /// How often a quiet watch on an endpoint that answers no progress request reads the newest
     /// put of its range (`EtcdError.watchBehind`).
-    /// Each check is one Range per watch stream (serializable: no consensus round, and a proxy
-    /// may answer it from its cache); a stuck stream is found within two of them.
+    /// Each check is one linearizable Range per quiet watch stream; a stuck stream is found
+    /// within two of them.
     static let stallCheckInterval: Duration = .seconds(30)
 }

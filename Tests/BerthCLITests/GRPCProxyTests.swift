@@ -12,13 +12,7 @@ final class GRPCProxyTests: BerthTestCase {
         let etcd = try EtcdFixture()
         defer { etcd.stop() }
         let proxyPort = try freeLoopbackPort()
-        let proxy = try launch(EtcdFixture.etcdPath, ["grpc-proxy", "start", "--endpoints", "127.0.0.1:\(etcd.members[0].clientPort)",
-                                                      "--listen-addr", "127.0.0.1:\(proxyPort)"])
-        XCTAssertNotNil(waitUntil(timeout: 10) {
-            guard case .success(let fd) = TestSocket.connect(UInt16(proxyPort), timeout: 1) else { return false }
-            Glibc.close(fd)
-            return true
-        }, "the gRPC proxy did not listen: \(proxy.standardError)")
+        let proxy = try startProxy(etcd: etcd, port: proxyPort)
         let whoami = try startWhoami(id: "proxied")
         let listen = try freeLoopbackPort()
         let endpoint = "http://127.0.0.1:\(proxyPort)"
@@ -51,5 +45,56 @@ final class GRPCProxyTests: BerthTestCase {
         XCTAssertEqual(discover.waitForExit(timeout: 10), .exited(0), discover.standardError)
         proxy.signal(SIGTERM)
         _ = proxy.waitForExit(timeout: 10)
+    }
+
+    /// The proxy restarts while etcd compacts past what a watch through it had seen: the watch,
+    /// resumed on the new proxy, must find out and list again. (A restarted proxy can create a
+    /// watch at a compacted revision and never answer it; the resumed watch reads at its revision
+    /// first.)
+    func testAWatchResumedThroughARestartedProxyPastACompactionListsAgain() throws {
+        let etcd = try EtcdFixture()
+        defer { etcd.stop() }
+        let proxyPort = try freeLoopbackPort()
+        var proxy = try startProxy(etcd: etcd, port: proxyPort)
+        let first = try startWhoami(id: "before")
+        let second = try startWhoami(id: "after")
+        let listen = try freeLoopbackPort()
+        _ = try etcd.etcdctl(["put", "/backends/web/a", "{\"host\":\"127.0.0.1\",\"port\":\(first.port),\"listen\":\(listen)}"])
+        let discover = try launch(BerthBinary.path, ["discover", "--etcd", "http://127.0.0.1:\(proxyPort)", "--bind", "127.0.0.1",
+                                                     "--workers", "1", "--stats", "off"])
+        XCTAssertNotNil(waitUntil(timeout: 10) { (try? HTTPProbe.get(port: listen, timeout: 1))?.contains("before") == true },
+                        "not routed through the proxy: \(discover.standardError)")
+
+        proxy.signal(SIGKILL)
+        _ = proxy.waitForExit(timeout: 10)
+        _ = try etcd.etcdctl(["put", "/backends/web/b", "{\"host\":\"127.0.0.1\",\"port\":\(second.port),\"listen\":\(listen)}"])
+        _ = try etcd.etcdctl(["del", "/backends/web/a"])
+        _ = try etcd.etcdctl(["put", "/backends/other/x", "127.0.0.1:1"])
+        let status = try etcd.etcdctl(["endpoint", "status", "--write-out", "fields"])
+        let revision = status.split(separator: "\n").first { $0.contains("\"Revision\"") }?.split(separator: ":").last
+            .map { $0.trimmingCharacters(in: .whitespaces) } ?? ""
+        XCTAssertFalse(revision.isEmpty, status)
+        _ = try etcd.etcdctl(["compact", revision])
+        proxy = try startProxy(etcd: etcd, port: proxyPort)
+
+        XCTAssertNotNil(waitUntil(timeout: 15) { (try? HTTPProbe.get(port: listen, timeout: 1))?.contains("after") == true },
+                        "the resumed watch did not catch up past the compaction: \(discover.standardError)")
+        XCTAssertTrue(discover.standardError.contains("listing again"), discover.standardError)
+        XCTAssertTrue(discover.standardError.contains("registry listed again"), discover.standardError)
+        discover.signal(SIGTERM)
+        XCTAssertEqual(discover.waitForExit(timeout: 10), .exited(0), discover.standardError)
+        proxy.signal(SIGTERM)
+        _ = proxy.waitForExit(timeout: 10)
+    }
+
+    private func startProxy(etcd: EtcdFixture, port: Int) throws -> ChildProcess {
+        let proxy = try launch(EtcdFixture.etcdPath, ["grpc-proxy", "start", "--endpoints", "127.0.0.1:\(etcd.members[0].clientPort)",
+                                                      "--listen-addr", "127.0.0.1:\(port)"])
+        XCTAssertNotNil(waitUntil(timeout: 10) {
+            guard case .success(let fd) = TestSocket.connect(UInt16(port), timeout: 1) else { return false }
+            Glibc.close(fd)
+            return true
+        }, "the gRPC proxy did not listen: \(proxy.standardError)")
+        return proxy
     }
 }
