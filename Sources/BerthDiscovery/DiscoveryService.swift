@@ -97,6 +97,11 @@ public final class DiscoveryService: Sendable {
         var history: [Int64] = []
         /// Deletions held after an outage (`DiscoverySettings.outageHold`): key → when to apply.
         var heldDeletes: [String: Int64] = [:]
+        /// The catalog changed since the last table was published: the publisher's next turn
+        /// builds one table for every batch folded in meanwhile.
+        var unpublished = false
+        /// Wakes the publisher of the running `run()` (at most one wake-up waits).
+        var publisher: AsyncStream<Void>.Continuation?
     }
 
     static let historyLimit = 100_000
@@ -120,8 +125,14 @@ public final class DiscoveryService: Sendable {
         let ranges = settings.catalog.watchRanges
         var backoff = Backoff(client.configuration.backoff)
         let timer = Task { [weak self] in await self?.runTimer() }
+        let (requests, requester) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+        state.withLock { $0.publisher = requester }
+        let publisher = Task { [weak self] in await self?.runPublisher(requests) }
         defer {
             timer.cancel()
+            publisher.cancel()
+            requester.finish()
+            state.withLock { $0.publisher = nil }
             resolver.stop()
         }
         while true {
@@ -271,9 +282,22 @@ public final class DiscoveryService: Sendable {
             // Trimmed in halves, not per batch: amortised O(1) under the lock once full.
             if state.history.count >= 2 * Self.historyLimit { state.history.removeFirst(state.history.count - Self.historyLimit) }
             if changed {
-                publish(&state)
-            } else {
+                state.unpublished = true
+                if let publisher = state.publisher { publisher.yield() } else { publish(&state) }
+            } else if !state.unpublished {
                 settings.onApplied?(state.catalog.revision)
+            }
+        }
+    }
+
+    /// Builds and applies a table whenever a watch batch changed the catalog. The batches that
+    /// arrive while a table is being built share the next one: a host behind a burst of changes
+    /// (or short of CPU) builds one table for all of them, not one per change.
+    private func runPublisher(_ requests: AsyncStream<Void>) async {
+        for await _ in requests {
+            state.withLock { state in
+                guard state.unpublished else { return }
+                publish(&state)
             }
         }
     }
@@ -295,6 +319,7 @@ public final class DiscoveryService: Sendable {
     }
 
     private func publish(_ state: inout State) {
+        state.unpublished = false
         let resolver = self.resolver
         let build = state.catalog.routingTable(
             bind: settings.bind, defaults: settings.defaults, checkDefaults: settings.checkDefaults,
