@@ -29,6 +29,18 @@ public final class EtcdClient: Sendable {
         var everConnected = false
         var lastError: String?
         var closed = false
+        /// Whether each endpoint answered a watch progress request (true) or was found to ignore
+        /// them (false: etcd's gRPC proxy), learnt by any of the client's watch streams.
+        var answersProgress: [EtcdEndpoint: Bool] = [:]
+    }
+
+    /// What any watch stream learnt of `endpoint`'s progress answers (nil: nothing yet).
+    func answersProgress(_ endpoint: EtcdEndpoint) -> Bool? {
+        state.withLock { $0.answersProgress[endpoint] }
+    }
+
+    func learnt(_ endpoint: EtcdEndpoint, answersProgress: Bool) {
+        state.withLock { $0.answersProgress[endpoint] = answersProgress }
     }
 
     public init(configuration: EtcdConfiguration, logger: Logger = Logger(label: "berth.etcd")) throws(EtcdError) {

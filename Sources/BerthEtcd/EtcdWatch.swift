@@ -170,13 +170,15 @@ extension EtcdClient {
         }
         let stallCheck = Self.stallCheckInterval
 
-        if progress.hadStream && progress.next > 1 {
-            // Resuming after a stream broke: is the history from `next` on still there? A read
+        if progress.hadStream && progress.next > 1 && (progress.answersProgress ?? answersProgress(endpoint)) != true {
+            // Resuming after a stream broke, on an endpoint that no stream of this client has
+            // seen answer a progress request (etcd's gRPC proxy answers none): is the history from `next` on still there? A read
             // pinned to the revision before it fails when etcd compacted past it (a compaction
             // exactly at `next` too, which then costs one listing more than needed). etcd says
-            // so on the new watch anyway, but its gRPC proxy, restarted, can create a watch at a
-            // compacted revision and never answer it (linearizable, so the proxy passes the read
-            // to etcd and does not answer it from its cache).
+            // so on the new watch itself, but the proxy can join the watch to a shared upstream
+            // watch that died of a compaction and never answer it. Linearizable, so the proxy
+            // passes the read to etcd and does not answer it from its cache. Not against etcd
+            // itself: a restarted etcd would meet a read per stream of the fleet.
             var pinned = Etcdserverpb_RangeRequest()
             (pinned.key, pinned.rangeEnd) = Self.keyRange(ofPrefix: prefix)
             pinned.revision = progress.next - 1
@@ -204,6 +206,7 @@ extension EtcdClient {
                                 throw RPCError(code: .unavailable, message: "the watch stream has been silent for \(progress.silence)")
                             }
                             progress.ignoresProgress()
+                            self.learnt(endpoint, answersProgress: false)
                         case false?:
                             // Quiet, with no progress answers to tell quiet from stuck: is there
                             // a put the stream has not delivered, and still not one check later?
@@ -237,7 +240,10 @@ extension EtcdClient {
                     if message.events.isEmpty {
                         // A progress notification: the stream is alive. Its revision is not used
                         // to resume (etcd 3.4 may send it before an unsynced watcher caught up).
-                        if !message.created { progress.answersProgressRequests() }
+                        if !message.created && progress.answersProgress != true {
+                            progress.answersProgressRequests()
+                            self.learnt(endpoint, answersProgress: true)
+                        }
                         continue
                     }
                     let events = message.events.map(WatchEvent.init)
