@@ -49,7 +49,9 @@ public struct DiscoveryStatus: Sendable {
     public var endpoint: String
     /// Whether a watch stream is established now (and its endpoint has not failed since).
     public var connected: Bool
-    /// The revision the routing table reflects.
+    /// The revision the routing table reflects: that of the last table applied, or of a later
+    /// watch batch that changed nothing routable (a batch folded into the catalog waits for the
+    /// publisher's table before it counts).
     public var appliedRevision: Int64
     /// Seconds since the last watch event (nil: none yet).
     public var secondsSinceLastEvent: Double?
@@ -100,6 +102,9 @@ public final class DiscoveryService: Sendable {
         /// The catalog changed since the last table was published: the publisher's next turn
         /// builds one table for every batch folded in meanwhile.
         var unpublished = false
+        /// The revision the engine's routing reflects: the last table applied (or a later batch
+        /// that changed nothing routable). The catalog's may be ahead while a table is pending.
+        var appliedRevision: Int64 = 0
         /// Wakes the publisher of the running `run()` (at most one wake-up waits).
         var publisher: AsyncStream<Void>.Continuation?
     }
@@ -210,7 +215,7 @@ public final class DiscoveryService: Sendable {
         let etcd = client.status
         return state.withLock { state in
             DiscoveryStatus(
-                endpoint: etcd.endpoint, connected: state.connected && etcd.connected, appliedRevision: state.catalog.revision,
+                endpoint: etcd.endpoint, connected: state.connected && etcd.connected, appliedRevision: state.appliedRevision,
                 secondsSinceLastEvent: state.lastEvent.map { Double(($0.duration(to: .now)) / .milliseconds(1)) / 1000 },
                 skippedValues: state.catalog.malformed.total,
                 recentSkipped: state.catalog.malformed.recent.map(\.description),
@@ -285,6 +290,7 @@ public final class DiscoveryService: Sendable {
                 state.unpublished = true
                 if let publisher = state.publisher { publisher.yield() } else { publish(&state) }
             } else if !state.unpublished {
+                state.appliedRevision = state.catalog.revision
                 settings.onApplied?(state.catalog.revision)
             }
         }
@@ -338,7 +344,8 @@ public final class DiscoveryService: Sendable {
         }
         do {
             let result = try router.apply(build.table, checks: build.checks)
-            settings.onApplied?(Int64(build.table.revision))
+            state.appliedRevision = Int64(build.table.revision)
+            settings.onApplied?(state.appliedRevision)
             let failures = result.failures.mapValues { "\($0)" }
             for (service, reason) in failures where state.listenerFailures[service] != reason {
                 logger.error("service \(service): cannot listen: \(reason) (retrying)")
