@@ -31,14 +31,11 @@ extension EtcdClient {
     ) async throws {
         let progress = WatchProgress(next: revision, interval: progressInterval ?? configuration.watchProgressInterval)
         var backoff = Backoff(configuration.backoff)
-        // The last attempt was never established: an outage may be on, so the next attempt is
-        // watched over from its start (a cut that heals in its first second is seen at once).
-        var afterFailedAttempt = false
         while true {
             try Task.checkCancellation()
             let connection = try currentConnection()
             do {
-                try await untilEndpointRecovers(connection.endpoint, progress: progress, probeAtOnce: afterFailedAttempt) {
+                try await untilEndpointRecovers(connection.endpoint, progress: progress) {
                     try await self.watchSession(connection: connection, prefix: prefix, progress: progress,
                                                 onConnected: onConnected, onBatch: onBatch)
                 }
@@ -76,23 +73,19 @@ extension EtcdClient {
             // failures to establish one back off, unless the endpoint is seen to come back.
             if progress.takeCreated() {
                 backoff.reset()
-                afterFailedAttempt = false
             } else {
-                afterFailedAttempt = true
                 _ = try await EndpointProbe.waitForRecovery(of: currentEndpoint, deadline: .now + backoff.nextDelay())
             }
         }
     }
 
     /// Runs one watch attempt under a watchdog: while the stream is not established (after
-    /// `EndpointProbe.stallThreshold`, or at once when `probeAtOnce`: the attempt before this one
-    /// failed), or is established but has missed a progress answer, the
+    /// `EndpointProbe.stallThreshold`), or is established but has missed a progress answer, the
     /// endpoint is probed; when it is seen to come back, the attempt is cancelled and
     /// `EndpointRecovered` thrown, so that a fresh connection replaces one stuck behind a cut
     /// (TCP would retransmit into it only after its backoff, seconds later).
     private func untilEndpointRecovers(
-        _ endpoint: EtcdEndpoint, progress: WatchProgress, probeAtOnce: Bool,
-        _ attempt: @escaping @Sendable () async throws -> Void
+        _ endpoint: EtcdEndpoint, progress: WatchProgress, _ attempt: @escaping @Sendable () async throws -> Void
     ) async throws {
         let interval = progress.interval
         let healthy: @Sendable () -> Bool = {
@@ -104,7 +97,7 @@ extension EtcdClient {
                 return true
             }
             group.addTask {
-                if !probeAtOnce { try await Task.sleep(for: EndpointProbe.stallThreshold) }
+                try await Task.sleep(for: EndpointProbe.stallThreshold)
                 while true {
                     if healthy() {
                         try await Task.sleep(for: .milliseconds(500))
