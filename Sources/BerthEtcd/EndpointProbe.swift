@@ -30,7 +30,7 @@ enum EndpointProbe {
 
     private static let shared = SharedAnswers<EtcdEndpoint>()
 
-    static func connects(_ endpoint: EtcdEndpoint) async -> Bool {
+    private static func connects(_ endpoint: EtcdEndpoint) async -> Bool {
         let timeout = TimeAmount.milliseconds(probeTimeout / .milliseconds(1) == 0 ? 1 : Int64(probeTimeout / .milliseconds(1)))
         do {
             let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)

@@ -162,7 +162,7 @@ extension EtcdClient {
         probeOptions.timeout = configuration.watchProgressInterval
         let probeCallOptions = probeOptions
         let probeMetadata = metadata
-        let newestPut: @Sendable (_ serializable: Bool) async -> Etcdserverpb_RangeResponse? = { serializable in
+        @Sendable func newestPut(serializable: Bool) async -> Etcdserverpb_RangeResponse? {
             var request = latestRequest
             request.serializable = serializable
             return try? await Etcdserverpb_KV.Client(wrapping: connection.client)
@@ -172,18 +172,16 @@ extension EtcdClient {
 
         if progress.hadStream && progress.next > 1 && (progress.answersProgress ?? answersProgress(endpoint)) != true {
             // Resuming after a stream broke, on an endpoint that no stream of this client has
-            // seen answer a progress request (etcd's gRPC proxy answers none): is the history from `next` on still there? A read
-            // pinned to the revision before it fails when etcd compacted past it (a compaction
+            // seen answer a progress request (etcd's gRPC proxy answers none): is the history
+            // from `next` on still there? The range's newest put, read pinned to the revision
+            // before `next`, fails when etcd compacted past it (a compaction
             // exactly at `next` too, which then costs one listing more than needed). etcd says
             // so on the new watch itself, but the proxy can join the watch to a shared upstream
             // watch that died of a compaction and never answer it. Linearizable, so the proxy
             // passes the read to etcd and does not answer it from its cache. Not against etcd
             // itself: a restarted etcd would meet a read per stream of the fleet.
-            var pinned = Etcdserverpb_RangeRequest()
-            (pinned.key, pinned.rangeEnd) = Self.keyRange(ofPrefix: prefix)
+            var pinned = latestRequest
             pinned.revision = progress.next - 1
-            pinned.limit = 1
-            pinned.keysOnly = true
             _ = try await Etcdserverpb_KV.Client(wrapping: connection.client)
                 .range(pinned, metadata: metadata, options: probeCallOptions)
         }
@@ -202,7 +200,7 @@ extension EtcdClient {
                         case nil:
                             // No progress request answered yet: a dead peer, or one that ignores
                             // them. A read on the same connection tells which.
-                            guard await newestPut(true) != nil else {
+                            guard await newestPut(serializable: true) != nil else {
                                 throw RPCError(code: .unavailable, message: "the watch stream has been silent for \(progress.silence)")
                             }
                             progress.ignoresProgress()
@@ -211,7 +209,7 @@ extension EtcdClient {
                             // Quiet, with no progress answers to tell quiet from stuck: is there
                             // a put the stream has not delivered, and still not one check later?
                             guard progress.silence >= stallCheck, progress.stallCheckDue(every: stallCheck) else { break }
-                            guard let newest = await newestPut(false)?.kvs.first?.modRevision else { break }
+                            guard let newest = await newestPut(serializable: false)?.kvs.first?.modRevision else { break }
                             if let delivered = progress.behind(newest: newest) {
                                 throw EtcdError.watchBehind(delivered: delivered, latest: newest)
                             }
