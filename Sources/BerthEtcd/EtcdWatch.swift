@@ -173,15 +173,19 @@ extension EtcdClient {
         if progress.hadStream && progress.next > 1 && (progress.answersProgress ?? answersProgress(endpoint)) != true {
             // Resuming after a stream broke, on an endpoint that no stream of this client has
             // seen answer a progress request (etcd's gRPC proxy answers none): is the history
-            // from `next` on still there? The range's newest put, read pinned to the revision
-            // before `next`, fails when etcd compacted past it (a compaction
+            // from `next` on still there? A one-key read pinned to the revision before `next`
+            // fails when etcd compacted past it (a compaction
             // exactly at `next` too, which then costs one listing more than needed). etcd says
             // so on the new watch itself, but the proxy can join the watch to a shared upstream
             // watch that died of a compaction and never answer it. Linearizable, so the proxy
             // passes the read to etcd and does not answer it from its cache. Not against etcd
             // itself: a restarted etcd would meet a read per stream of the fleet.
-            var pinned = latestRequest
+            // Unsorted: a sorted read (as the newest-put one) makes etcd sort the whole range.
+            var pinned = Etcdserverpb_RangeRequest()
+            (pinned.key, pinned.rangeEnd) = Self.keyRange(ofPrefix: prefix)
             pinned.revision = progress.next - 1
+            pinned.limit = 1
+            pinned.keysOnly = true
             _ = try await Etcdserverpb_KV.Client(wrapping: connection.client)
                 .range(pinned, metadata: metadata, options: probeCallOptions)
         }
