@@ -47,45 +47,23 @@ enum EndpointProbe {
     /// Probes until `endpoint` is seen to come back (a probe connects after one failed): true.
     /// False when `deadline` passes first, or `stop` says the wait is no longer needed.
     /// Throws CancellationError when cancelled.
-    ///
-    /// A probe starts every `probeInterval` whether the one before has answered or not: a probe
-    /// whose SYN went into the cut waits out its whole `probeTimeout`, and the next one, started
-    /// after the cut healed, must not wait behind it.
     static func waitForRecovery(
         of endpoint: EtcdEndpoint, deadline: ContinuousClock.Instant? = nil, stop: () -> Bool = { false }
     ) async throws -> Bool {
-        // nil: time for the next probe; true or false: a probe's answer. The probes and the
-        // timer are tasks of their own that report here, so that returning never waits for a
-        // probe still in flight (one stuck on a lost SYN holds on for its whole timeout).
-        let (events, sink) = AsyncStream.makeStream(of: Bool?.self)
-        var timer: Task<Void, Never>?
-        defer {
-            timer?.cancel()
-            sink.finish()
-        }
         var sawUnreachable = false
-        sink.yield(nil)
-        for await event in events {
-            switch event {
-            case nil:
-                try Task.checkCancellation()
-                if stop() { return false }
-                if let deadline, ContinuousClock.now >= deadline { return false }
-                Task { sink.yield(await reachable(endpoint)) }
-                var pause = probeInterval
-                if let deadline { pause = min(pause, max(.zero, deadline - .now)) }
-                timer = Task {
-                    try? await Task.sleep(for: pause)
-                    sink.yield(nil)
-                }
-            case true?:
+        while true {
+            try Task.checkCancellation()
+            if stop() { return false }
+            if let deadline, ContinuousClock.now >= deadline { return false }
+            if await reachable(endpoint) {
                 if sawUnreachable { return true }
-            case false?:
+            } else {
                 sawUnreachable = true
             }
+            var pause = probeInterval
+            if let deadline { pause = min(pause, max(.zero, deadline - .now)) }
+            try await Task.sleep(for: pause)
         }
-        // The stream ends only when this task is cancelled.
-        throw CancellationError()
     }
 }
 
