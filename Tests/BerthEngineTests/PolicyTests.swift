@@ -39,6 +39,29 @@ final class PolicyTests: XCTestCase {
         XCTAssertNotEqual(try SocketAddress(parsing: "127.0.0.1:1"), try SocketAddress(parsing: "127.0.0.1:2"))
     }
 
+    /// `Frontend` shares its fields between copies until one is changed (copy on write).
+    func testAChangedCopyOfAFrontendLeavesTheOriginalAsItWas() {
+        let address = SocketAddress(ipv4: (127, 0, 0, 1), port: 8080)
+        let original = Frontend(name: "web", listen: address, backends: [Backend(name: "a", address: address)])
+        var copy = original
+        XCTAssertEqual(copy, original)
+        copy.backends[0].enabled = false
+        copy.settings.retries = 1
+        copy.name = "web2"
+        copy.listen = SocketAddress(ipv4: (127, 0, 0, 1), port: 8081)
+        XCTAssertTrue(original.backends[0].enabled)
+        XCTAssertEqual(original.settings.retries, 3)
+        XCTAssertEqual(original.name, "web")
+        XCTAssertEqual(original.listen.port, 8080)
+        XCTAssertNotEqual(copy, original)
+        // Equal fields in separate storage are equal; one field apart, not.
+        let rebuilt = Frontend(name: "web", listen: address, backends: [Backend(name: "a", address: address)])
+        XCTAssertEqual(rebuilt, original)
+        var other = rebuilt
+        other.settings.retries = 0
+        XCTAssertNotEqual(other, original)
+    }
+
     func testRoundRobinWalksOnToTheNextBackendOnRetry() {
         XCTAssertEqual((0..<6).map { RoundRobin.index(position: UInt64($0), attempt: 0, count: 3) }, [0, 1, 2, 0, 1, 2])
         XCTAssertEqual((0..<4).map { RoundRobin.index(position: 2, attempt: $0, count: 3) }, [2, 0, 1, 2])

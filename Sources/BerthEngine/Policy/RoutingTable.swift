@@ -37,17 +37,69 @@ public struct RoutingTable: Sendable, Equatable {
 }
 
 public struct Frontend: Sendable, Equatable {
-    public var name: String
+    /// The fields, behind one reference (copy on write). A table's frontends are copied at
+    /// every layer it passes (discovery, health, engine, each worker), and most of them are
+    /// unchanged from the last table: a copy then costs one retain, and `==` between copies of
+    /// one frontend is a pointer comparison. Mutated only when uniquely referenced.
+    private final class Fields: @unchecked Sendable {
+        var name: String
+        var listen: SocketAddress
+        var backends: [Backend]
+        var settings: FrontendSettings
+
+        init(name: String, listen: SocketAddress, backends: [Backend], settings: FrontendSettings) {
+            self.name = name
+            self.listen = listen
+            self.backends = backends
+            self.settings = settings
+        }
+    }
+
+    private var fields: Fields
+
+    public var name: String {
+        get { fields.name }
+        _modify {
+            makeUnique()
+            yield &fields.name
+        }
+    }
     /// Where to listen; port 0 picks a free port (see `ApplyResult.listening`).
-    public var listen: SocketAddress
-    public var backends: [Backend]
-    public var settings: FrontendSettings
+    public var listen: SocketAddress {
+        get { fields.listen }
+        _modify {
+            makeUnique()
+            yield &fields.listen
+        }
+    }
+    public var backends: [Backend] {
+        get { fields.backends }
+        _modify {
+            makeUnique()
+            yield &fields.backends
+        }
+    }
+    public var settings: FrontendSettings {
+        get { fields.settings }
+        _modify {
+            makeUnique()
+            yield &fields.settings
+        }
+    }
 
     public init(name: String, listen: SocketAddress, backends: [Backend], settings: FrontendSettings = .init()) {
-        self.name = name
-        self.listen = listen
-        self.backends = backends
-        self.settings = settings
+        fields = Fields(name: name, listen: listen, backends: backends, settings: settings)
+    }
+
+    private mutating func makeUnique() {
+        if !isKnownUniquelyReferenced(&fields) {
+            fields = Fields(name: fields.name, listen: fields.listen, backends: fields.backends, settings: fields.settings)
+        }
+    }
+
+    public static func == (lhs: Frontend, rhs: Frontend) -> Bool {
+        lhs.fields === rhs.fields
+            || (lhs.name == rhs.name && lhs.listen == rhs.listen && lhs.backends == rhs.backends && lhs.settings == rhs.settings)
     }
 
     /// The frontend's own rules (unique backend names, weights, warmups, settings in range).
