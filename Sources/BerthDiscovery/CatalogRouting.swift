@@ -158,7 +158,9 @@ extension Catalog {
         var lingering: [String] = []
         var nextEvaluation: Int64?
         var hostNames = Set<String>()
+        // Taken out, so that its rows are changed in place and not copied for the change.
         var memory = routingMemory
+        routingMemory = RoutingMemory()
         let context = BuildContext(bind: bind, defaults: defaults, checkDefaults: checkDefaults)
         var changed = changedServices
         if memory.context != context {

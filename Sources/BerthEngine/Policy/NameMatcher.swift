@@ -6,11 +6,15 @@
 /// another order costs a dictionary, built once. Pure.
 public struct NameMatcher {
     private let names: [String]
-    /// The previous names are in ascending order: a name between two neighbours is new.
-    private let sorted: Bool
+    /// The previous names are in ascending order (a name between two neighbours is new):
+    /// found out at the first name that is not the next previous one (nil until then).
+    private var sorted: Bool?
     private var cursor = 0
     private var lastAsked: String?
-    /// Every name asked so far came in ascending order.
+    /// Every name asked so far came in ascending order. Compared only at a name that is not the
+    /// next previous one: a name that is follows the one before in the previous order, so the
+    /// pair is in ascending order whenever the previous names are (and when they are not, the
+    /// flag is never read).
     private var ascending = true
     private var index: [String: Int]?
     /// Previous positions matched so far.
@@ -18,18 +22,18 @@ public struct NameMatcher {
 
     public init(previous names: [String]) {
         self.names = names
-        sorted = zip(names, names.dropFirst()).allSatisfy { $0 < $1 }
     }
 
     /// The position in the previous table of `name` (asked in the new table's order), or nil
     /// for a name the previous table did not have.
     public mutating func position(of name: String) -> Int? {
-        if let lastAsked, !(lastAsked < name) { ascending = false }
-        lastAsked = name
+        defer { lastAsked = name }
         if cursor < names.count && names[cursor] == name { return take(cursor) }
+        if let lastAsked, !(lastAsked < name) { ascending = false }
+        if sorted == nil { sorted = zip(names, names.dropFirst()).allSatisfy { $0 < $1 } }
         // Both in ascending order so far (discovery's tables): a merge. Names passed over were
         // removed; a name that is not next is new.
-        if sorted && ascending {
+        if sorted == true && ascending {
             while cursor < names.count && names[cursor] < name { cursor += 1 }
             if cursor < names.count && names[cursor] == name { return take(cursor) }
             return nil
