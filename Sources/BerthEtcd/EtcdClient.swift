@@ -32,6 +32,22 @@ public final class EtcdClient: Sendable {
         /// Whether each endpoint answered a watch progress request (true) or was found to ignore
         /// them (false: etcd's gRPC proxy), learnt by any of the client's watch streams.
         var answersProgress: [EtcdEndpoint: Bool] = [:]
+        /// The highest revision a resume read found compacted: every revision up to it is gone
+        /// (a compaction only moves forward), so a stream resuming at or below it lists again
+        /// without asking.
+        var compactedThrough: Int64 = 0
+    }
+
+    /// The resume reads of this client's watch streams, a few at a time (see `watchSession`).
+    let resumeReads = AsyncGate(limit: 4)
+
+    /// Whether a resume read found `revision` compacted (or one after it).
+    func knownCompacted(_ revision: Int64) -> Bool {
+        state.withLock { revision <= $0.compactedThrough }
+    }
+
+    func learnt(compacted revision: Int64) {
+        state.withLock { $0.compactedThrough = max($0.compactedThrough, revision) }
     }
 
     /// What any watch stream learnt of `endpoint`'s progress answers (nil: nothing yet).

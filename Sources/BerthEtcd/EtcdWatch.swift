@@ -181,13 +181,27 @@ extension EtcdClient {
             // passes the read to etcd and does not answer it from its cache. Not against etcd
             // itself: a restarted etcd would meet a read per stream of the fleet.
             // Unsorted: a sorted read (as the newest-put one) makes etcd sort the whole range.
+            // A few at a time per client, and none once one of them found the revision
+            // compacted: a host with `--services` resumes a hundred streams at once, and after
+            // a compaction one answer does for all (a fleet's reads all at once held etcd's
+            // answers past their timeouts, and their retries kept it so).
+            let revision = progress.next - 1
             var pinned = Etcdserverpb_RangeRequest()
             (pinned.key, pinned.rangeEnd) = Self.keyRange(ofPrefix: prefix)
-            pinned.revision = progress.next - 1
+            pinned.revision = revision
             pinned.limit = 1
             pinned.keysOnly = true
-            _ = try await Etcdserverpb_KV.Client(wrapping: connection.client)
-                .range(pinned, metadata: metadata, options: probeCallOptions)
+            let request = pinned
+            try await resumeReads.run {
+                if self.knownCompacted(revision) { throw EtcdError.compacted(0) }
+                do {
+                    _ = try await Etcdserverpb_KV.Client(wrapping: connection.client)
+                        .range(request, metadata: metadata, options: probeCallOptions)
+                } catch let error as RPCError where error.message.contains("compacted") {
+                    self.learnt(compacted: revision)
+                    throw error
+                }
+            }
         }
 
         try await Etcdserverpb_Watch.Client(wrapping: connection.client).watch(
