@@ -164,10 +164,15 @@ struct DiscoveryRuntime {
                       prepare: (HealthRouter) -> Void = { _ in }) throws -> DiscoveryRuntime {
         // Opened before anything else: a bad path fails with nothing yet to close.
         let revisionLog = try discovery.revisionLog.map { path in try RevisionLog(path: path) }
+        let catalog = Catalog.Options(layout: RegistryLayout(prefix: etcd.prefix), defaultListen: discovery.defaultListen,
+                                      linger: discovery.linger.milliseconds, services: try discovery.serviceFilter())
         let client = try EtcdClient(configuration: etcd.configuration())
         var etcdAnswered = true
         do {
-            _ = try blockingAwait { try await client.get(key: etcd.prefix) }
+            // A key inside what the watch reads: an etcd user granted just the registry's prefix
+            // (or its services' prefixes) may read nothing else.
+            let probe = catalog.watchRanges[0]
+            _ = try blockingAwait { try await client.get(key: probe) }
         } catch let error as EtcdError {
             if case .authenticationFailed = error {
                 client.close()
@@ -181,8 +186,7 @@ struct DiscoveryRuntime {
         prepare(router)
         let stateFile = discovery.stateFile.map { StateFileSession.start(path: $0, router: router, restore: !etcdAnswered) }
         var settings = DiscoverySettings(
-            catalog: Catalog.Options(layout: RegistryLayout(prefix: etcd.prefix), defaultListen: discovery.defaultListen,
-                                     linger: discovery.linger.milliseconds, services: try discovery.serviceFilter()),
+            catalog: catalog,
             bind: try discovery.bindAddress(), defaults: proxy.frontendSettings, checkDefaults: health.policy.checks)
         settings.listenRetryInterval = .seconds(5)
         settings.relistJitter = discovery.relistJitter.milliseconds

@@ -87,6 +87,52 @@ final class GRPCProxyTests: BerthTestCase {
         _ = proxy.waitForExit(timeout: 10)
     }
 
+    /// etcd with auth on, and a user granted read and write on the registry's prefix and nothing
+    /// else (the least an operator would grant): registration (lease, put, keep-alives),
+    /// listing and watch all work through the proxy, which passes the user's token on.
+    func testAUserGrantedOnlyTheRegistryWorksThroughTheProxy() throws {
+        let etcd = try EtcdFixture()
+        defer { etcd.stop() }
+        try etcd.etcdctl(["user", "add", "root", "--new-user-password=rootpw", "--interactive=false"])
+        try etcd.etcdctl(["user", "grant-role", "root", "root"])
+        try etcd.etcdctl(["role", "add", "berth"])
+        try etcd.etcdctl(["role", "grant-permission", "berth", "--prefix=true", "readwrite", "/backends/"])
+        try etcd.etcdctl(["user", "add", "berth", "--new-user-password=pw", "--interactive=false"])
+        try etcd.etcdctl(["user", "grant-role", "berth", "berth"])
+        try etcd.etcdctl(["auth", "enable"])
+        let proxyPort = try freeLoopbackPort()
+        let proxy = try startProxy(etcd: etcd, port: proxyPort)
+        let first = try startWhoami(id: "registered")
+        let second = try startWhoami(id: "put-later")
+        let listen = try freeLoopbackPort()
+        let endpoint = "http://127.0.0.1:\(proxyPort)"
+        let credentials = ["ETCD_USERNAME": "berth", "ETCD_PASSWORD": "pw"]
+        let register = try launch(BerthBinary.path, ["register", "--etcd", endpoint, "--no-docker", "--ttl", "2s",
+                                                     "--static", "web=127.0.0.1:\(first.port)@\(listen)"], environment: credentials)
+        XCTAssertTrue(register.waitForStandardError(containing: "granted", timeout: 10), register.standardError)
+        let discover = try launch(BerthBinary.path, ["discover", "--etcd", endpoint, "--bind", "127.0.0.1", "--workers", "1", "--stats", "off"],
+                                  environment: credentials)
+        XCTAssertNotNil(waitUntil(timeout: 10) { (try? HTTPProbe.get(port: listen, timeout: 1))?.contains("registered") == true },
+                        "not routed: \(discover.standardError)")
+        // Three TTLs on, the registration lives (its keep-alives got through), and a change
+        // made meanwhile reaches the routing by the watch.
+        sleep(seconds: 6)
+        let keys = try etcd.etcdctl(["get", "--prefix", "/backends/web/", "--keys-only"], user: "root:rootpw")
+        XCTAssertTrue(keys.contains("/backends/web/127.0.0.1:\(first.port)"), "the registration expired: \(keys)\n\(register.standardError)")
+        try etcd.etcdctl(["put", "/backends/web/later", "{\"host\":\"127.0.0.1\",\"port\":\(second.port),\"listen\":\(listen)}"],
+                         user: "root:rootpw")
+        XCTAssertNotNil(waitUntil(timeout: 5) { (try? HTTPProbe.get(port: listen, timeout: 1))?.contains("put-later") == true },
+                        "the watch through the proxy did not deliver the put: \(discover.standardError)")
+        XCTAssertFalse(register.standardError.contains("keep-alive failed"), register.standardError)
+        XCTAssertFalse(discover.standardError.contains("permission denied"), discover.standardError)
+        for process in [discover, register] {
+            process.signal(SIGTERM)
+            XCTAssertEqual(process.waitForExit(timeout: 10), .exited(0), process.standardError)
+        }
+        proxy.signal(SIGTERM)
+        _ = proxy.waitForExit(timeout: 10)
+    }
+
     private func startProxy(etcd: EtcdFixture, port: Int) throws -> ChildProcess {
         let proxy = try launch(EtcdFixture.etcdPath, ["grpc-proxy", "start", "--endpoints", "127.0.0.1:\(etcd.members[0].clientPort)",
                                                       "--listen-addr", "127.0.0.1:\(port)"])
