@@ -111,6 +111,9 @@ final class ChildProcess {
         } else {
             posix_spawn_file_actions_adddup2(&actions, stdoutPipe.write, 1)
         }
+        // Nothing else of the bench's: not every descriptor it holds is close-on-exec (a client
+        // socket of its own was found held open by every fleet host).
+        _ = cberth_spawn_closefrom(&actions, 3)
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)
         defer { posix_spawnattr_destroy(&attributes) }

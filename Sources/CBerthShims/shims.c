@@ -9,6 +9,7 @@
 #include <string.h>
 #include <errno.h>
 #include <pthread.h>
+#include <spawn.h>
 #include "CBerthShims.h"
 
 _Static_assert(CBERTH_SPLICE_F_MOVE == SPLICE_F_MOVE, "SPLICE_F_MOVE");
@@ -26,6 +27,9 @@ int cberth_accept4(int fd, struct sockaddr *addr, socklen_t *len) {
 }
 
 int cberth_pipe2(int fds[2]) { return pipe2(fds, O_NONBLOCK | O_CLOEXEC); }
+int cberth_spawn_closefrom(posix_spawn_file_actions_t *actions, int from) {
+    return posix_spawn_file_actions_addclosefrom_np(actions, from);
+}
 
 int cberth_pin_to_cpu(int cpu) {
     cpu_set_t set;

@@ -18,6 +18,7 @@
 #include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
+#include <spawn.h>
 #include <unistd.h>
 #include <stdint.h>
 #include <errno.h>
@@ -80,6 +81,8 @@ ssize_t cberth_splice(int fd_in, int fd_out, size_t len, unsigned int flags);
 int cberth_accept4(int fd, struct sockaddr *addr, socklen_t *len);
 
 int cberth_pipe2(int fds[2]);
+/// posix_spawn_file_actions_addclosefrom_np: the child closes every descriptor from `from` on.
+int cberth_spawn_closefrom(posix_spawn_file_actions_t *actions, int from);
 
 static inline int cberth_fcntl_int(int fd, int cmd, int value) { return fcntl(fd, cmd, value); }
 
