@@ -55,12 +55,15 @@ enum EndpointProbe {
             try Task.checkCancellation()
             if stop() { return false }
             if let deadline, ContinuousClock.now >= deadline { return false }
+            let started = ContinuousClock.now
             if await reachable(endpoint) {
                 if sawUnreachable { return true }
             } else {
                 sawUnreachable = true
             }
-            var pause = probeInterval
+            // The interval runs from the probe's start: after one whose SYN was lost in the cut
+            // (it waited out its whole timeout), the next starts at once.
+            var pause = max(.zero, probeInterval - (.now - started))
             if let deadline { pause = min(pause, max(.zero, deadline - .now)) }
             try await Task.sleep(for: pause)
         }
