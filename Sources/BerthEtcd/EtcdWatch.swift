@@ -54,7 +54,7 @@ extension EtcdClient {
                 case .tokenExpired, .authentication:
                     throw EtcdError.authenticationFailed(error.message)
                 case .server:
-                    if error.message.contains("compacted") { throw EtcdError.compacted(0) }
+                    if Self.reportsCompaction(error) { throw EtcdError.compacted(0) }
                     failover(from: connection, reason: "\(connection.endpoint): watch: \(error.message)")
                 }
             } catch let error as EtcdError {
@@ -197,7 +197,7 @@ extension EtcdClient {
                 do {
                     _ = try await Etcdserverpb_KV.Client(wrapping: connection.client)
                         .range(request, metadata: metadata, options: probeCallOptions)
-                } catch let error as RPCError where error.message.contains("compacted") {
+                } catch let error as RPCError where Self.reportsCompaction(error) {
                     self.learnt(compacted: revision)
                     throw error
                 }
@@ -387,6 +387,12 @@ extension WatchEvent {
 }
 
 extension EtcdClient {
+    /// Whether etcd refused a request (a watch, a read pinned to a revision) because the
+    /// revision asked for is compacted ("mvcc: required revision has been compacted").
+    static func reportsCompaction(_ error: RPCError) -> Bool {
+        error.message.contains("compacted")
+    }
+
     /// How often a quiet watch on an endpoint that answers no progress request reads the newest
     /// put of its range (`EtcdError.watchBehind`).
     /// Each check is one linearizable Range per quiet watch stream; a stuck stream is found

@@ -164,8 +164,10 @@ struct DiscoveryRuntime {
                       prepare: (HealthRouter) -> Void = { _ in }) throws -> DiscoveryRuntime {
         // Opened before anything else: a bad path fails with nothing yet to close.
         let revisionLog = try discovery.revisionLog.map { path in try RevisionLog(path: path) }
+        // Validated before anything is opened: a bad value fails with nothing to close.
         let catalog = Catalog.Options(layout: RegistryLayout(prefix: etcd.prefix), defaultListen: discovery.defaultListen,
                                       linger: discovery.linger.milliseconds, services: try discovery.serviceFilter())
+        let bind = try discovery.bindAddress()
         let client = try EtcdClient(configuration: etcd.configuration())
         var etcdAnswered = true
         do {
@@ -182,12 +184,18 @@ struct DiscoveryRuntime {
             log("warning: \(error); \(discovery.stateFile == nil ? "serving nothing" : "trying the state file") until etcd answers")
         }
         let configuration = proxy.engineConfiguration(observeErrors: health.observeErrors, logAvailable: true)
-        let router = try HealthRouter.make(configuration: configuration, policy: health.policy, alwaysCheck: true)
+        let router: HealthRouter
+        do {
+            router = try HealthRouter.make(configuration: configuration, policy: health.policy, alwaysCheck: true)
+        } catch {
+            client.close()
+            throw error
+        }
         prepare(router)
         let stateFile = discovery.stateFile.map { StateFileSession.start(path: $0, router: router, restore: !etcdAnswered) }
         var settings = DiscoverySettings(
             catalog: catalog,
-            bind: try discovery.bindAddress(), defaults: proxy.frontendSettings, checkDefaults: health.policy.checks)
+            bind: bind, defaults: proxy.frontendSettings, checkDefaults: health.policy.checks)
         settings.listenRetryInterval = .seconds(5)
         settings.relistJitter = discovery.relistJitter.milliseconds
         if let revisionLog { settings.onApplied = revisionLog.record }
