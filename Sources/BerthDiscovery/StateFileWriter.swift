@@ -12,21 +12,10 @@ public enum StateFileStorage {
 
     /// The file's bytes; nil when it does not exist.
     public static func read(_ path: String) throws(SystemError) -> [UInt8]? {
-        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
-        if fd < 0 {
-            let code = Glibc.errno
-            if code == ENOENT { return nil }
-            throw SystemError(call: "open", errno: code)
-        }
-        var file = Descriptor(adopting: fd)
-        defer { file.close() }
-        var bytes: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 64 * 1024)
-        while true {
-            let count = try syscallNonBlocking("read") { chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) } }
-            if count == 0 { return bytes }
-            bytes += chunk[..<count]
-            if bytes.count > sizeLimit { throw SystemError(call: "read", errno: EFBIG) }
+        do {
+            return try FileContents.read(path, limit: sizeLimit)
+        } catch where error.call == "open" && error.errno == ENOENT {
+            return nil
         }
     }
 

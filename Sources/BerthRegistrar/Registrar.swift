@@ -3,7 +3,7 @@ import Logging
 import NIOCore
 import Synchronization
 
-/// How one registrar runs. `docker == nil` registers only `statics`.
+/// How one registrar runs. `docker == nil` registers only `statics` and `fileStatics`.
 public struct RegistrarConfiguration: Sendable {
     public var layout: RecordLayout
     /// `--host-ip`: the address registered for ports published on every address.
@@ -12,7 +12,12 @@ public struct RegistrarConfiguration: Sendable {
     public var ttlSeconds: Int64
     /// `--resync`: how often the container table is rebuilt from Docker and etcd read back.
     public var resyncInterval: Duration
+    /// `--static`: fixed for the life of the process.
     public var statics: [Registration]
+    /// `--static-file`: its path (nil: none), and the entries read from it at start-up, which
+    /// `Registrar.reloadStaticFile()` replaces.
+    public var staticFile: String?
+    public var fileStatics: [Registration] = []
     public var docker: DockerClient?
     /// Event-stream reconnects: jittered, doubling from `initial` to `maximum`.
     public var reconnectInitial: Duration = .milliseconds(100)
@@ -51,6 +56,10 @@ public struct RegistrarStatus: Sendable, Equatable {
     public var eventsSkipped = 0
     public var dockerReconnects = 0
     public var resyncs = 0
+    /// `--static-file` reloads (SIGHUP) applied, and refused because the file could not be read
+    /// or had a bad line (the previous entries were kept).
+    public var staticReloads = 0
+    public var staticReloadsFailed = 0
     /// Commands dropped because the queue (`Registrar.commandBacklog`) was full; each one makes
     /// the next command a full resync.
     public var commandsDropped = 0
@@ -76,7 +85,8 @@ final class RegistrarShared: Sendable {
 /// - the lease keeper: keep-alive every `leaseCheckInterval` (250 ms while etcd fails); reports
 ///   a lost lease to the loop;
 /// - the resync ticker (`resyncInterval`).
-/// They talk to the loop through one bounded queue of commands.
+/// They talk to the loop through one bounded queue of commands, and so does
+/// `reloadStaticFile()` (SIGHUP), called from outside.
 public final class Registrar: Sendable {
     enum Command: Sendable {
         case dockerConnected
@@ -84,6 +94,8 @@ public final class Registrar: Sendable {
         case resync
         case leaseLost(Int64)
         case tick
+        /// `reloadStaticFile()` left new `--static-file` entries in `pendingStatics`.
+        case statics
         case shutdown
     }
 
@@ -103,6 +115,10 @@ public final class Registrar: Sendable {
     private let revokeOnStop = Atomic<Bool>(true)
     private let started = Atomic<Bool>(false)
     private let dropped = Atomic<Int>(0)
+    /// The latest `--static-file` entries read and not yet applied. Kept here rather than in the
+    /// command, so that a `.statics` dropped from a full queue is applied all the same (after
+    /// the next command), and two reloads in a row apply the newer one.
+    private let pendingStatics = Mutex<[Registration]?>(nil)
 
     public init(configuration: RegistrarConfiguration, store: any RegistrationStore, logger: Logger = Logger(label: "berth.registrar")) {
         self.configuration = configuration
@@ -139,6 +155,24 @@ public final class Registrar: Sendable {
         continuation.yield(.shutdown)
     }
 
+    /// SIGHUP: reads `configuration.staticFile` again (nothing happens without one). Valid: its
+    /// entries replace the file's previous ones through the command queue, so the loop writes
+    /// only the difference under its lease, and logs `static services reloaded from PATH: N
+    /// entries (+A, -D)` (A new or changed, D removed). Unreadable or invalid: logged with the line
+    /// and the reason, counted (`staticReloadsFailed`), and the previous entries stay.
+    /// Reads the file here, blocking: call it from a thread of its own (the signal thread).
+    public func reloadStaticFile() {
+        guard let path = configuration.staticFile else { return }
+        do {
+            let entries = try StaticServiceFile.load(path: path, flags: configuration.statics)
+            pendingStatics.withLock { $0 = entries }
+            post(.statics)
+        } catch {
+            shared.update { $0.staticReloadsFailed += 1 }
+            logger.error("static services not reloaded from \(path): \(error.detail); the previous entries stay registered")
+        }
+    }
+
     private func post(_ command: Command) {
         if case .dropped(_) = continuation.yield(command) {
             dropped.add(1, ordering: .relaxed)
@@ -162,6 +196,8 @@ public final class Registrar: Sendable {
                 if let docker = configuration.docker { await loop.handle(event, docker: docker) }
             case .leaseLost(let lease):
                 await loop.leaseLost(lease)
+            case .statics:
+                await applyPendingStatics(loop)
             case .tick:
                 if loop.resyncPending {
                     await loop.resync(docker: configuration.docker)
@@ -174,6 +210,7 @@ public final class Registrar: Sendable {
             let droppedNow = dropped.load(ordering: .relaxed)
             if droppedNow != droppedSeen {
                 droppedSeen = droppedNow
+                await applyPendingStatics(loop)
                 await loop.resync(docker: configuration.docker)
             }
             if stopRequested.load(ordering: .relaxed) { break }
@@ -183,6 +220,13 @@ public final class Registrar: Sendable {
         } else {
             loop.handOver()
         }
+    }
+
+    private func applyPendingStatics(_ loop: RegistrationLoop) async {
+        guard let path = configuration.staticFile, let entries = pendingStatics.withLock({ $0.take() }) else { return }
+        let (added, removed) = await loop.replaceFileStatics(entries)
+        shared.update { $0.staticReloads += 1 }
+        logger.info("static services reloaded from \(path): \(entries.count) entries (+\(added), -\(removed))")
     }
 
     // MARK: - Docker events

@@ -4,7 +4,8 @@ import Logging
 /// `Registrar.process` (not Sendable, never shared): Docker events, resyncs and lease checks are
 /// applied one at a time, in arrival order, so a late inspect can never undo a newer event.
 ///
-/// The model: `containers` (what Docker says runs here) + `statics` → `desired` (key → value);
+/// The model: `containers` (what Docker says runs here) + `configuration.statics` (`--static`)
+/// + `fileStatics` (`--static-file`, replaced on reload) → `desired` (key → value);
 /// `written` is what this lease holds in etcd as far as we know. `sync()` writes the difference.
 /// A failed write leaves `dirty` set and the next tick retries; a lost lease empties `written`,
 /// so the next sync grants a new lease and puts every key again.
@@ -21,6 +22,8 @@ final class RegistrationLoop {
     let shared: RegistrarShared
 
     private var containers: [String: Entry] = [:]
+    /// The `--static-file` entries: those read at start-up, then those of the last valid reload.
+    private var fileStatics: [Registration]
     /// Containers sent a terminating signal (kill, stop): drained until they die, or until a resync
     /// finds them still running after `resyncInterval` (the signal was ignored).
     private var drainingSince: [String: ContinuousClock.Instant] = [:]
@@ -39,6 +42,7 @@ final class RegistrationLoop {
         self.store = store
         self.logger = logger
         self.shared = shared
+        fileStatics = configuration.fileStatics
         if let adopted = configuration.adoptedLease {
             // Every desired key is put again under it at the first sync (same values: watchers
             // see puts, never a delete).
@@ -126,11 +130,27 @@ final class RegistrationLoop {
         shared.update { $0.containers = containers.count }
     }
 
+    // MARK: - Static services
+
+    /// Replaces the `--static-file` entries and writes the difference (under the same lease:
+    /// unchanged keys are not put again). Counts by service and instance: `added` are new or
+    /// changed entries, `removed` those no longer in the file.
+    func replaceFileStatics(_ entries: [Registration]) async -> (added: Int, removed: Int) {
+        func identity(_ registration: Registration) -> [String] { [registration.service, registration.instance] }
+        let previous = Dictionary(fileStatics.map { (identity($0), $0) }, uniquingKeysWith: { first, _ in first })
+        let current = Set(entries.map(identity))
+        let added = entries.filter { previous[identity($0)] != $0 }.count
+        let removed = previous.keys.filter { !current.contains($0) }.count
+        fileStatics = entries
+        await sync()
+        return (added, removed)
+    }
+
     // MARK: - etcd
 
     /// Every key this host should hold, with its value.
     var desired: [String: String] {
-        var registrations = configuration.statics
+        var registrations = configuration.statics + fileStatics
         for (id, entry) in containers {
             let draining = drainingSince[id] != nil
             for var registration in entry.registrations {

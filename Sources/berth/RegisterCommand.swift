@@ -20,6 +20,16 @@ struct RegisterCommand: ParsableCommand {
             <name>-<port>. Opt out with label berth.ignore=true or SERVICE_IGNORE. A stopped or killed \
             container is marked draining, then deleted when it dies. SIGTERM or SIGINT revokes the \
             lease (every key goes at once) and exits 0.
+
+            Static services (not containers) come from --static and from --static-file: a file of \
+            NAME=HOST:PORT[@LISTEN] entries, one a line (blank lines and lines starting with # are \
+            skipped; no entry may repeat another's service and instance, in the file or in \
+            --static). A file that cannot be read or has a bad line stops the start with an error \
+            naming the line. SIGHUP reads the file again: only what changed is written (puts for \
+            new or changed entries, deletes for removed ones), under the same lease, and "static \
+            services reloaded from PATH: N entries (+A, -D)" is logged; a file that cannot be read \
+            or has a bad line is logged as an error and the previous entries stay registered. \
+            Without --static-file, SIGHUP is logged and ignored.
             """)
 
     static let environment = EnvironmentFlags(command: "register", flags: EtcdOptions.environment + RegistrationOptions.environment + LoggingOptions.environment,
@@ -35,10 +45,11 @@ struct RegisterCommand: ParsableCommand {
     var logging: LoggingOptions
 
     func run() throws {
-        ProcessSignals.block([SIGTERM, SIGINT])
+        ProcessSignals.block([SIGTERM, SIGINT, SIGHUP])
         let client = try EtcdClient(configuration: etcd.configuration())
         let registrar = try registration.makeRegistrar(client: client, prefix: etcd.prefix)
         let registering = RegistrarTask(registrar)
+        registration.reloadOnHangup(registrar)
         log("registering into \(etcd.etcd) under \(etcd.prefix), TTL \(registration.ttl)")
         let signal = ProcessSignals.wait(for: [SIGTERM, SIGINT])
         log("signal \(signal): revoking the lease")
@@ -53,7 +64,8 @@ struct RegisterCommand: ParsableCommand {
 struct RegistrationOptions: ParsableArguments {
     static let environment: [(flag: String, variable: String)] = [
         ("--host-ip", "HOST_IP"), ("--ttl", "BERTH_TTL"), ("--resync", "BERTH_RESYNC"),
-        ("--compat", "BERTH_COMPAT"), ("--static", "BERTH_STATIC"), ("--docker-host", "DOCKER_HOST"),
+        ("--compat", "BERTH_COMPAT"), ("--static", "BERTH_STATIC"), ("--static-file", "BERTH_STATIC_FILE"),
+        ("--docker-host", "DOCKER_HOST"),
     ]
     static let switches: [(flag: String, variable: String)] = [("--no-docker", "BERTH_NO_DOCKER")]
 
@@ -72,10 +84,13 @@ struct RegistrationOptions: ParsableArguments {
     @Option(name: .customLong("static"), help: EnvironmentFlags.help("A service that is not a container, NAME=HOST:PORT[@LISTEN]; repeat the flag or separate with commas.", "BERTH_STATIC"))
     var statics: [String] = []
 
+    @Option(help: EnvironmentFlags.help("A file of static services, NAME=HOST:PORT[@LISTEN] one a line (blank lines and # comments skipped), added to --static. SIGHUP reads it again and writes only the difference; a bad file then is logged and the previous entries stay.", "BERTH_STATIC_FILE"))
+    var staticFile: String?
+
     @Option(help: EnvironmentFlags.help("Docker's API socket, unix:///path.", "DOCKER_HOST"))
     var dockerHost: String?
 
-    @Flag(help: EnvironmentFlags.help("Register static services only; do not talk to Docker (automatic with --static when there is no Docker socket).", "BERTH_NO_DOCKER"))
+    @Flag(help: EnvironmentFlags.help("Register static services only; do not talk to Docker (automatic with --static or --static-file when there is no Docker socket).", "BERTH_NO_DOCKER"))
     var noDocker = false
 
     static let defaultDockerSocket = "unix:///var/run/docker.sock"
@@ -88,27 +103,48 @@ struct RegistrationOptions: ParsableArguments {
             throw invalid("--ttl", "\(ttl)", "whole seconds from 2s to 1d (a bare number is milliseconds: write 15s)")
         }
         if resync.milliseconds < 100 { throw invalid("--resync", "\(resync)", "a duration of at least 100ms") }
-        _ = try staticRegistrations()
+        _ = try fileRegistrations()
         if let dockerHost {
             do { _ = try DockerClient.socketPath(fromHost: dockerHost) } catch { throw invalid("--docker-host", dockerHost, "unix:///path/to/docker.sock") }
         }
     }
 
+    /// The `--static` services; two with the same service and instance are refused.
     func staticRegistrations() throws -> [Registration] {
-        try statics.flatMap { $0.split(separator: ",") }.map { text in
+        var result: [Registration] = []
+        for text in statics.flatMap({ $0.split(separator: ",") }).map({ String($0).trimmed }) {
+            let registration: Registration
             do {
-                return try StaticService(parsing: String(text).trimmed).registration
+                registration = try StaticService(parsing: text).registration
             } catch {
-                throw invalid("--static", String(text), "NAME=HOST:PORT[@LISTEN] (\(error))")
+                throw invalid("--static", text, "NAME=HOST:PORT[@LISTEN] (\(error))")
             }
+            if result.contains(where: { $0.service == registration.service && $0.instance == registration.instance }) {
+                throw invalid("--static", text, "service \(registration.service) instance \(registration.instance) is given twice")
+            }
+            result.append(registration)
+        }
+        return result
+    }
+
+    /// The `--static-file` services (none without the flag). A file that cannot be read, has a
+    /// bad line, or repeats an entry of its own or of `--static` is a usage error naming the
+    /// path and the line.
+    func fileRegistrations() throws -> [Registration] {
+        let flags = try staticRegistrations()
+        guard let staticFile else { return [] }
+        do {
+            return try StaticServiceFile.load(path: staticFile, flags: flags)
+        } catch {
+            throw ValidationError("invalid --static-file \(error)")
         }
     }
 
-    /// Docker is used unless `--no-docker`, or static services alone were asked for and no Docker
-    /// socket was named or exists at the default path.
+    /// Docker is used unless `--no-docker`, or static services alone were asked for (`--static`
+    /// or `--static-file`) and no Docker socket was named or exists at the default path.
     var usesDocker: Bool {
         if noDocker { return false }
-        if !statics.isEmpty && dockerHost == nil {
+        if (!statics.isEmpty || staticFile != nil) && dockerHost == nil {
             return access(String(Self.defaultDockerSocket.dropFirst("unix://".count)), F_OK) == 0
         }
         return true
@@ -121,11 +157,32 @@ struct RegistrationOptions: ParsableArguments {
             layout: RecordLayout(prefix: prefix, compat: compat), hostIP: hostIP,
             ttlSeconds: ttl.milliseconds / 1000, resyncInterval: .milliseconds(resync.milliseconds),
             statics: try staticRegistrations())
+        configuration.staticFile = staticFile
+        configuration.fileStatics = try fileRegistrations()
         configuration.adoptedLease = adoptedLease
         if usesDocker {
             configuration.docker = try DockerClient(host: dockerHost ?? Self.defaultDockerSocket)
         }
         return Registrar(configuration: configuration, store: EtcdRegistrationStore(client: client))
+    }
+}
+
+extension RegistrationOptions {
+    /// SIGHUP, taken on a thread of its own for the life of the process: reads `--static-file`
+    /// again (`Registrar.reloadStaticFile`), or is logged and ignored without one. The caller
+    /// blocked SIGHUP before any thread was made (`ProcessSignals.block`), so it never ends the
+    /// process and no other thread takes it.
+    func reloadOnHangup(_ registrar: Registrar) {
+        let hasFile = staticFile != nil
+        _ = OSThread(name: "berth-sighup") {
+            while ProcessSignals.wait(for: [SIGHUP]) == SIGHUP {
+                if hasFile {
+                    registrar.reloadStaticFile()
+                } else {
+                    log("SIGHUP: no --static-file to reload")
+                }
+            }
+        }
     }
 }
 

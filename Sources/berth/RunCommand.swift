@@ -15,12 +15,14 @@ struct RunCommand: ParsableCommand {
         abstract: "Register this host's containers and proxy every service in etcd: registration, discovery and proxy in one process.",
         discussion: """
             What `berth register` and `berth discover` do, in one process sharing one etcd \
-            client: this host's containers (and --static services) are kept in etcd under one \
-            lease, and every service in the registry is balanced on --bind at its listen port. \
-            SIGTERM revokes the lease first (every key of this host goes at once, so other hosts \
+            client: this host's containers (and --static and --static-file services) are kept \
+            in etcd under one lease, and every service in the registry is balanced on --bind at \
+            its listen port. SIGTERM revokes the lease first (every key of this host goes at once, so other hosts \
             stop sending new connections here), then drains open connections. With \
             --takeover-socket, a new `berth run` takes over the listening sockets and the lease \
-            instead: nothing is revoked, and the old process drains and exits.
+            instead: nothing is revoked, and the old process drains and exits. SIGHUP reads \
+            --static-file again, as `berth register --help` says (a bad file is logged and the \
+            previous entries stay); without --static-file it is logged and ignored.
             """)
 
     static let environment = EnvironmentFlags(
@@ -55,7 +57,7 @@ struct RunCommand: ParsableCommand {
     var takeover: TakeoverOptions
 
     func run() throws {
-        ProcessSignals.block([SIGTERM, SIGINT])
+        ProcessSignals.block([SIGTERM, SIGINT, SIGHUP])
         let incoming = takeover.request()
         let running = try DiscoveryRuntime.start(etcd: etcd, discovery: discovery, proxy: proxy, health: health,
                                                  prepare: { takeover.adopt(incoming, into: $0.engine) })
@@ -73,6 +75,7 @@ struct RunCommand: ParsableCommand {
         // Registration starts once the previous process has let go (it stops its own without
         // revoking): the lease it handed over is kept alive from here.
         let registering = RegistrarTask(registrar)
+        registration.reloadOnHangup(registrar)
         log("registering this host's \(registration.usesDocker ? "containers" : "static services") under \(etcd.prefix), TTL \(registration.ttl)")
         let taken = TakenOver()
         let takeoverServer = try running.serveTakeover(takeover, taken: taken, leaseID: { registrar.status.leaseID })
