@@ -3,19 +3,26 @@ import BerthRegistry
 /// The fleet scenario's section of the report, and its JSON.
 extension ScenarioReport {
     func fleetText(_ fleet: FleetResult) -> String {
-        var out = "Fleet: \(fleet.hosts) hosts, each a berth discover (1 worker, no stats server, its services on a "
-        out += "loopback address of its own), on one etcd (\(DiscoveryScenario.etcdPath), one member), directly and through "
-        out += "etcd grpc-proxy; \(Format.grouped(UInt64(fleet.services))) services x \(FleetScenario.instancesPerService) "
-        out += "instances, then \(Format.fixed(FleetScenario.changesPerSecond, 0)) deletes and puts a second for "
-        out += "\(Format.fixed(fleet.churnSeconds, 0)) s; the odd hosts watch only service0 and a tenth of the others "
+        let network = fleet.rows.first?.network ?? ""
+        var out = "Fleet: \(fleet.hosts) hosts, "
+        out += network == "loopback" ? "each on a loopback address of its own, " : "each a network namespace on one bridge, "
+        out += "each a berth register (its share of the registry, static, under its own lease, TTL \(FleetScenario.leaseSeconds) s) "
+        out += "and a berth discover (1 worker, no stats server), on one etcd (\(DiscoveryScenario.etcdPath), one member), "
+        out += "directly and through etcd grpc-proxy; \(Format.grouped(UInt64(fleet.services))) services x "
+        out += "\(FleetScenario.instancesPerService) instances, then \(Format.fixed(FleetScenario.changesPerSecond, 0)) removals and "
+        out += "additions a second for \(Format.fixed(fleet.churnSeconds, 0)) s, each a registrar's static file changed and a SIGHUP; "
+        out += "the odd hosts watch only service0 and a tenth of the others "
         out += "(--services; their routing counts their services' changes); every process shares this machine's CPUs\n"
         if let skipped = fleet.skipped { return out + "skipped: \(skipped)\n\n" }
         guard !fleet.rows.isEmpty else { return out + "not measured (see the notes)\n\n" }
         func cell(_ value: Double?, _ digits: Int) -> String { value.map { Format.fixed($0, digits) } ?? "-" }
         func mebibytes(_ bytes: UInt64?) -> String { bytes.map { Format.fixed(Double($0) / 1_048_576, 1) } ?? "-" }
         let rows: [(String, (FleetRow) -> String)] = [
+            ("network", { $0.network }),
+            ("registrars put all, s", { cell($0.registerSeconds, 1) }),
             ("first listing on all, s", { cell($0.syncSeconds, 1) }),
             ("changes", { Format.grouped(UInt64($0.changes)) }),
+            ("changes etcd never showed", { String($0.unobservedChanges) }),
             ("routable on all p50, ms", { cell($0.routing?.allHosts(50), 1) }),
             ("routable on all p99, ms", { cell($0.routing?.allHosts(99), 1) }),
             ("routable on all max, ms", { cell($0.routing?.allHosts(100), 1) }),
@@ -25,6 +32,7 @@ extension ScenarioReport {
             ("etcd CPU, share of a core", { cell($0.etcdCPUShare, 2) }),
             ("etcd RSS, MiB", { mebibytes($0.etcdResidentBytes) }),
             ("etcd bytes sent per change", { $0.etcdBytesPerChange.map { Format.grouped(UInt64($0)) } ?? "-" }),
+            ("lease keep-alives at etcd, /s", { cell($0.keepAlivesPerSecond, 0) }),
             ("grpc-proxy CPU, share", { cell($0.proxyCPUShare, 2) }),
             ("grpc-proxy RSS, MiB", { mebibytes($0.proxyResidentBytes) }),
             ("hosts' CPU, cores (all)", { cell($0.hostsCPUShare, 2) }),
@@ -37,6 +45,8 @@ extension ScenarioReport {
             ("per host p99, --services, ms", { cell($0.filteredRouting?.perHost(99), 1) }),
             ("host RSS mean, MiB", { mebibytes($0.hostMeanResidentBytes) }),
             ("host RSS max, MiB", { mebibytes($0.hostMaxResidentBytes) }),
+            ("registrars' CPU, cores (all)", { cell($0.registrarsCPUShare, 2) }),
+            ("registrar RSS mean, MiB", { mebibytes($0.registrarMeanResidentBytes) }),
             ("etcd restart: all caught up, s", { cell($0.restartCatchUpSeconds, 2) }),
             ("Range requests at etcd then", { $0.rangesAfterRestart.map(String.init) ?? "-" }),
             ("first host's table after, s", { cell($0.relistFirstSeconds, 2) }),
@@ -66,7 +76,12 @@ extension ScenarioReport {
             ("hosts", .integer(Int64(fleet.hosts))), ("services", .integer(Int64(fleet.services))),
             ("rows", .array(fleet.rows.map { row in
                 .object([
-                    ("mode", .string(row.mode)), ("syncSeconds", .optional(row.syncSeconds)),
+                    ("mode", .string(row.mode)), ("network", .string(row.network)),
+                    ("registerSeconds", .optional(row.registerSeconds)), ("syncSeconds", .optional(row.syncSeconds)),
+                    ("unobservedChanges", .integer(Int64(row.unobservedChanges))),
+                    ("keepAlivesPerSecond", .optional(row.keepAlivesPerSecond)),
+                    ("registrarsCPUShare", .optional(row.registrarsCPUShare)),
+                    ("registrarMeanResidentBytes", .optional(row.registrarMeanResidentBytes.map(Double.init))),
                     ("changes", .integer(Int64(row.changes))),
                     ("routableOnAllP50Milliseconds", .optional(row.routing?.allHosts(50))),
                     ("routableOnAllP99Milliseconds", .optional(row.routing?.allHosts(99))),

@@ -3,19 +3,25 @@ import BerthSystem
 import Glibc
 
 /// The fleet scenario: what every host watching etcd costs. `hosts` simulated hosts, each a
-/// real `berth discover` (one worker, no stats server, its services on a loopback address of
-/// its own, 127.77.X.Y), all on one real etcd (one member, data under /tmp), first directly and
-/// then through etcd's gRPC proxy (`etcd grpc-proxy start`), in the same run. Every process
+/// network namespace of its own on one bridge (`FleetNetwork`; loopback addresses where the
+/// bed cannot be built, or with `--fleet-network loopback`) running a real `berth register`
+/// (its share of the registry, static, under its own lease) and a real `berth discover` (one
+/// worker, no stats server, its services on the host's address), all on one real etcd (one
+/// member, data under /tmp) on a host of its own, first directly and then through etcd's gRPC
+/// proxy (`etcd grpc-proxy start`, on a host of its own), in the same run. Every process
 /// shares this machine's CPUs; none is pinned.
 ///
-/// - The registry: `services` services × 10 instances written before the hosts start; the
-///   time until every host has applied that listing.
-/// - Churn: `changesPerSecond` deletes and puts of random instances for `churnSeconds`. Each
-///   host appends "REVISION MONOTONIC-NS" for every table it applies (`--revision-log`); a
-///   change is routable on a host at its first line with a revision at least the change's,
-///   measured from just before the change was sent. Reported: that time on every host (the
-///   slowest host per change) and per host and change; etcd's CPU share over the churn, its
-///   RSS, and the bytes it sent per change (its `etcd_network_client_grpc_sent_bytes_total`).
+/// - The registry: `services` services × 10 instances, put by the hosts' registrars
+///   (`FleetRegistrars`) before the discovery processes start; the time until every host has
+///   applied that listing.
+/// - Churn: `changesPerSecond` removals and additions of random instances for `churnSeconds`,
+///   each a line of one host's static file and a SIGHUP to that host's registrar. Each host
+///   appends "REVISION MONOTONIC-NS" for every table it applies (`--revision-log`); a change is
+///   routable on a host at its first line with a revision at least the change's (read from the
+///   bench's own watch), measured from just before the signal. Reported: that time on every
+///   host (the slowest host per change) and per host and change; etcd's CPU share over the
+///   churn, its RSS, the bytes it sent per change (its `etcd_network_client_grpc_sent_bytes_total`)
+///   and the lease keep-alives it took per second; the registrars' CPU and RSS.
 /// - Half the hosts (the odd ones) watch only the services they use (`--services`): service0,
 ///   which every host uses, and a tenth of the others; their figures are reported apart, and
 ///   their routing counts only the changes of their services.
@@ -35,6 +41,8 @@ struct FleetScenario {
     static let catchUpTimeout: Int64 = 60_000
     /// Puts made while the hosts are stopped, before etcd compacts them away.
     static let herdChanges = 1_500
+    /// The registrars' lease TTL (`berth register --ttl`, its default).
+    static let leaseSeconds = 15
 
     enum Mode: String, CaseIterable {
         case direct
@@ -50,6 +58,8 @@ struct FleetScenario {
     var churnSeconds: Double { options.quick ? 4 : 20 }
     /// Every process of the fleet may run on every CPU (`taskset -c`).
     var allCPUs: String { "0-\(max(1, loadCPU))" }
+    /// On the network test bed, unless `--fleet-network loopback` or it cannot be built here.
+    var onBed: Bool { options.fleetNetwork != "loopback" && FleetNetwork.bedUnavailable(hosts: hosts) == nil }
 
     func run() -> FleetResult {
         var result = FleetResult(hosts: hosts, services: services, churnSeconds: churnSeconds)
@@ -57,6 +67,13 @@ struct FleetScenario {
             result.skipped = "\(DiscoveryScenario.etcdPath) is missing (apt-get install etcd-server)"
             progress("fleet skipped: \(result.skipped!)")
             return result
+        }
+        if options.fleetNetwork != "loopback", let reason = FleetNetwork.bedUnavailable(hosts: hosts) {
+            guard options.fleetNetwork == nil else {
+                result.failures.append("--fleet-network namespaces: \(reason)")
+                return result
+            }
+            progress("fleet: on loopback addresses: the network test bed cannot be used (\(reason))")
         }
         for mode in Mode.allCases where options.fleetModes?.contains(mode.rawValue) ?? true {
             do throws(BenchError) {
@@ -73,38 +90,50 @@ struct FleetScenario {
 
     private func measure(_ mode: Mode) throws(BenchError) -> FleetRow {
         var row = FleetRow(mode: mode.rawValue)
+        let network = try FleetNetwork(hosts: hosts, namespaces: onBed)
+        defer { network.remove() }
+        row.network = network.name
         let data = try TemporaryDirectory(prefix: "berth-fleet-etcd")
         defer { data.remove() }
         let logs = try TemporaryDirectory(prefix: "berth-fleet-hosts")
         defer { logs.remove() }
-        let clientPort = try Launcher.freePort(), peerPort = try Launcher.freePort()
-        var etcd: ServingProcess? = try startEtcd(data: data.path, clientPort: clientPort, peerPort: peerPort)
+        var etcd: ServingProcess? = try startEtcd(data: data.path, network: network)
         defer { etcd?.stop() }
         let client: EtcdClient
         do {
-            client = try EtcdClient(configuration: EtcdConfiguration(endpoints: [EtcdEndpoint(host: "127.0.0.1", port: Int(clientPort))]))
+            let bench = network.benchEndpoint
+            client = try EtcdClient(configuration: EtcdConfiguration(endpoints: [EtcdEndpoint(host: bench.host, port: Int(bench.port))]))
         } catch {
             throw .child("etcd client: \(error)")
         }
         defer { client.close() }
         _ = try DiscoveryScenario.etcdCall("the first request") { try await client.get(key: Self.prefix) }
-        let listed = try writeRegistry(client)
 
         var proxy: ServingProcess?
         defer { proxy?.stop() }
-        var endpoint = "http://127.0.0.1:\(clientPort)"
-        let proxyPort = try Launcher.freePort()
+        var endpoint = "http://\(network.etcdAddress)"
         if mode == .proxy {
-            proxy = try startProxy(port: proxyPort, etcdPort: clientPort)
-            endpoint = "http://127.0.0.1:\(proxyPort)"
+            proxy = try startProxy(network: network)
+            endpoint = "http://\(network.proxyAddress)"
         }
+
+        // The registry: every host's registrar, under its own lease.
+        let registrars = FleetRegistrars(network: network, hosts: hosts, services: services, endpoint: endpoint,
+                                         directory: logs.path, berth: berth, cpus: allCPUs)
+        defer { registrars.stopAll() }
+        let registering = MonotonicClock.nanoseconds()
+        try registrars.start()
+        let listed = try awaitRegistry(client, count: registrars.items, registrars: registrars)
+        row.registerSeconds = Double(MonotonicClock.nanoseconds() - registering) / 1e9
+        progress("fleet, \(mode.rawValue), \(network.name): \(hosts) registrars put \(registrars.items) instances in "
+            + "\(Format.fixed(row.registerSeconds ?? 0, 1)) s")
 
         // The hosts.
         var fleet: [ChildProcess] = []
         defer { Self.stopAll(fleet) }
         let spawned = MonotonicClock.nanoseconds()
         for host in 0..<hosts {
-            fleet.append(try spawnHost(host, endpoint: endpoint, logs: logs.path))
+            fleet.append(try spawnHost(host, endpoint: endpoint, logs: logs.path, network: network))
         }
         progress("fleet, \(mode.rawValue): \(hosts) hosts started; waiting for each to apply the listing (revision \(listed))")
         guard let synced = awaitRevision(listed, logs: logs.path, since: 0, fleet: fleet, timeout: Self.syncTimeout) else {
@@ -114,14 +143,18 @@ struct FleetScenario {
         let sizes = fleet.compactMap { ProcFS.residentBytes(of: $0.pid) }
         row.hostMeanResidentBytes = sizes.isEmpty ? nil : sizes.reduce(0, +) / UInt64(sizes.count)
         row.hostMaxResidentBytes = sizes.max()
+        let registrarSizes = registrars.processes.compactMap { ProcFS.residentBytes(of: $0.pid) }
+        row.registrarMeanResidentBytes = registrarSizes.isEmpty ? nil : registrarSizes.reduce(0, +) / UInt64(registrarSizes.count)
 
         // Churn.
+        let metrics = { (prefix: String) in self.metric(network, prefix) }
         let etcdPID = etcd!.pid
         let cpuBefore = ProcFS.cpuTicks(of: etcdPID), proxyCPUBefore = proxy.flatMap { ProcFS.cpuTicks(of: $0.pid) }
-        let bytesBefore = sentBytes(clientPort)
+        let bytesBefore = metrics(Self.sentBytesMetric), keepAlivesBefore = metrics(Self.keepAliveMetric)
         let hostsBefore = fleet.map { ProcFS.cpuTicks(of: $0.pid) ?? 0 }
+        let registrarsBefore = registrars.processes.map { ProcFS.cpuTicks(of: $0.pid) ?? 0 }
         let churnStart = MonotonicClock.nanoseconds()
-        let changes = try churn(client)
+        let sent = try churn(registrars)
         let churnEnd = MonotonicClock.nanoseconds()
         let seconds = Double(churnEnd - churnStart) / 1e9
         if let before = cpuBefore, let after = ProcFS.cpuTicks(of: etcdPID) {
@@ -131,12 +164,24 @@ struct FleetScenario {
             row.proxyCPUShare = Double(after - before) / ProcFS.ticksPerSecond / seconds
             row.proxyResidentBytes = ProcFS.residentBytes(of: proxy.pid)
         }
-        if let before = bytesBefore, let after = sentBytes(clientPort), !changes.isEmpty {
+        let bytesAfter = metrics(Self.sentBytesMetric)
+        if let before = keepAlivesBefore, let after = metrics(Self.keepAliveMetric) {
+            row.keepAlivesPerSecond = Double(after - before) / seconds
+        }
+        // The revision each change got, from a watch of the bench's own started only now, so
+        // that its replay of the churn is not counted in etcd's bytes.
+        let revisions = RevisionWatch(client: client, fromRevision: listed + 1)
+        let changes = awaitChanges(sent, revisions: revisions, registrars: registrars)
+        revisions.stop()
+        row.unobservedChanges = sent.count - changes.count
+        if let before = bytesBefore, let after = bytesAfter, !changes.isEmpty {
             row.etcdBytesPerChange = Double(after - before) / Double(changes.count)
         }
         row.etcdResidentBytes = ProcFS.residentBytes(of: etcdPID)
         let perHostTicks = zip(fleet, hostsBefore).map { (ProcFS.cpuTicks(of: $0.pid) ?? $1) - $1 }
         row.hostsCPUShare = Double(perHostTicks.reduce(0, +)) / ProcFS.ticksPerSecond / seconds
+        let registrarTicks = zip(registrars.processes, registrarsBefore).map { (ProcFS.cpuTicks(of: $0.pid) ?? $1) - $1 }
+        row.registrarsCPUShare = Double(registrarTicks.reduce(0, +)) / ProcFS.ticksPerSecond / seconds
         let watches = (0..<hosts).map { watched(host: $0) }
         for filtered in [false, true] {
             let group = perHostTicks.indices.filter { (watches[$0] != nil) == filtered }
@@ -161,7 +206,7 @@ struct FleetScenario {
         let stopped = MonotonicClock.nanoseconds()
         usleep(500_000)
         let restarted = MonotonicClock.nanoseconds()
-        etcd = try startEtcd(data: data.path, clientPort: clientPort, peerPort: peerPort)
+        etcd = try startEtcd(data: data.path, network: network)
         let revision = try DiscoveryScenario.etcdCall("the put after the restart") {
             // A new instance: a put that changes nothing in the catalog publishes no table.
             try await client.put(key: "\(Self.prefix)/service0/restarted", value: Self.instanceValue(service: 0, instance: 99))
@@ -171,7 +216,7 @@ struct FleetScenario {
         }
         // Listings again: the Range requests the new etcd served (its counters start at 0),
         // and when each host first applied a table after the new start.
-        row.rangesAfterRestart = rangeRequests(clientPort)
+        row.rangesAfterRestart = metrics(Self.rangeMetric)
         var firstLines: [UInt64] = []
         for host in 0..<hosts {
             if let entry = Self.readLog(logs.path, host: host).first(where: { $0.time > restarted }) { firstLines.append(entry.time) }
@@ -183,16 +228,16 @@ struct FleetScenario {
         progress("fleet, \(mode.rawValue): etcd restarted; every host caught up after "
             + "\(row.restartCatchUpSeconds.map { Format.fixed($0, 2) } ?? "-") s, \(row.rangesAfterRestart.map(String.init) ?? "-") Range requests at etcd")
         defer { if let kept = options.fleetLogs { Self.copyLogs(logs.path, to: "\(kept)/\(mode.rawValue)") } }
-        try compactionHerd(client, fleet: fleet, clientPort: clientPort, logs: logs.path, into: &row) { () throws(BenchError) in
+        try compactionHerd(client, fleet: fleet, network: network, logs: logs.path, into: &row) { () throws(BenchError) in
             etcd?.stop()
             etcd = nil
-            etcd = try startEtcd(data: data.path, clientPort: clientPort, peerPort: peerPort)
+            etcd = try startEtcd(data: data.path, network: network)
             // Through a proxy, the hosts' streams end at the proxy, which would resume its own
             // watch and carry them through the restart: restarted too, so that they break.
             if mode == .proxy {
                 proxy?.stop()
                 proxy = nil
-                proxy = try startProxy(port: proxyPort, etcdPort: clientPort)
+                proxy = try startProxy(network: network)
             }
         }
         return row
@@ -205,7 +250,7 @@ struct FleetScenario {
     /// restart, a stopped host's stream may still hold every event in its buffers and need no
     /// listing.) etcd's Range requests are sampled every 50 ms for the peak rate, until every
     /// host has applied the last put.
-    private func compactionHerd(_ client: EtcdClient, fleet: [ChildProcess], clientPort: UInt16, logs: String,
+    private func compactionHerd(_ client: EtcdClient, fleet: [ChildProcess], network: FleetNetwork, logs: String,
                                 into row: inout FleetRow, restartEtcd: () throws(BenchError) -> Void) throws(BenchError) {
         for host in fleet where !host.hasExited() { kill(host.pid, SIGSTOP) }
         let listingsBefore = (0..<fleet.count).map { Self.relistings(logs, host: $0) }
@@ -227,7 +272,7 @@ struct FleetScenario {
             throw error
         }
         let targets = lastWatched(puts, floor: revision)
-        let before = rangeRequests(clientPort) ?? 0
+        let before = metric(network, Self.rangeMetric) ?? 0
         let resumed = MonotonicClock.nanoseconds()
         for host in fleet where !host.hasExited() { kill(host.pid, SIGCONT) }
         var last = before
@@ -237,7 +282,7 @@ struct FleetScenario {
         var step = 0
         while MonotonicClock.milliseconds() < deadline {
             usleep(50_000)
-            let now = rangeRequests(clientPort) ?? last
+            let now = metric(network, Self.rangeMetric) ?? last
             peak = max(peak, now - min(now, last))
             last = now
             step += 1
@@ -266,45 +311,50 @@ struct FleetScenario {
 
     // MARK: Processes
 
-    private func startProxy(port: UInt16, etcdPort: UInt16) throws(BenchError) -> ServingProcess {
+    /// etcd's gRPC proxy on the proxy's host, in front of etcd.
+    private func startProxy(network: FleetNetwork) throws(BenchError) -> ServingProcess {
         let directory = try TemporaryDirectory(prefix: "berth-fleet-proxy")
         do throws(BenchError) {
-            return try Launcher.startExternal(
-                name: "grpc-proxy", path: DiscoveryScenario.etcdPath,
-                arguments: ["grpc-proxy", "start", "--endpoints", "127.0.0.1:\(etcdPort)", "--listen-addr", "127.0.0.1:\(port)"],
-                cpus: allCPUs, directory: directory,
-                addresses: ["proxy": SocketAddress(ipv4: (127, 0, 0, 1), port: port)])
+            let (path, arguments) = network.command(as: "proxy", DiscoveryScenario.etcdPath, [
+                "grpc-proxy", "start", "--endpoints", "\(network.etcdAddress)", "--listen-addr", "\(network.proxyAddress)",
+            ])
+            return try Launcher.startExternal(name: "grpc-proxy", path: path, arguments: arguments, cpus: allCPUs, directory: directory,
+                                              addresses: ["proxy": network.proxyAddress]) { network.canConnect(from: "proxy", to: $0) }
         } catch {
             directory.remove()
             throw error
         }
     }
 
-    private func startEtcd(data: String, clientPort: UInt16, peerPort: UInt16) throws(BenchError) -> ServingProcess {
+    /// etcd (one member) on its host, its data in `data`: the same ports and data when started
+    /// again. On the bed it also listens on 127.0.0.1 inside its host, for nothing but its peer URL.
+    private func startEtcd(data: String, network: FleetNetwork) throws(BenchError) -> ServingProcess {
         let directory = try TemporaryDirectory(prefix: "berth-fleet-etcd-log")
         do throws(BenchError) {
-            let client = "127.0.0.1:\(clientPort)", peer = "http://127.0.0.1:\(peerPort)"
-            return try Launcher.startExternal(name: "etcd", path: DiscoveryScenario.etcdPath, arguments: [
+            let client = "\(network.etcdAddress)", peer = "http://127.0.0.1:\(network.etcdPeerPort)"
+            let (path, arguments) = network.command(as: "etcd", DiscoveryScenario.etcdPath, [
                 "--name", "fleet", "--data-dir", "\(data)/data",
                 "--listen-client-urls", "http://\(client)", "--advertise-client-urls", "http://\(client)",
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                 "--initial-cluster", "fleet=\(peer)", "--initial-cluster-state", "new", "--logger", "zap", "--log-level", "warn",
-            ], cpus: allCPUs, directory: directory, addresses: ["etcd": SocketAddress(ipv4: (127, 0, 0, 1), port: clientPort)])
+            ])
+            return try Launcher.startExternal(name: "etcd", path: path, arguments: arguments, cpus: allCPUs, directory: directory,
+                                              addresses: ["etcd": network.etcdAddress]) { network.canConnect(from: "etcd", to: $0) }
         } catch {
             directory.remove()
             throw error
         }
     }
 
-    /// `berth discover` as host `index`: its services on 127.77.X.Y, no stats server, every
-    /// applied table in `logs/hostN.rev`, its log in `logs/hostN.log`.
-    private func spawnHost(_ index: Int, endpoint: String, logs: String) throws(BenchError) -> ChildProcess {
-        let bind = "127.77.\(index / 250).\(index % 250 + 1)"
+    /// `berth discover` as host `index`: its services on the host's own address, no stats
+    /// server, every applied table in `logs/hostN.rev`, its log in `logs/hostN.log`.
+    private func spawnHost(_ index: Int, endpoint: String, logs: String, network: FleetNetwork) throws(BenchError) -> ChildProcess {
         let filter = watched(host: index).map { ["--services", $0.sorted().map { "service\($0)" }.joined(separator: ",")] } ?? []
-        return try Launcher.spawnOnCPUs(name: "host\(index)", path: berth, arguments: [
-            "discover", "--etcd", endpoint, "--prefix", Self.prefix, "--bind", bind, "--workers", "1", "--stats", "off",
-            "--linger", "0", "--drain-timeout", "0", "--revision-log", "\(logs)/host\(index).rev",
-        ] + filter + (options.fleetRelistJitter.map { ["--relist-jitter", "\($0)"] } ?? []), cpus: allCPUs, logFile: "\(logs)/host\(index).log")
+        let (path, arguments) = network.command(as: "h\(index)", berth, [
+            "discover", "--etcd", endpoint, "--prefix", Self.prefix, "--bind", network.address(of: "h\(index)"), "--workers", "1",
+            "--stats", "off", "--linger", "0", "--drain-timeout", "0", "--revision-log", "\(logs)/host\(index).rev",
+        ] + filter + (options.fleetRelistJitter.map { ["--relist-jitter", "\($0)"] } ?? []))
+        return try Launcher.spawnOnCPUs(name: "host\(index)", path: path, arguments: arguments, cpus: allCPUs, logFile: "\(logs)/host\(index).log")
     }
 
     /// The services host `index` watches (`--services`), nil for all: the odd hosts watch
@@ -366,62 +416,80 @@ struct FleetScenario {
         "\(prefix)/service\(item / instancesPerService)/instance\(item % instancesPerService)"
     }
 
-    /// Every instance, in transactions; the revision of the last.
-    private func writeRegistry(_ client: EtcdClient) throws(BenchError) -> Int64 {
-        var revision: Int64 = 0
-        let items = services * Self.instancesPerService
-        for offset in stride(from: 0, to: items, by: DiscoveryScenario.keysPerTransaction) {
-            let batch = (offset..<min(offset + DiscoveryScenario.keysPerTransaction, items)).map { item in
-                (key: Self.key(item), value: Self.instanceValue(service: item / Self.instancesPerService, instance: item % Self.instancesPerService))
+    /// Waits until the registry holds `count` keys (every registrar has put its share); the
+    /// revision of that listing.
+    private func awaitRegistry(_ client: EtcdClient, count: Int, registrars: FleetRegistrars) throws(BenchError) -> Int64 {
+        let deadline = MonotonicClock.milliseconds() + Self.syncTimeout
+        var seen = 0
+        while MonotonicClock.milliseconds() < deadline {
+            let listing = try DiscoveryScenario.etcdCall("list") { try await client.get(prefix: Self.prefix + "/") }
+            seen = listing.keyValues.count
+            if seen == count { return listing.revision }
+            if let gone = registrars.processes.first(where: { $0.hasExited() }) {
+                throw .child("\(gone.name) exited: \(ProcFS.read("\(registrars.directory)/host\(gone.name.dropFirst(9)).register.log")?.suffix(300) ?? "")")
             }
-            revision = try DiscoveryScenario.etcdCall("putAll") { try await client.putAll(batch) }
+            usleep(250_000)
         }
-        return revision
+        throw .child("the registrars put \(seen) of \(count) instances within \(Self.syncTimeout / 1000) s")
     }
 
-    /// Deletes and puts of random instances at `changesPerSecond` for `churnSeconds`.
-    private func churn(_ client: EtcdClient) throws(BenchError) -> [FleetChange] {
+    /// Adds and removes random instances at `changesPerSecond` for `churnSeconds`, each through
+    /// its host's registrar (file, then SIGHUP). An instance changed in the last 2 s is not
+    /// picked again: two signals close together may be taken as one reload.
+    private func churn(_ registrars: FleetRegistrars) throws(BenchError) -> [SentChange] {
         let count = Int(churnSeconds * Self.changesPerSecond)
         let interval = UInt64(1e9 / Self.changesPerSecond)
-        var absent = Set<Int>()
-        var changes: [FleetChange] = []
+        let recentLimit = Int(2 * Self.changesPerSecond)
+        var recent: [Int] = []
+        var sent: [SentChange] = []
         let start = MonotonicClock.nanoseconds()
         for index in 0..<count {
             let due = start + UInt64(index) * interval
             let now = MonotonicClock.nanoseconds()
             if due > now { usleep(useconds_t((due - now) / 1_000)) }
-            let item = Int.random(in: 0..<(services * Self.instancesPerService))
-            let key = Self.key(item)
-            let sent = MonotonicClock.nanoseconds()
-            let revision: Int64
-            if absent.remove(item) != nil {
-                let value = Self.instanceValue(service: item / Self.instancesPerService, instance: item % Self.instancesPerService)
-                revision = try DiscoveryScenario.etcdCall("put") { try await client.put(key: key, value: value) }
-            } else {
-                absent.insert(item)
-                revision = try DiscoveryScenario.etcdCall("delete") { try await client.deleteReturningRevision(key: key) }
-            }
-            changes.append(FleetChange(sent: sent, revision: revision, service: item / Self.instancesPerService))
+            var item = Int.random(in: 0..<registrars.items)
+            while recent.contains(item) { item = Int.random(in: 0..<registrars.items) }
+            recent.append(item)
+            if recent.count > recentLimit { recent.removeFirst() }
+            let time = MonotonicClock.nanoseconds()
+            _ = try registrars.toggle(item)
+            sent.append(SentChange(sent: time, key: registrars.key(of: item), service: item / Self.instancesPerService))
         }
+        return sent
+    }
+
+    /// Each sent change with the revision etcd gave it: the next event of its key in the
+    /// bench's watch. Waits up to 10 s for the last; changes never seen are left out.
+    private func awaitChanges(_ sent: [SentChange], revisions: RevisionWatch, registrars: FleetRegistrars) -> [FleetChange] {
+        let deadline = MonotonicClock.milliseconds() + 10_000
+        var changes: [FleetChange] = []
+        repeat {
+            var used: [String: Int] = [:]
+            changes = sent.compactMap { change in
+                let seen = revisions.revisions(of: change.key)
+                let index = used[change.key, default: 0]
+                used[change.key] = index + 1
+                return index < seen.count ? FleetChange(sent: change.sent, revision: seen[index], service: change.service) : nil
+            }
+            if changes.count == sent.count { break }
+            usleep(100_000)
+        } while MonotonicClock.milliseconds() < deadline
+        if changes.count < sent.count { progress("fleet: \(sent.count - changes.count) of \(sent.count) changes never reached etcd's watch") }
         return changes
     }
 
     // MARK: Measuring
 
-    /// etcd's `etcd_network_client_grpc_sent_bytes_total`, from its /metrics.
-    private func sentBytes(_ port: UInt16) -> UInt64? {
-        metric(port, "etcd_network_client_grpc_sent_bytes_total ")
-    }
+    static let sentBytesMetric = "etcd_network_client_grpc_sent_bytes_total "
+    /// Keep-alive streams etcd started: Berth's registrar opens one per keep-alive.
+    static let keepAliveMetric = "grpc_server_started_total{grpc_method=\"LeaseKeepAlive\""
+    /// The Range requests etcd has started serving.
+    static let rangeMetric = "grpc_server_started_total{grpc_method=\"Range\""
 
-    /// The Range requests etcd has started serving (`grpc_server_started_total`, method Range).
-    private func rangeRequests(_ port: UInt16) -> UInt64? {
-        metric(port, "grpc_server_started_total{grpc_method=\"Range\"")
-    }
-
-    /// The value of the first line of etcd's /metrics that starts with `prefix`.
-    private func metric(_ port: UInt16, _ prefix: String) -> UInt64? {
-        guard let response = Launcher.fetch(from: SocketAddress(ipv4: (127, 0, 0, 1), port: port), path: "/metrics",
-                                            stepTimeout: 2_000, limit: 4 << 20) else { return nil }
+    /// The value of the first line of etcd's /metrics that starts with `prefix` (read from
+    /// inside etcd's host).
+    private func metric(_ network: FleetNetwork, _ prefix: String) -> UInt64? {
+        guard let response = network.fetch(from: "etcd", network.etcdAddress, path: "/metrics") else { return nil }
         let text = String(decoding: response, as: UTF8.self)
         for line in text.split(separator: "\n") where line.hasPrefix(prefix) {
             return line.split(separator: " ").last.flatMap { Double($0) }.map { UInt64($0) }
@@ -459,6 +527,13 @@ struct FleetScenario {
         }
         return nil
     }
+}
+
+/// One change the churn asked a registrar for: when, its key, its service.
+struct SentChange {
+    var sent: UInt64
+    var key: String
+    var service: Int
 }
 
 /// One change the churn made: when it was sent, the revision etcd gave it, its service.
@@ -511,6 +586,17 @@ struct RoutingFigures {
 /// One configuration of the fleet (direct, or through the gRPC proxy).
 struct FleetRow {
     var mode: String
+    /// `namespaces` (the test bed) or `loopback`.
+    var network = ""
+    /// From the registrars' start until the registry held every instance.
+    var registerSeconds: Double?
+    var registrarMeanResidentBytes: UInt64?
+    /// All registrars together, over the churn (cores).
+    var registrarsCPUShare: Double?
+    /// LeaseKeepAlive streams etcd started per second over the churn.
+    var keepAlivesPerSecond: Double?
+    /// Changes sent whose revision the bench's watch never saw (left out of the figures).
+    var unobservedChanges = 0
     var syncSeconds: Double?
     var hostMeanResidentBytes: UInt64?
     var hostMaxResidentBytes: UInt64?

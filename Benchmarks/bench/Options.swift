@@ -160,6 +160,8 @@ struct BenchOptions: Sendable {
     var fleetModes: [String]?
     /// Where the fleet scenario copies its hosts' logs and revision logs (`--fleet-logs`).
     var fleetLogs: String?
+    /// `namespaces` or `loopback` (`--fleet-network`; nil: namespaces where the bed can be built).
+    var fleetNetwork: String?
     /// The `berth` executable the scenarios run; nil: the one built beside this bench.
     var berthPath: String?
     /// An older `berth` the features scenario also runs with its defaults (the "before" row).
@@ -225,6 +227,12 @@ enum CommandLineParser {
                 }
                 options.fleetModes = modes
             case "--fleet-logs": options.fleetLogs = try reader.value(for: flag)
+            case "--fleet-network":
+                let value = try reader.value(for: flag)
+                guard ["namespaces", "loopback"].contains(value) else {
+                    throw UsageError(description: "--fleet-network: expected namespaces or loopback")
+                }
+                options.fleetNetwork = value
             case "--proxy-wrapper":
                 options.proxyWrapper = try reader.value(for: flag).split(separator: " ").map(String.init)
                 guard !options.proxyWrapper.isEmpty else { throw UsageError(description: "--proxy-wrapper needs a command") }

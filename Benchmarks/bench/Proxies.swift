@@ -238,11 +238,12 @@ enum Launcher {
     /// A program that does not watch its stdin (HAProxy, the berth binary), its stdout and
     /// stderr in `directory/NAME.log`, run under `taskset -c CPUS` when taskset exists (a child
     /// would otherwise inherit the bench's own pinning to the load CPU), with a watchdog role
-    /// that stops it if the bench dies. Ready once every address of `addresses` accepts a
-    /// connection (within `startTimeout`). The returned process owns `directory`; on failure the
+    /// that stops it if the bench dies. Ready once every address of `addresses` is `reachable`
+    /// (by default: accepts a connection from the bench) within `startTimeout`. The returned process owns `directory`; on failure the
     /// caller still does.
     static func startExternal(name: String, path: String, arguments: [String], cpus: String,
-                              directory: TemporaryDirectory, addresses: [String: SocketAddress]) throws(BenchError) -> ServingProcess {
+                              directory: TemporaryDirectory, addresses: [String: SocketAddress],
+                              reachable: (SocketAddress) -> Bool = { canConnect(to: $0) }) throws(BenchError) -> ServingProcess {
         let log = "\(directory.path)/\(name).log"
         let child = try spawnOnCPUs(name: name, path: path, arguments: arguments, cpus: cpus, logFile: log)
         let watchdog: ChildProcess
@@ -259,7 +260,7 @@ enum Launcher {
         var ready = false
         while !ready && MonotonicClock.milliseconds() < deadline {
             if child.hasExited() { break }
-            ready = addresses.values.allSatisfy { canConnect(to: $0) }
+            ready = addresses.values.allSatisfy { reachable($0) }
             if !ready { usleep(20_000) }
         }
         guard ready else {

@@ -3,7 +3,7 @@ let benchUsage = """
     usage: bench [--quick] [--json] [--phases LIST] [--scenarios LIST] [--setups LIST] [--seconds N]
                  [--rate N] [--repeat N] [--haproxy PATH] [--berth PATH] [--berth-before PATH]
                  [--fleet-hosts N] [--fleet-services N] [--fleet-relist-jitter MS]
-                 [--fleet-modes LIST] [--fleet-logs DIR]
+                 [--fleet-modes LIST] [--fleet-logs DIR] [--fleet-network KIND]
                  [--proxy-wrapper COMMAND] [--help]
 
     Measures Berth against a direct connection and against HAProxy on this machine, all in one
@@ -21,9 +21,10 @@ let benchUsage = """
     backend, delay, loss, etcd cut off; Berth beside HAProxy; needs root, ip and iptables) and
     features (new connections with each opt-in feature on: weights, leastconn, source, slow
     start, PROXY protocol v1 and v2, the connection log; against all off in the same round, and
-    against --berth-before's binary). Only when named: fleet (N hosts, each a real berth discover,
-    on one etcd, directly and through etcd grpc-proxy: put -> routable on every host under 50
-    changes a second, etcd's CPU, memory and bytes per change, the catch-up after an etcd restart).
+    against --berth-before's binary). Only when named: fleet (N hosts in network namespaces, each a
+    real berth register and berth discover, on one etcd, directly and through etcd grpc-proxy:
+    change -> routable on every host under 50 registrar changes a second, etcd's CPU, memory,
+    bytes per change and lease keep-alives, the catch-up after an etcd restart, the herd).
 
       --quick          1 s per phase instead of 5 s
       --json           print the figures as JSON instead of tables (progress still goes to stderr)
@@ -58,6 +59,10 @@ let benchUsage = """
       --fleet-modes LIST
                        the fleet's configurations: direct, grpc-proxy (default: both)
       --fleet-logs DIR the fleet hosts' logs and revision logs are copied to DIR/MODE
+      --fleet-network KIND
+                       namespaces (a network namespace per host on one bridge; the default where
+                       it can be built: root, ip, at most 238 hosts) or loopback (a 127.77.x.y
+                       address per host)
       --proxy-wrapper COMMAND
                        run Berth's proxy process under COMMAND (split on spaces), e.g.
                        "valgrind --tool=callgrind --callgrind-out-file=/tmp/berth.%p.out";

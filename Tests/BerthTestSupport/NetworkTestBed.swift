@@ -28,6 +28,8 @@ public final class NetworkTestBed: @unchecked Sendable {
     /// The bed's network; every host gets `subnet.(firstHost + index)`.
     public static let subnet = "10.213.77"
     static let firstHost = 10
+    /// Hosts one bed can number: `subnet.(firstHost)` to `subnet.249`.
+    public static let maximumHosts = 240
     /// Interface names: the host side, the bridge (both ≤ 15 characters).
     static let hostInterface = "eth0"
     static let bridge = "br0"
@@ -68,7 +70,7 @@ public final class NetworkTestBed: @unchecked Sendable {
     public init(hosts names: [String]) throws {
         if let reason = Self.unavailableReason() { throw FixtureFailure(reason) }
         let allowed = Set("abcdefghijklmnopqrstuvwxyz0123456789-")
-        guard !names.isEmpty, names.count <= 200, Set(names).count == names.count,
+        guard !names.isEmpty, names.count <= Self.maximumHosts, Set(names).count == names.count,
               names.allSatisfy({ !$0.isEmpty && $0 != "switch" && $0.allSatisfy(allowed.contains) }) else {
             throw FixtureFailure("bad host names \(names): unique, lowercase letters, digits and '-', not 'switch'")
         }
