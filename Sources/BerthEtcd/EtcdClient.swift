@@ -118,6 +118,29 @@ public final class EtcdClient: Sendable {
         return response.kvs.first.map(KeyValue.init)
     }
 
+    /// The values of `keys` (absent keys are left out), at one revision per 128 keys: each
+    /// batch is one transaction of Range requests (etcd's default --max-txn-ops is 128). Reads
+    /// exactly these keys, not the registry around them.
+    public func get(keys: [String]) async throws -> [KeyValue] {
+        var found: [KeyValue] = []
+        for start in stride(from: 0, to: keys.count, by: Self.operationsPerTransaction) {
+            var request = Etcdserverpb_TxnRequest()
+            request.success = keys[start..<min(start + Self.operationsPerTransaction, keys.count)].map { key in
+                var range = Etcdserverpb_RangeRequest()
+                range.key = Data(key.utf8)
+                var operation = Etcdserverpb_RequestOp()
+                operation.requestRange = range
+                return operation
+            }
+            let response = try await transaction(request)
+            for answer in response.responses { found += answer.responseRange.kvs.map(KeyValue.init) }
+        }
+        return found
+    }
+
+    /// etcd's default `--max-txn-ops`.
+    static let operationsPerTransaction = 128
+
     /// Puts a key (attached to `lease` when non-zero); returns the new revision.
     @discardableResult
     public func put(key: String, value: [UInt8], lease: Int64 = 0) async throws -> Int64 {
@@ -151,11 +174,14 @@ public final class EtcdClient: Sendable {
             operation.requestPut = put
             return operation
         }
+        return try await transaction(request).header.revision
+    }
+
+    private func transaction(_ request: Etcdserverpb_TxnRequest) async throws -> Etcdserverpb_TxnResponse {
         let message = request
-        let response = try await call("Txn") { connection, metadata, options in
+        return try await call("Txn") { connection, metadata, options in
             try await Etcdserverpb_KV.Client(wrapping: connection.client).txn(message, metadata: metadata, options: options)
         }
-        return response.header.revision
     }
 
     /// Deletes one key; returns how many were deleted (0 or 1).

@@ -27,6 +27,12 @@ public struct EtcdRegistrationStore: RegistrationStore {
         _ = try await client.delete(key: key)
     }
 
+    public func get(keys: [String]) async throws -> [String: String] {
+        var result: [String: String] = [:]
+        for keyValue in try await client.get(keys: keys) { result[keyValue.key] = keyValue.valueText }
+        return result
+    }
+
     public func get(prefix: String) async throws -> [String: String] {
         var result: [String: String] = [:]
         for keyValue in try await client.get(prefix: prefix).keyValues { result[keyValue.key] = keyValue.valueText }

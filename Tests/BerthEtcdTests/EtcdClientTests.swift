@@ -36,6 +36,25 @@ final class EtcdClientTests: XCTestCase {
         XCTAssertTrue(try etcd.etcdctl(["get", "/u/c", "--print-value-only"]).contains("3"))
     }
 
+    /// `get(keys:)` reads exactly the keys asked for, over more than one transaction (128
+    /// operations each), leaving out absent ones and never the neighbours under the prefix.
+    func testGetKeysReadsExactlyThoseKeysAcrossTransactions() async throws {
+        let etcd = try EtcdFixture()
+        defer { etcd.stop() }
+        let client = try client(etcd.endpoints)
+        defer { client.close() }
+        for batch in stride(from: 0, to: 300, by: 100) {
+            try await client.putAll((batch..<batch + 100).map { (key: "/k/\($0)", value: Array("v\($0)".utf8)) })
+        }
+        let asked = stride(from: 0, to: 300, by: 2).map { "/k/\($0)" } + ["/k/absent", "/k/1000"]
+        let found = try await client.get(keys: asked)
+        XCTAssertEqual(found.count, 150)
+        XCTAssertEqual(Set(found.map(\.key)), Set(stride(from: 0, to: 300, by: 2).map { "/k/\($0)" }))
+        XCTAssertTrue(found.allSatisfy { $0.valueText == "v" + $0.key.dropFirst(3) })
+        let none = try await client.get(keys: [])
+        XCTAssertTrue(none.isEmpty)
+    }
+
     func testLeaseKeysGoWithTheLease() async throws {
         let etcd = try EtcdFixture()
         defer { etcd.stop() }

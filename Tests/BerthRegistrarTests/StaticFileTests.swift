@@ -264,6 +264,42 @@ final class StaticFileReloadTests: XCTestCase {
         await assertSigtermRevokes(process, reader, prefix)
     }
 
+    /// The periodic resync reads back this host's keys only, not the registry around them
+    /// (every host of a fleet doing that every 30 s would cost etcd the registry's size × hosts),
+    /// and still puts back a key deleted behind its back.
+    func testTheResyncReadsBackOnlyThisHostsKeysAndRepairsThem() async throws {
+        let (etcd, reader) = try fixture()
+        let prefix = "/static-read-back"
+        // 2,000 other hosts' instances, about 240 KB: what a read of the whole prefix would send.
+        let filler = String(repeating: "x", count: 100)
+        for batch in stride(from: 0, to: 2_000, by: 100) {
+            try await reader.client.putAll((batch..<batch + 100).map { (key: "\(prefix)/other/10.0.0.1:\($0)", value: Array(filler.utf8)) })
+        }
+        let process = try spawn(["register", "--etcd", etcd.endpoints, "--prefix", prefix, "--no-docker", "--ttl", "5s",
+                                 "--resync", "1s", "--static", "mine=127.0.0.1:7101,mine=127.0.0.1:7102"])
+        let key = "\(prefix)/mine/127.0.0.1:7101"
+        await assertEventually(timeout: 10, process.standardError) { try await reader.get(prefix: "\(prefix)/mine/").count == 2 }
+
+        let metrics = { () throws -> Double in
+            let text = try HTTPProbe.get(port: etcd.members[0].clientPort, path: "/metrics")
+            let line = try XCTUnwrap(text.split(separator: "\n").first { $0.hasPrefix("etcd_network_client_grpc_sent_bytes_total ") })
+            return try XCTUnwrap(Double(line.split(separator: " ").last ?? ""))
+        }
+        let before = try metrics()
+        let started = monotonicSeconds()
+        try await Task.sleep(for: .seconds(4))
+        let sent = try metrics() - before
+        let seconds = monotonicSeconds() - started
+        // Four resyncs or more; each whole-prefix read would have been about 240 KB.
+        XCTAssertLessThan(sent, 60_000, "etcd sent \(Int(sent)) bytes in \(seconds) s to one registrar of 2 keys")
+
+        _ = try await reader.client.delete(key: key)
+        await assertEventually(timeout: 5, "the resync did not put the key back") { try await reader.get(prefix: "\(prefix)/mine/")[key] != nil }
+        XCTAssertTrue(waitForStandardError(process, containing: "\(key) changed or missing in etcd: writing it again"), process.standardError)
+        await assertSigtermRevokes(process, reader, prefix + "/mine")
+        _ = try await reader.client.delete(prefix: prefix + "/")
+    }
+
     func testSighupWithoutAStaticFileIsLoggedAndIgnored() async throws {
         let (etcd, reader) = try fixture()
         let prefix = "/static-file-none"
