@@ -94,10 +94,13 @@ final class FleetRegistrars {
 }
 
 /// Every put and delete under the registry, in order, per key, from a watch the bench holds on
-/// etcd: the revision a registrar's change got.
+/// etcd: the revision a registrar's change got. A watch that ends (etcd too slow to answer its
+/// progress requests, a broken stream the client gave up on) is opened again from the revision
+/// after the last one seen, and said.
 final class RevisionWatch: Sendable {
     private final class Events: Sendable {
         let table = Mutex<[String: [Int64]]>([:])
+        let next = Atomic<Int64>(0)
     }
 
     private let events = Events()
@@ -105,10 +108,20 @@ final class RevisionWatch: Sendable {
 
     init(client: EtcdClient, fromRevision revision: Int64) {
         let events = self.events
+        events.next.store(revision, ordering: .relaxed)
         task = Task {
-            _ = try? await client.watch(prefix: FleetScenario.prefix + "/", fromRevision: revision) { batch in
-                events.table.withLock { table in
-                    for event in batch.events { table[event.keyValue.key, default: []].append(event.keyValue.modRevision) }
+            while !Task.isCancelled {
+                do {
+                    try await client.watch(prefix: FleetScenario.prefix + "/", fromRevision: events.next.load(ordering: .relaxed)) { batch in
+                        events.table.withLock { table in
+                            for event in batch.events { table[event.keyValue.key, default: []].append(event.keyValue.modRevision) }
+                        }
+                        events.next.store(batch.revision + 1, ordering: .relaxed)
+                    }
+                } catch {
+                    if Task.isCancelled { return }
+                    progress("fleet: the bench's watch ended (\(error)); watching again from revision \(events.next.load(ordering: .relaxed))")
+                    try? await Task.sleep(for: .milliseconds(200))
                 }
             }
         }

@@ -12,7 +12,7 @@ extension ScenarioReport {
         out += "\(FleetScenario.instancesPerService) instances, then \(Format.fixed(FleetScenario.changesPerSecond, 0)) removals and "
         out += "additions a second for \(Format.fixed(fleet.churnSeconds, 0)) s, each a registrar's static file changed and a SIGHUP; "
         out += "the odd hosts watch only service0 and a tenth of the others "
-        out += "(--services; their routing counts their services' changes); every process shares this machine's CPUs\n"
+        out += "(--services; their routing counts their services' changes); every process shares this machine's CPUs, etcd and the proxy at nice -10\n"
         if let skipped = fleet.skipped { return out + "skipped: \(skipped)\n\n" }
         guard !fleet.rows.isEmpty else { return out + "not measured (see the notes)\n\n" }
         func cell(_ value: Double?, _ digits: Int) -> String { value.map { Format.fixed($0, digits) } ?? "-" }

@@ -239,11 +239,12 @@ enum Launcher {
     /// stderr in `directory/NAME.log`, run under `taskset -c CPUS` when taskset exists (a child
     /// would otherwise inherit the bench's own pinning to the load CPU), with a watchdog role
     /// that stops it if the bench dies. Ready once every address of `addresses` is `reachable`
-    /// (by default: accepts a connection from the bench) within `startTimeout`. The returned process owns `directory`; on failure the
+    /// (by default: accepts a connection from the bench) within `timeout` ms. The returned process owns `directory`; on failure the
     /// caller still does.
     static func startExternal(name: String, path: String, arguments: [String], cpus: String,
                               directory: TemporaryDirectory, addresses: [String: SocketAddress],
-                              reachable: (SocketAddress) -> Bool = { canConnect(to: $0) }) throws(BenchError) -> ServingProcess {
+                              reachable: (SocketAddress) -> Bool = { canConnect(to: $0) },
+                              timeout: Int64 = startTimeout) throws(BenchError) -> ServingProcess {
         let log = "\(directory.path)/\(name).log"
         let child = try spawnOnCPUs(name: name, path: path, arguments: arguments, cpus: cpus, logFile: log)
         let watchdog: ChildProcess
@@ -251,12 +252,12 @@ enum Launcher {
             watchdog = try ChildProcess.spawn(name: "\(name) watchdog", path: currentExecutablePath(), arguments: [
                 "--role", "watchdog", "--pid", "\(child.pid)", "--remove", directory.path,
             ])
-            _ = try watchdog.readLine(timeout: startTimeout)
+            _ = try watchdog.readLine(timeout: timeout)
         } catch {
             child.stop()
             throw error
         }
-        let deadline = MonotonicClock.milliseconds() + startTimeout
+        let deadline = MonotonicClock.milliseconds() + timeout
         var ready = false
         while !ready && MonotonicClock.milliseconds() < deadline {
             if child.hasExited() { break }
