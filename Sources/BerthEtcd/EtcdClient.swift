@@ -317,7 +317,7 @@ public final class EtcdClient: Sendable {
                     throw EtcdError.authenticationFailed(error.message)
                 case .server:
                     // A read pinned to a revision etcd has compacted away.
-                    if error.message.contains(Self.compactedMessage) { throw EtcdError.compacted(0) }
+                    if Self.reportsCompaction(error) { throw EtcdError.compacted(0) }
                     throw EtcdError.server("\(error.code)", error.message)
                 }
             }
@@ -330,6 +330,12 @@ public final class EtcdClient: Sendable {
     /// etcd's message for a revision it has compacted away.
     static let compactedMessage = "mvcc: required revision has been compacted"
 
+    /// Whether etcd refused a request (a watch, a read pinned to a revision) because the
+    /// revision asked for is compacted: the one test of it, for calls, watches and resume reads.
+    static func reportsCompaction(_ error: RPCError) -> Bool {
+        error.message.contains(compactedMessage)
+    }
+
     static func classify(_ error: RPCError) -> FailureKind {
         let message = error.message
         if message.contains("authentication failed") || message.contains("user name is empty")
@@ -338,7 +344,7 @@ public final class EtcdClient: Sendable {
         }
         switch error.code {
         case .unavailable, .deadlineExceeded, .cancelled, .unknown, .internalError, .resourceExhausted:
-            return message.contains(compactedMessage) ? .server : .transport
+            return reportsCompaction(error) ? .server : .transport
         case .unauthenticated:
             return .tokenExpired
         default:

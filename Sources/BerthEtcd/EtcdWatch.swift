@@ -387,12 +387,6 @@ extension WatchEvent {
 }
 
 extension EtcdClient {
-    /// Whether etcd refused a request (a watch, a read pinned to a revision) because the
-    /// revision asked for is compacted ("mvcc: required revision has been compacted").
-    static func reportsCompaction(_ error: RPCError) -> Bool {
-        error.message.contains("compacted")
-    }
-
     /// How often a quiet watch on an endpoint that answers no progress request reads the newest
     /// put of its range (`EtcdError.watchBehind`).
     /// Each check is one linearizable Range per quiet watch stream; a stuck stream is found

@@ -17,23 +17,6 @@ public protocol RegistrationStore: Sendable {
     func get(keys: [String]) async throws -> [String: String]
 }
 
-extension RegistrationStore {
-    /// For a store with no cheaper way: the prefix of each key, read once, filtered.
-    public func get(keys: [String]) async throws -> [String: String] {
-        var result: [String: String] = [:]
-        var read: Set<String> = []
-        let wanted = Set(keys)
-        for key in keys {
-            guard let slash = key.lastIndex(of: "/") else { continue }
-            let prefix = String(key[...slash])
-            if read.insert(prefix).inserted {
-                for (found, value) in try await get(prefix: prefix) where wanted.contains(found) { result[found] = value }
-            }
-        }
-        return result
-    }
-}
-
 /// A call that did not finish before its deadline.
 public struct TimedOut: Error, Sendable, CustomStringConvertible {
     public let what: String

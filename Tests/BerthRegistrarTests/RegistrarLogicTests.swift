@@ -73,6 +73,11 @@ final class InMemoryStore: RegistrationStore {
     func get(prefix: String) async throws -> [String: String] {
         try access("get") { state in state.keys.filter { $0.key.hasPrefix(prefix) }.mapValues(\.value) }
     }
+
+    func get(keys: [String]) async throws -> [String: String] {
+        let wanted = Set(keys)
+        return try access("get") { state in state.keys.filter { wanted.contains($0.key) }.mapValues(\.value) }
+    }
 }
 
 final class RegistrarLogicTests: XCTestCase {
