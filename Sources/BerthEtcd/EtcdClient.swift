@@ -16,6 +16,10 @@ typealias EtcdTransport = HTTP2ClientTransport.Posix
 /// is no longer valid. Thread-safe: any task may call any method.
 public final class EtcdClient: Sendable {
     public let configuration: EtcdConfiguration
+    /// The deadline of the calls made under it, in place of `requestTimeout` (the shorter of
+    /// the two wins): a caller with a deadline of its own passes it here rather than
+    /// cancelling the call, so that running out of time is judged like any timeout (below).
+    @TaskLocal public static var callTimeout: Duration?
     let logger: Logger
     private let state = Mutex<State>(State())
 
@@ -289,7 +293,7 @@ public final class EtcdClient: Sendable {
         _ body: @Sendable (EtcdConnection, Metadata, CallOptions) async throws -> Result
     ) async throws -> Result {
         var options = CallOptions.defaults
-        options.timeout = timeout ?? configuration.requestTimeout
+        options.timeout = min(timeout ?? configuration.requestTimeout, Self.callTimeout ?? .seconds(86_400))
         options.waitForReady = false
         options.maxResponseMessageBytes = 256 * 1024 * 1024
         let endpoints = configuration.endpoints.count
@@ -299,12 +303,22 @@ public final class EtcdClient: Sendable {
         for attempt in 1...(2 * endpoints + 1) {
             try Task.checkCancellation()
             let connection = try currentConnection()
+            let answersBefore = connection.answers.load(ordering: .relaxed)
             do {
                 let metadata = try await metadata(on: connection, options: options)
                 let result = try await body(connection, metadata, options)
                 markHealthy(connection)
                 return result
             } catch let error as RPCError {
+                // The caller gave up (its task cancelled): that says nothing of the connection,
+                // and dropping it would fail every other call and stream on it.
+                if Task.isCancelled { throw CancellationError() }
+                // Out of time while the same connection answered other requests: etcd is slow,
+                // not cut off. Failing over would reconnect under load, a storm in a fleet. With
+                // no answer at all since the call began, the connection is suspect: the next.
+                if error.code == .deadlineExceeded && connection.answers.load(ordering: .relaxed) != answersBefore {
+                    throw EtcdError.unavailable("\(name): no answer within \(options.timeout ?? configuration.requestTimeout) (etcd is slow; its connection answers other requests)")
+                }
                 switch Self.classify(error) {
                 case .transport:
                     lastReason = "\(connection.endpoint): \(error.message.isEmpty ? "\(error.code)" : error.message)"
@@ -407,6 +421,7 @@ public final class EtcdClient: Sendable {
     }
 
     func markHealthy(_ connection: EtcdConnection) {
+        connection.answers.add(1, ordering: .relaxed)
         state.withLock { state in
             if state.connection === connection {
                 if !state.connected && state.everConnected {
@@ -442,6 +457,9 @@ final class EtcdConnection: Sendable {
     let endpoint: EtcdEndpoint
     let client: GRPCClient<EtcdTransport>
     private let runner: Task<Void, Never>
+    /// Answers received on this connection (calls that succeeded, watch responses): a call
+    /// that runs out of time while this grows was slow, the connection is not cut off.
+    let answers = Atomic<UInt64>(0)
 
     init(endpoint: EtcdEndpoint, tls: EtcdConfiguration.TLSFiles?) throws {
         self.endpoint = endpoint

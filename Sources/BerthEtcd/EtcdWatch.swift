@@ -242,6 +242,7 @@ extension EtcdClient {
                     // for a second more, then back: an outage ended.
                     if progress.silenceMeansTrouble && progress.silence > interval + EndpointProbe.stallThreshold { progress.markRecovered() }
                     progress.touch()
+                    connection.answers.add(1, ordering: .relaxed)
                     if message.compactRevision != 0 { throw EtcdError.compacted(message.compactRevision) }
                     if message.canceled {
                         throw RPCError(code: .unavailable, message: "cancelled by the server: \(message.cancelReason)")

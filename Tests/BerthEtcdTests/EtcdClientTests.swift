@@ -111,6 +111,40 @@ final class EtcdClientTests: XCTestCase {
         XCTAssertEqual(client.status.failovers, 1)
     }
 
+    /// A call its caller gives up on (a task cancelled by the caller's own deadline, as the
+    /// registrar's 2 s store timeout does) ends with `CancellationError` and leaves the
+    /// connection to etcd alone: it is not a transport failure. Dropping the connection there
+    /// failed every other call and stream on it, and under a slow etcd a fleet's registrars
+    /// reconnected in a storm.
+    func testACallItsCallerCancelsKeepsTheConnection() async throws {
+        let etcd = try EtcdFixture()
+        defer { etcd.stop() }
+        let client = try client(etcd.endpoints)
+        defer { client.close() }
+        let value = [UInt8](repeating: UInt8(ascii: "v"), count: 2_048)
+        for batch in stride(from: 0, to: 2_000, by: 100) {
+            try await client.putAll((batch..<batch + 100).map { (key: "/c/\($0)", value: value) })
+        }
+        var cancelledMidway = 0
+        for attempt in 0..<40 {
+            let call = Task { try await client.get(prefix: "/c/") }
+            try await Task.sleep(for: .microseconds(200 + 100 * (attempt % 20)))
+            call.cancel()
+            do {
+                _ = try await call.value
+            } catch is CancellationError {
+                cancelledMidway += 1
+            } catch {
+                XCTFail("attempt \(attempt): a cancelled call threw \(error), not CancellationError")
+            }
+        }
+        XCTAssertGreaterThan(cancelledMidway, 0, "no call was cancelled before its answer: the test proves nothing")
+        XCTAssertEqual(client.status.failovers, 0, "cancelled calls dropped the connection")
+        XCTAssertTrue(client.status.connected)
+        let listing = try await client.get(prefix: "/c/")
+        XCTAssertEqual(listing.keyValues.count, 2_000)
+    }
+
     func testAllEndpointsDownIsAClearErrorNotAHang() async throws {
         let client = try client("127.0.0.1:\(try freeLoopbackPort()),127.0.0.1:\(try freeLoopbackPort())")
         defer { client.close() }
