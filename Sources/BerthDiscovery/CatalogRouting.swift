@@ -93,6 +93,10 @@ struct RoutingMemory: Sendable {
     var rows: [Row] = []
     /// The arguments the rows were built with (others: build everything again).
     var context: BuildContext?
+    /// The frontends of the last table built, and its serial: the next table says what
+    /// differs from it (`RoutingTable.changes`).
+    var lastFrontends: [Frontend] = []
+    var lastSerial: UInt64 = 0
 
     /// Where `name` is, or would be inserted.
     func search(_ name: String) -> (index: Int, found: Bool) {
@@ -280,6 +284,11 @@ extension Catalog {
             memory.rows[index].emptySince = nil
         }
         for index in gone.reversed() where memory.rows[index].served == nil { memory.rows.remove(at: index) }
+        let serial = RoutingTable.makeSerial()
+        let changes = memory.lastSerial == 0 ? nil
+            : FrontendChanges(base: memory.lastSerial, names: RoutingTable.changedNames(from: memory.lastFrontends, to: frontends))
+        memory.lastFrontends = frontends
+        memory.lastSerial = serial
         routingMemory = memory
         // By service; within one, in the order found (instances by id).
         if problems.count > 1 {
@@ -287,7 +296,7 @@ extension Catalog {
                 .sorted { ($0.element.service, $0.offset) < ($1.element.service, $1.offset) }
                 .map(\.element)
         }
-        return RoutingBuild(table: RoutingTable(revision: UInt64(max(0, revision)), frontends: frontends),
+        return RoutingBuild(table: RoutingTable(revision: UInt64(max(0, revision)), frontends: frontends, serial: serial, changes: changes),
                             checks: checks, problems: problems, lingering: lingering,
                             nextEvaluation: lingering.isEmpty ? nil : nextEvaluation, hostNames: hostNames)
     }

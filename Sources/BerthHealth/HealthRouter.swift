@@ -57,6 +57,13 @@ public final class HealthRouter: Sendable {
         /// starts taking traffic in a frontend published before (the first table of a frontend,
         /// at start for instance, is served at full weight).
         var published: [PublishedFrontend] = []
+        /// `published`'s effective frontends, the table last given to the engine.
+        var effective: [Frontend] = []
+        /// The serial of the desired table `published` was made from (0: none): a desired table
+        /// with changes relative to it is published by those alone.
+        var publishedFrom: UInt64 = 0
+        /// The serial of the effective table the engine last accepted.
+        var effectiveSerial: UInt64 = 0
         /// Set when health, overrides, check settings or a ramp changed: every frontend is
         /// made again at the next publish.
         var stale = true
@@ -103,11 +110,20 @@ public final class HealthRouter: Sendable {
             if state.checkOverrides != overrides { state.stale = true }
             state.checkOverrides = overrides
             if !state.adminStates.isEmpty || !state.weightOverrides.isEmpty {
-                let present = Set(table.frontends.flatMap { frontend in
+                // Kept for the backends still in the table (with changes, only the changed
+                // frontends' overrides are looked at).
+                let changed = table.changes.map { changes in
+                    state.publishedFrom != 0 && changes.base == state.publishedFrom ? Set(changes.names) : nil
+                } ?? nil
+                let present = Set(table.frontends.lazy.filter { changed?.contains($0.name) ?? true }.flatMap { frontend in
                     frontend.backends.map { BackendKey(frontend: frontend.name, backend: $0.name) }
                 })
-                state.adminStates = state.adminStates.filter { present.contains($0.key) }
-                state.weightOverrides = state.weightOverrides.filter { present.contains($0.key) }
+                let keep: (BackendKey) -> Bool = { key in
+                    guard let changed, !changed.contains(key.frontend) else { return present.contains(key) }
+                    return true
+                }
+                state.adminStates = state.adminStates.filter { keep($0.key) }
+                state.weightOverrides = state.weightOverrides.filter { keep($0.key) }
             }
             updateChecks(&state)
             return try publish(&state)
@@ -259,7 +275,13 @@ public final class HealthRouter: Sendable {
     private func publish(_ state: inout State) throws(EngineError) -> Engine.ApplyResult {
         let health = checker?.health() ?? [:]
         let now = MonotonicClock.milliseconds()
+        if !state.stale, state.publishedFrom != 0, let changes = state.desired.changes, changes.base == state.publishedFrom {
+            return try publishChanges(changes.names, health: health, now: now, &state)
+        }
         var effective = RoutingTable(revision: state.desired.revision, frontends: [])
+        // (Kept out of the state until the engine accepts: refused, the next publish makes
+        // everything again.)
+        state.publishedFrom = 0
         effective.frontends.reserveCapacity(state.desired.frontends.count)
         var published: [PublishedFrontend] = []
         published.reserveCapacity(state.desired.frontends.count)
@@ -283,15 +305,75 @@ public final class HealthRouter: Sendable {
             let present = Set(published.map(\.desired.name))
             state.upSince = state.upSince.filter { present.contains($0.key.frontend) }
         }
+        effective.serial = RoutingTable.makeSerial()
         let result = try engine.apply(effective)
         state.published = published
+        state.effective = effective.frontends
+        state.publishedFrom = state.desired.serial
+        state.effectiveSerial = effective.serial
         state.stale = false
+        afterPublish(nextStep: nextStep, health: health, state)
+        return result
+    }
+
+    /// `publish` of a desired table by its changes: only the frontends named are made again;
+    /// the engine gets the effective frontends that changed. Refused by the engine: the next
+    /// publish makes everything again.
+    private func publishChanges(_ names: [String], health: [BackendKey: BackendHealth], now: Int64,
+                                _ state: inout State) throws(EngineError) -> Engine.ApplyResult {
+        // Taken out, to change in place.
+        var published = state.published
+        var effective = state.effective
+        state.published = []
+        state.effective = []
+        state.publishedFrom = 0
+        var applied: [String] = []
+        var nextStep: Int64?
+        for name in names {
+            let (index, found) = state.desired.search(name)
+            let (position, held) = published.searchByName(name) { $0.desired.name }
+            guard found else {
+                guard held else { continue }
+                published.remove(at: position)
+                effective.remove(at: position)
+                if !state.upSince.isEmpty { state.upSince = state.upSince.filter { $0.key.frontend != name } }
+                applied.append(name)
+                continue
+            }
+            let frontend = state.desired.frontends[index]
+            if held && published[position].desired == frontend { continue }
+            var made = frontend
+            applyHealth(&made, health: health, &state)
+            if let step = applyWeights(&made, before: held ? effective[position] : nil, now: now, &state) {
+                nextStep = min(nextStep ?? step, step)
+            }
+            if held {
+                published[position] = PublishedFrontend(desired: frontend, effective: made)
+                effective[position] = made
+            } else {
+                published.insert(PublishedFrontend(desired: frontend, effective: made), at: position)
+                effective.insert(made, at: position)
+            }
+            applied.append(name)
+        }
+        let table = RoutingTable(revision: state.desired.revision, frontends: effective, serial: RoutingTable.makeSerial(),
+                                 changes: FrontendChanges(base: state.effectiveSerial, names: applied))
+        let result = try engine.apply(table)
+        state.published = published
+        state.effective = effective
+        state.publishedFrom = state.desired.serial
+        state.effectiveSerial = table.serial
+        afterPublish(nextStep: nextStep, health: health, state)
+        return result
+    }
+
+    /// After a table the engine accepted: the next ramp step, the observer.
+    private func afterPublish(nextStep: Int64?, health: [BackendKey: BackendHealth], _ state: State) {
         if let nextStep { rampTimer.schedule(at: nextStep) { [weak self] in self?.republish() } }
         if let observer = publishObserver.withLock({ $0 }) {
             observer(AppliedRouting(desired: state.desired, health: health.mapValues(\.status), adminStates: state.adminStates,
                                     weights: state.weightOverrides))
         }
-        return result
     }
 
     /// Disables the backends of `frontend` that are down, drained or in maintenance; with none

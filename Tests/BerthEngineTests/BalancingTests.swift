@@ -58,6 +58,16 @@ class DataPlaneTestCase: XCTestCase {
         return (engine, result.listening)
     }
 
+    /// A backend that sends its one-byte tag and closes.
+    func taggedBackend(_ tag: UInt8) throws -> TestBackend {
+        let backend = try TestBackend { fd in
+            _ = try? TestSocket.sendAll(fd, [tag])
+            close(fd)
+        }
+        addTeardownBlock { backend.stop() }
+        return backend
+    }
+
     func whoami(_ identity: String) throws -> WhoamiServer {
         let server = try WhoamiServer(listen: loopbackAnyPort, identity: identity)
         servers.append(server)

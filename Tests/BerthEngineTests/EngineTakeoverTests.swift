@@ -8,15 +8,6 @@ import XCTest
 /// processes, here in one): connections queued while nobody accepts are served, whatever the
 /// worker counts, and groups no frontend takes are closed on request.
 final class EngineTakeoverTests: DataPlaneTestCase {
-    private func taggedBackend(_ tag: UInt8) throws -> TestBackend {
-        let backend = try TestBackend { fd in
-            _ = try? TestSocket.sendAll(fd, [tag])
-            close(fd)
-        }
-        addTeardownBlock { backend.stop() }
-        return backend
-    }
-
     func testQueuedConnectionsSurviveTheSwitchToAnEngineWithFewerWorkers() throws {
         let old = try taggedBackend(1), new = try taggedBackend(2)
         let (first, listening) = try startEngine(

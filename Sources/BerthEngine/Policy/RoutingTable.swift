@@ -1,4 +1,5 @@
 import BerthSystem
+import Synchronization
 
 /// What the control plane asks the data plane to serve: frontends (a listening address and a
 /// name) and, for each, the backends to balance over. Plain values; `Engine.apply` publishes a
@@ -7,10 +8,60 @@ public struct RoutingTable: Sendable, Equatable {
     /// The etcd revision (or any version number) this table was built from.
     public var revision: UInt64
     public var frontends: [Frontend]
+    /// Tells this table from the others its producer made (`RoutingTable.makeSerial`); 0: not
+    /// told. Not part of `==`.
+    public var serial: UInt64 = 0
+    /// What differs from the producer's table of serial `changes.base`: a layer that applied
+    /// that table applies only these frontends and keeps the rest as they are (a fleet host sees
+    /// every registry change, in tables of a thousand frontends). A producer that sets it keeps
+    /// its tables in ascending order of frontend name, the base's too. nil: compare everything.
+    /// Not part of `==`.
+    public var changes: FrontendChanges?
 
-    public init(revision: UInt64 = 0, frontends: [Frontend] = []) {
+    public init(revision: UInt64 = 0, frontends: [Frontend] = [], serial: UInt64 = 0, changes: FrontendChanges? = nil) {
         self.revision = revision
         self.frontends = frontends
+        self.serial = serial
+        self.changes = changes
+    }
+
+    public static func == (lhs: RoutingTable, rhs: RoutingTable) -> Bool {
+        lhs.revision == rhs.revision && lhs.frontends == rhs.frontends
+    }
+
+    private static let serials = Atomic<UInt64>(0)
+
+    /// A serial no other table of this process has.
+    public static func makeSerial() -> UInt64 {
+        serials.add(1, ordering: .relaxed).newValue
+    }
+
+    /// The names of the frontends added, removed or made anew between two frontend lists in
+    /// ascending order of name (for `changes`): a merge, where a frontend kept from one table to
+    /// the next compares by reference.
+    public static func changedNames(from old: [Frontend], to new: [Frontend]) -> [String] {
+        var names: [String] = []
+        var i = 0, j = 0
+        while i < old.count || j < new.count {
+            if i < old.count && j < new.count && old[i].name == new[j].name {
+                if old[i] != new[j] { names.append(new[j].name) }
+                i += 1
+                j += 1
+            } else if j == new.count || (i < old.count && old[i].name < new[j].name) {
+                names.append(old[i].name)
+                i += 1
+            } else {
+                names.append(new[j].name)
+                j += 1
+            }
+        }
+        return names
+    }
+
+    /// Where the frontend named `name` is in `frontends`, or would be inserted; only for a
+    /// table in ascending order of name.
+    public func search(_ name: String) -> (index: Int, found: Bool) {
+        frontends.searchByName(name) { $0.name }
     }
 
     /// Returns a description of the first inconsistency, or nil when the table can be served.
@@ -219,4 +270,32 @@ public enum BalanceMode: String, Sendable, CaseIterable {
 public enum ProxyProtocolVersion: String, Sendable, CaseIterable {
     case v1
     case v2
+}
+
+/// The frontends of a table that differ from an earlier one (`RoutingTable.changes`).
+public struct FrontendChanges: Sendable, Equatable {
+    /// The serial of the table these are relative to.
+    public var base: UInt64
+    /// Names of the frontends added, removed or given anew since it: ascending, each once. A
+    /// name given anew may turn out equal to what the layer holds; it is then kept.
+    public var names: [String]
+
+    public init(base: UInt64, names: [String]) {
+        self.base = base
+        self.names = names
+    }
+}
+
+extension Array {
+    /// Binary search over elements in ascending order of `name`: the position of `target`, or
+    /// where it would be inserted.
+    @inlinable
+    public func searchByName(_ target: String, _ name: (Element) -> String) -> (index: Int, found: Bool) {
+        var low = 0, high = count
+        while low < high {
+            let middle = (low + high) / 2
+            if name(self[middle]) < target { low = middle + 1 } else { high = middle }
+        }
+        return (low, low < count && name(self[low]) == target)
+    }
 }

@@ -33,6 +33,19 @@ public final class Engine: Sendable {
         /// The table last published: its frontends are not validated again, and their balancing
         /// plans are reused, while a new table gives them unchanged.
         var published: PublishedTable?
+        /// The serial of the table `published` was made from (0: none, or not told).
+        var appliedSerial: UInt64 = 0
+        /// Tables applied by their changes (tests).
+        var appliedByChanges = 0
+        /// `published`'s frontends are in ascending order of name: a table with `changes`
+        /// relative to it can be applied by those alone.
+        var ascending = false
+        /// The frontends of the last table given that could not listen: tried again by the next
+        /// table, whatever its changes say.
+        var failed: [String] = []
+        /// Which frontend listens on each address (port 0 left out), for a table applied by
+        /// its changes; nil until one is.
+        var addresses: [SocketAddress: String]?
 
         /// The listener groups by frontend name.
         var listening: [String: ListenerGroup] {
@@ -81,12 +94,15 @@ public final class Engine: Sendable {
     /// The outcome of `apply`: where each frontend listens, and the frontends that could not
     /// listen (they are left out of the table; the others are served).
     public struct ApplyResult: Sendable {
-        /// The frontends served, and where each listens (made into `listening` when asked).
-        var served: [String] = []
-        var bound: [SocketAddress] = []
+        /// The frontends served and their listener groups, in the same order (made into
+        /// `listening` when asked).
+        var served: [Frontend] = []
+        var groups: [ListenerGroup] = []
         public var failures: [String: SystemError] = [:]
 
-        public var listening: [String: SocketAddress] { Dictionary(uniqueKeysWithValues: zip(served, bound)) }
+        public var listening: [String: SocketAddress] {
+            Dictionary(uniqueKeysWithValues: zip(served.lazy.map(\.name), groups.lazy.map(\.bound)))
+        }
     }
 
     /// Replaces the routing table, live: new frontends start listening (one SO_REUSEPORT socket
@@ -96,9 +112,16 @@ public final class Engine: Sendable {
     ///
     /// A frontend given as in the last table costs no more than finding it there (see
     /// `NameMatcher`): it is not validated again, and keeps its listener and balancing plan.
+    ///
+    /// A table with `changes` relative to the one published last (in ascending order of name)
+    /// costs only the frontends named there, and those that could not listen last time.
     public func apply(_ table: RoutingTable) throws(EngineError) -> ApplyResult {
         try control.withLock { state throws(EngineError) -> ApplyResult in
             guard !state.stopped else { throw EngineError.stopped }
+            if let changes = table.changes, let previous = state.published, state.ascending,
+               state.appliedSerial != 0, changes.base == state.appliedSerial {
+                return try applyChanges(table, changes.names, previous: previous, &state)
+            }
             let previous = state.published
             let before = previous?.table.frontends ?? []
             var matcher = NameMatcher(previous: before.map(\.name))
@@ -107,8 +130,6 @@ public final class Engine: Sendable {
                 throw EngineError.invalidTable(problem)
             }
             var result = ApplyResult()
-            result.served.reserveCapacity(table.frontends.count)
-            result.bound.reserveCapacity(table.frontends.count)
             var handoffs = Array(repeating: [String: [CInt]](), count: handles.count)
             var served: [Frontend] = []
             served.reserveCapacity(table.frontends.count)
@@ -139,8 +160,6 @@ public final class Engine: Sendable {
                         continue
                     }
                 }
-                result.served.append(frontend.name)
-                result.bound.append(groups[groups.count - 1].bound)
                 if position == nil && state.cursors[frontend.name] == nil { state.cursors[frontend.name] = RoundRobinCursor() }
                 served.append(frontend)
                 servedPositions.append(position)
@@ -149,7 +168,7 @@ public final class Engine: Sendable {
             state.groups = groups
             // Every served frontend has a cursor: more cursors than frontends, some left.
             if state.cursors.count != served.count {
-                let names = Set(result.served)
+                let names = Set(served.map(\.name))
                 state.cursors = state.cursors.filter { names.contains($0.key) }
             }
             // A backend keeps its counter while it stays in a leastconn frontend; sessions hold
@@ -165,14 +184,149 @@ public final class Engine: Sendable {
             state.loads = loads
             state.revision = table.revision
             let published = PublishedTable(
-                table: RoutingTable(revision: table.revision, frontends: served), cursors: state.cursors, loads: loads,
-                previous: previous, previousPositions: servedPositions)
+                table: RoutingTable(revision: table.revision, frontends: served, serial: RoutingTable.makeSerial()),
+                cursors: state.cursors, loads: loads, previous: previous, previousPositions: servedPositions)
             state.published = published
+            state.appliedSerial = table.serial
+            state.ascending = zip(served, served.dropFirst()).allSatisfy { $0.name < $1.name }
+            state.failed = result.failures.keys.sorted()
+            state.addresses = nil
             for (index, handle) in handles.enumerated() {
                 handle.post(.install(published, listeners: handoffs[index]))
             }
+            result.served = served
+            result.groups = groups
             return result
         }
+    }
+
+    /// `apply` of a table by its changes: only the frontends named (and those that failed to
+    /// listen last time) are looked at; the others stay as published, listeners and plans
+    /// included. The workers get the same changes. Refused as a whole, changing nothing, when a
+    /// changed frontend breaks a rule or takes an address another one listens on.
+    private func applyChanges(_ table: RoutingTable, _ changed: [String], previous: PublishedTable,
+                              _ state: inout ControlState) throws(EngineError) -> ApplyResult {
+        var names = changed
+        if !state.failed.isEmpty { names = Array(Set(names).union(state.failed)).sorted() }
+        var frontends = previous.table.frontends
+        // Validate first. Addresses: those of the changed frontends are released, then taken
+        // again one by one; a second taker is refused.
+        // Taken out so that it changes in place; left nil (made again next time) if refused.
+        var addresses = state.addresses ?? Dictionary(
+            frontends.lazy.filter { $0.listen.port != 0 }.map { ($0.listen, $0.name) }, uniquingKeysWith: { first, _ in first })
+        state.addresses = nil
+        var wanted: [(name: String, frontend: Frontend?)] = []
+        wanted.reserveCapacity(names.count)
+        for name in names {
+            let (index, found) = table.search(name)
+            let frontend = found ? table.frontends[index] : nil
+            let (position, held) = frontends.searchByName(name) { $0.name }
+            if held ? frontend == frontends[position] : frontend == nil { continue }
+            if let frontend {
+                if frontend.name.isEmpty { throw EngineError.invalidTable("a frontend has an empty name") }
+                if let problem = frontend.validationError() { throw EngineError.invalidTable(problem) }
+            }
+            if held, frontends[position].listen.port != 0, addresses[frontends[position].listen] == name {
+                addresses.removeValue(forKey: frontends[position].listen)
+            }
+            wanted.append((name, frontend))
+        }
+        for entry in wanted {
+            guard let frontend = entry.frontend, frontend.listen.port != 0 else { continue }
+            if let holder = addresses.updateValue(entry.name, forKey: frontend.listen), holder != entry.name {
+                throw EngineError.invalidTable("two frontends listen on \(frontend.listen)")
+            }
+        }
+        var result = ApplyResult()
+        var handoffs = Array(repeating: [String: [CInt]](), count: handles.count)
+        var groups = state.groups
+        state.groups = []
+        var schedules = previous.schedules
+        var rings = previous.rings
+        var loads = state.loads
+        state.loads = [:]
+        var applied: [String] = []
+        applied.reserveCapacity(wanted.count)
+        // Out of the table: its listener closes on the workers, its connections drain.
+        func remove(_ name: String, at position: Int, _ state: inout ControlState) {
+            frontends.remove(at: position)
+            groups.remove(at: position)
+            schedules.remove(at: position)
+            rings.remove(at: position)
+            state.cursors.removeValue(forKey: name)
+            loads.removeValue(forKey: name)
+            applied.append(name)
+        }
+        for (name, frontend) in wanted {
+            let (position, held) = frontends.searchByName(name) { $0.name }
+            let before = held ? previous.plan(at: previous.table.search(name).index) : nil
+            guard let frontend else {
+                remove(name, at: position, &state)
+                continue
+            }
+            var group: ListenerGroup
+            if held && groups[position].serves(frontend.listen) {
+                group = groups[position]
+            } else {
+                do throws(SystemError) {
+                    if let adopted = takeAdopted(frontend.listen, from: &state.adopted) {
+                        group = adopted
+                    } else {
+                        group = try openListenerGroup(frontend.listen, count: handles.count)
+                    }
+                } catch {
+                    // Left out, like a frontend that cannot listen in a whole table.
+                    result.failures[name] = error
+                    if frontend.listen.port != 0, addresses[frontend.listen] == name { addresses.removeValue(forKey: frontend.listen) }
+                    if held { remove(name, at: position, &state) }
+                    continue
+                }
+                for (index, fds) in group.distribute(over: handles.count).enumerated() where !fds.isEmpty {
+                    handoffs[index][name] = fds
+                }
+            }
+            let plan = PublishedTable.plan(frontend, previous: before)
+            if frontend.settings.balance == .leastConn {
+                var current: [String: BackendLoad] = [:]
+                let kept = loads[name]
+                for backend in frontend.backends { current[backend.name] = kept?[backend.name] ?? BackendLoad() }
+                loads[name] = current
+            } else {
+                loads.removeValue(forKey: name)
+            }
+            if held {
+                frontends[position] = frontend
+                groups[position] = group
+                schedules[position] = plan.schedule
+                rings[position] = plan.ring
+            } else {
+                frontends.insert(frontend, at: position)
+                groups.insert(group, at: position)
+                schedules.insert(plan.schedule, at: position)
+                rings.insert(plan.ring, at: position)
+                if state.cursors[name] == nil { state.cursors[name] = RoundRobinCursor() }
+            }
+            if frontend.settings.logConnections { shared.connectionLog?.start() }
+            applied.append(name)
+        }
+        state.groups = groups
+        state.loads = loads
+        state.addresses = addresses
+        state.failed = result.failures.keys.sorted()
+        state.revision = table.revision
+        let published = PublishedTable(
+            table: RoutingTable(revision: table.revision, frontends: frontends, serial: RoutingTable.makeSerial(),
+                                changes: FrontendChanges(base: previous.table.serial, names: applied)),
+            cursors: state.cursors, loads: loads, schedules: schedules, rings: rings)
+        state.published = published
+        state.appliedSerial = table.serial
+        state.appliedByChanges += 1
+        for (index, handle) in handles.enumerated() {
+            handle.post(.install(published, listeners: handoffs[index]))
+        }
+        result.served = frontends
+        result.groups = groups
+        return result
     }
 
     /// `table.validationError()`, skipping what the previous table (already valid) settles: the

@@ -21,6 +21,9 @@ final class Worker<IO: SocketIO> {
     private var deferredRound: [Session] = []
     /// In the order of the table installed last.
     var frontends: [FrontendRuntime] = []
+    /// The serial of the table installed last: a table with changes relative to it is
+    /// installed by those alone.
+    var installedSerial: UInt64 = 0
     /// Counters of backends and frontends that left the table, still registered: dropped once
     /// no session holds them (`install`).
     var unprunedCounters = Set<CounterRegistry.Key>()

@@ -23,78 +23,116 @@ extension Worker {
     }
 
     /// Installs a table. A frontend given exactly as before (and no new listener for it) is
-    /// kept as it is: a change costs the frontends it changed.
+    /// kept as it is: a change costs the frontends it changed. A table with changes relative to
+    /// the one installed last is installed by those alone.
     func install(_ published: PublishedTable, listeners: [String: [CInt]]) {
         assertOnLoop()
-        var next: [FrontendRuntime] = []
-        next.reserveCapacity(published.table.frontends.count)
-        var matcher = NameMatcher(previous: frontends.map(\.name))
-        var stays = [Bool](repeating: false, count: frontends.count)
+        defer { installedSerial = published.table.serial }
         var removedAny = false
-        for (index, spec) in published.table.frontends.enumerated() {
-            let position = matcher.position(of: spec.name)
-            if let position { stays[position] = true }
-            let current = position.map { frontends[$0] }
-            if let kept = current, kept.spec == spec, listeners.isEmpty || listeners[spec.name] == nil {
-                next.append(kept)
-                continue
-            }
-            let runtime = current ?? FrontendRuntime(
-                name: spec.name,
-                cursor: published.cursors[spec.name] ?? RoundRobinCursor(),
-                counters: handle.registry.counters(frontend: spec.name, backend: nil),
-                settings: spec.settings)
-            runtime.settings = spec.settings
-            runtime.spec = spec
-            var existing: [String: BackendRuntime] = [:]
-            for backend in runtime.backends { existing[backend.backend.name] = backend }
-            runtime.backends = spec.backends.map { backend in
-                // Kept only at the same address: one that moved under the same name stays in
-                // `existing` and is drained below like any removed backend.
-                if let kept = existing[backend.name], kept.backend.address == backend.address {
-                    existing.removeValue(forKey: backend.name)
-                    kept.backend = backend
-                    return kept
+        if let changes = published.table.changes, changes.base == installedSerial, installedSerial != 0 {
+            for name in changes.names {
+                let (index, found) = published.table.search(name)
+                let (position, held) = frontends.searchByName(name) { $0.name }
+                if found {
+                    let runtime = installFrontend(published, at: index, current: held ? frontends[position] : nil,
+                                                  listeners: listeners, removedAny: &removedAny)
+                    if held { frontends[position] = runtime } else { frontends.insert(runtime, at: position) }
+                } else if held {
+                    removeFrontend(frontends.remove(at: position))
+                    removedAny = true
                 }
-                return BackendRuntime(
-                    backend: backend,
-                    counters: handle.registry.counters(frontend: spec.name, backend: backend.name))
             }
-            runtime.candidates = runtime.backends.filter { PublishedTable.isCandidate($0.backend) }
-            runtime.schedule = published.schedules[index]
-            runtime.ring = published.rings[index]
-            let loads = published.loads[spec.name]
-            for backend in runtime.backends { backend.load = loads?[backend.backend.name] }
-            for gone in existing.values {
-                gone.removed = true
+            if !listeners.isEmpty {
+                for (name, fds) in listeners where !published.table.search(name).found { for fd in fds { closeDescriptor(fd) } }
+            }
+        } else {
+            var next: [FrontendRuntime] = []
+            next.reserveCapacity(published.table.frontends.count)
+            var matcher = NameMatcher(previous: frontends.map(\.name))
+            var stays = [Bool](repeating: false, count: frontends.count)
+            for index in published.table.frontends.indices {
+                let position = matcher.position(of: published.table.frontends[index].name)
+                if let position { stays[position] = true }
+                next.append(installFrontend(published, at: index, current: position.map { frontends[$0] },
+                                            listeners: listeners, removedAny: &removedAny))
+            }
+            for (position, runtime) in frontends.enumerated() where !stays[position] {
+                removeFrontend(runtime)
                 removedAny = true
-                unprunedCounters.insert(.init(frontend: spec.name, backend: gone.backend.name))
             }
-            if let fds = listeners[spec.name], let first = fds.first {
-                closeListener(runtime)
-                runtime.listener.adopt(first)
-                runtime.extraListeners.append(contentsOf: Array(fds.dropFirst()))
-                registerListener(runtime)
+            // Sockets for frontends this table does not contain (raced with a newer table): close.
+            if !listeners.isEmpty {
+                let installed = Set(next.map(\.name))
+                for (name, fds) in listeners where !installed.contains(name) { for fd in fds { closeDescriptor(fd) } }
             }
-            next.append(runtime)
+            frontends = next
         }
-        for (position, runtime) in frontends.enumerated() where !stays[position] {
-            let name = runtime.name
-            runtime.removed = true
+        pruneCounters(removedAny: removedAny)
+    }
+
+    /// The frontend at `index` of `published` as this worker serves it: `current` (the same
+    /// name installed before) kept as it is when unchanged, else updated in place, or new.
+    private func installFrontend(_ published: PublishedTable, at index: Int, current: FrontendRuntime?,
+                                 listeners: [String: [CInt]], removedAny: inout Bool) -> FrontendRuntime {
+        let spec = published.table.frontends[index]
+        if let kept = current, kept.spec == spec, listeners.isEmpty || listeners[spec.name] == nil {
+            return kept
+        }
+        let runtime = current ?? FrontendRuntime(
+            name: spec.name,
+            cursor: published.cursors[spec.name] ?? RoundRobinCursor(),
+            counters: handle.registry.counters(frontend: spec.name, backend: nil),
+            settings: spec.settings)
+        runtime.settings = spec.settings
+        runtime.spec = spec
+        var existing: [String: BackendRuntime] = [:]
+        for backend in runtime.backends { existing[backend.backend.name] = backend }
+        runtime.backends = spec.backends.map { backend in
+            // Kept only at the same address: one that moved under the same name stays in
+            // `existing` and is drained below like any removed backend.
+            if let kept = existing[backend.name], kept.backend.address == backend.address {
+                existing.removeValue(forKey: backend.name)
+                kept.backend = backend
+                return kept
+            }
+            return BackendRuntime(
+                backend: backend,
+                counters: handle.registry.counters(frontend: spec.name, backend: backend.name))
+        }
+        runtime.candidates = runtime.backends.filter { PublishedTable.isCandidate($0.backend) }
+        runtime.schedule = published.schedules[index]
+        runtime.ring = published.rings[index]
+        let loads = published.loads[spec.name]
+        for backend in runtime.backends { backend.load = loads?[backend.backend.name] }
+        for gone in existing.values {
+            gone.removed = true
             removedAny = true
-            unprunedCounters.insert(.init(frontend: name, backend: nil))
-            for backend in runtime.backends {
-                backend.removed = true
-                unprunedCounters.insert(.init(frontend: name, backend: backend.backend.name))
-            }
+            unprunedCounters.insert(.init(frontend: spec.name, backend: gone.backend.name))
+        }
+        if let fds = listeners[spec.name], let first = fds.first {
             closeListener(runtime)
+            runtime.listener.adopt(first)
+            runtime.extraListeners.append(contentsOf: Array(fds.dropFirst()))
+            registerListener(runtime)
         }
-        // Sockets for frontends this table does not contain (raced with a newer table): close.
-        if !listeners.isEmpty {
-            let installed = Set(next.map(\.name))
-            for (name, fds) in listeners where !installed.contains(name) { for fd in fds { closeDescriptor(fd) } }
+        return runtime
+    }
+
+    /// A frontend that left the table: it stops accepting, and it and its backends drain.
+    private func removeFrontend(_ runtime: FrontendRuntime) {
+        let name = runtime.name
+        runtime.removed = true
+        unprunedCounters.insert(.init(frontend: name, backend: nil))
+        for backend in runtime.backends {
+            backend.removed = true
+            unprunedCounters.insert(.init(frontend: name, backend: backend.backend.name))
         }
-        frontends = next
+        closeListener(runtime)
+    }
+
+    /// Drains the sessions of removed frontends and backends, and drops counters no session
+    /// holds any more.
+    private func pruneCounters(removedAny: Bool) {
         guard removedAny || !unprunedCounters.isEmpty else { return }
         // Removed backends and frontends: their open connections drain, and their counters
         // (those of these sessions, connecting ones included: they count only once connected)
@@ -112,7 +150,7 @@ extension Worker {
         for key in unprunedCounters where !held.contains(key) {
             // Back in the table (or moved to a new address under the same name): its counters
             // are the table's again.
-            if let frontend = next.first(where: { $0.name == key.frontend }),
+            if let frontend = frontends.first(where: { $0.name == key.frontend }),
                key.backend.map({ name in frontend.backends.contains { $0.backend.name == name } }) ?? true {
                 unprunedCounters.remove(key)
                 continue

@@ -91,29 +91,47 @@ final class PublishedTable: Sendable {
         schedules.reserveCapacity(table.frontends.count)
         rings.reserveCapacity(table.frontends.count)
         for (index, frontend) in table.frontends.enumerated() {
-            if let previous, index < previousPositions.count, let position = previousPositions[index] {
-                let before = previous.table.frontends[position]
-                if before.backends == frontend.backends && before.settings.balance == frontend.settings.balance {
-                    schedules.append(previous.schedules[position])
-                    rings.append(previous.rings[position])
-                    continue
-                }
-            }
-            let candidates = frontend.backends.filter(Self.isCandidate)
-            switch frontend.settings.balance {
-            case .roundRobin:
-                schedules.append(WeightedSchedule.make(candidates.map(\.effectiveWeight)))
-                rings.append(nil)
-            case .source:
-                schedules.append(nil)
-                rings.append(HashRing(names: candidates.map(\.name), weights: candidates.map(\.effectiveWeight)))
-            case .leastConn:
-                schedules.append(nil)
-                rings.append(nil)
-            }
+            let position = previous != nil && index < previousPositions.count ? previousPositions[index] : nil
+            let plan = Self.plan(frontend, previous: position.map { previous!.plan(at: $0) })
+            schedules.append(plan.schedule)
+            rings.append(plan.ring)
         }
         self.schedules = schedules
         self.rings = rings
+    }
+
+    /// A table whose balancing plans are already made (`Engine.apply` with changes).
+    init(table: RoutingTable, cursors: [String: RoundRobinCursor], loads: [String: [String: BackendLoad]],
+         schedules: [[Int32]?], rings: [HashRing?]) {
+        self.table = table
+        self.cursors = cursors
+        self.loads = loads
+        self.schedules = schedules
+        self.rings = rings
+    }
+
+    /// The frontend at `position` and its balancing plan.
+    func plan(at position: Int) -> (frontend: Frontend, schedule: [Int32]?, ring: HashRing?) {
+        (table.frontends[position], schedules[position], rings[position])
+    }
+
+    /// `frontend`'s balancing plan: that of `previous` (the same frontend as published before)
+    /// when its backends and balance mode are the same, else made anew.
+    static func plan(_ frontend: Frontend, previous: (frontend: Frontend, schedule: [Int32]?, ring: HashRing?)?)
+        -> (schedule: [Int32]?, ring: HashRing?) {
+        if let previous, previous.frontend.backends == frontend.backends,
+           previous.frontend.settings.balance == frontend.settings.balance {
+            return (previous.schedule, previous.ring)
+        }
+        let candidates = frontend.backends.filter(Self.isCandidate)
+        switch frontend.settings.balance {
+        case .roundRobin:
+            return (WeightedSchedule.make(candidates.map(\.effectiveWeight)), nil)
+        case .source:
+            return (nil, HashRing(names: candidates.map(\.name), weights: candidates.map(\.effectiveWeight)))
+        case .leastConn:
+            return (nil, nil)
+        }
     }
 
     /// Whether new connections may go to `backend`: enabled, weight above 0. Workers filter
