@@ -97,6 +97,15 @@ struct RoutingMemory: Sendable {
     /// differs from it (`RoutingTable.changes`).
     var lastFrontends: [Frontend] = []
     var lastSerial: UInt64 = 0
+    /// The last build had no port conflict, no lingering service and no instance named by
+    /// host: the next can build only the services whose keys changed (`changesOnly`). With it:
+    /// the port each frontend serves, and the last build's checks and problems.
+    var settled = false
+    var ports: [UInt16: String] = [:]
+    var lastChecks: [String: CheckSettings] = [:]
+    var lastProblems: [ServiceProblem] = []
+    /// Builds made from the changed services alone (tests).
+    var builtByChanges = 0
 
     /// Where `name` is, or would be inserted.
     func search(_ name: String) -> (index: Int, found: Bool) {
@@ -166,6 +175,12 @@ extension Catalog {
         var memory = routingMemory
         routingMemory = RoutingMemory()
         let context = BuildContext(bind: bind, defaults: defaults, checkDefaults: checkDefaults)
+        if memory.settled, memory.context == context, let changed = changedServices,
+           let build = changesOnly(changed.sorted(), &memory, context: context, resolve: resolve) {
+            changedServices = []
+            routingMemory = memory
+            return build
+        }
         var changed = changedServices
         if memory.context != context {
             memory.context = context
@@ -289,16 +304,113 @@ extension Catalog {
             : FrontendChanges(base: memory.lastSerial, names: RoutingTable.changedNames(from: memory.lastFrontends, to: frontends))
         memory.lastFrontends = frontends
         memory.lastSerial = serial
+        problems = Self.sortedByService(problems)
+        memory.settled = holders == nil && lingering.isEmpty && hostNames.isEmpty
+        memory.ports = memory.settled ? Dictionary(frontends.lazy.map { ($0.listen.port, $0.name) }, uniquingKeysWith: { first, _ in first }) : [:]
+        memory.lastChecks = checks
+        memory.lastProblems = problems
         routingMemory = memory
-        // By service; within one, in the order found (instances by id).
-        if problems.count > 1 {
-            problems = problems.enumerated()
-                .sorted { ($0.element.service, $0.offset) < ($1.element.service, $1.offset) }
-                .map(\.element)
-        }
         return RoutingBuild(table: RoutingTable(revision: UInt64(max(0, revision)), frontends: frontends, serial: serial, changes: changes),
                             checks: checks, problems: problems, lingering: lingering,
                             nextEvaluation: lingering.isEmpty ? nil : nextEvaluation, hostNames: hostNames)
+    }
+
+    /// By service; within one, in the order found (instances by id).
+    private static func sortedByService(_ problems: [ServiceProblem]) -> [ServiceProblem] {
+        guard problems.count > 1 else { return problems }
+        return problems.enumerated()
+            .sorted { ($0.element.service, $0.offset) < ($1.element.service, $1.offset) }
+            .map(\.element)
+    }
+
+    /// The build after a settled one (`RoutingMemory.settled`) from the changed services alone:
+    /// the last table with their frontends replaced, added or removed. nil, with nothing
+    /// changed, when the whole build is needed: a service that would linger, a port taken
+    /// twice, an instance named by host.
+    private func changesOnly(_ changed: [String], _ memory: inout RoutingMemory, context: BuildContext,
+                             resolve: (String) -> HostResolution) -> RoutingBuild? {
+        // First what each changed service becomes, changing nothing.
+        var outcomes: [(name: String, entry: BuiltService?)] = []
+        outcomes.reserveCapacity(changed.count)
+        var released: [UInt16] = []
+        var claimed: [UInt16: String] = [:]
+        for name in changed {
+            let (index, found) = memory.search(name)
+            let served = found ? memory.rows[index].served : nil
+            if let port = served { released.append(port) }
+            guard let service = services[name], !service.instances.isEmpty else {
+                // Empty: a frontend served before would linger.
+                if served != nil && (services[name]?.config?.linger ?? options.linger) > 0 { return nil }
+                outcomes.append((name, nil))
+                continue
+            }
+            let entry = build(name, service, context: context, resolve: resolve)
+            if !entry.hostNames.isEmpty { return nil }
+            if let port = entry.frontend?.listen.port {
+                if claimed.updateValue(name, forKey: port) != nil { return nil }
+            }
+            outcomes.append((name, entry))
+        }
+        for (port, name) in claimed {
+            if let holder = memory.ports[port], holder != name, !changed.contains(holder) || !released.contains(port) { return nil }
+        }
+        // Then the change.
+        var frontends = memory.lastFrontends
+        memory.lastFrontends = []
+        var applied: [String] = []
+        var changedSet = Set<String>()
+        for (name, entry) in outcomes {
+            changedSet.insert(name)
+            var (index, found) = memory.search(name)
+            if let port = found ? memory.rows[index].served : nil, memory.ports[port] == name { memory.ports.removeValue(forKey: port) }
+            memory.lastChecks.removeValue(forKey: name)
+            let (position, listed) = frontends.searchByName(name) { $0.name }
+            guard let entry, let frontend = entry.frontend else {
+                // No instance (no linger), or no listen port: not served.
+                if listed {
+                    frontends.remove(at: position)
+                    applied.append(name)
+                }
+                if found && services[name] == nil {
+                    memory.rows.remove(at: index)
+                } else if found || entry != nil {
+                    if !found {
+                        memory.rows.insert(RoutingMemory.Row(name: name), at: index)
+                        found = true
+                    }
+                    memory.rows[index].built = entry
+                    memory.rows[index].served = nil
+                    memory.rows[index].emptySince = nil
+                }
+                continue
+            }
+            if !found { memory.rows.insert(RoutingMemory.Row(name: name), at: index) }
+            memory.rows[index].built = entry
+            memory.rows[index].served = frontend.listen.port
+            memory.rows[index].emptySince = nil
+            memory.ports[frontend.listen.port] = name
+            if entry.hasCheck { memory.lastChecks[name] = entry.check }
+            if listed {
+                if frontends[position] != frontend {
+                    frontends[position] = frontend
+                    applied.append(name)
+                }
+            } else {
+                frontends.insert(frontend, at: position)
+                applied.append(name)
+            }
+        }
+        var problems = memory.lastProblems.filter { !changedSet.contains($0.service) }
+        for case (_, let entry?) in outcomes { problems += entry.problems }
+        problems = Self.sortedByService(problems)
+        memory.lastProblems = problems
+        let serial = RoutingTable.makeSerial()
+        let table = RoutingTable(revision: UInt64(max(0, revision)), frontends: frontends, serial: serial,
+                                 changes: FrontendChanges(base: memory.lastSerial, names: applied))
+        memory.lastFrontends = frontends
+        memory.lastSerial = serial
+        memory.builtByChanges += 1
+        return RoutingBuild(table: table, checks: memory.lastChecks, problems: problems, lingering: [], nextEvaluation: nil, hostNames: [])
     }
 
     /// One service's frontend, problems and check settings.

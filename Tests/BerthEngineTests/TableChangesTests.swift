@@ -16,9 +16,7 @@ final class TableChangesTests: DataPlaneTestCase {
     }
 
     func testATableAppliedByItsChangesEndsWhereTheWholeTableDoes() throws {
-        let seed = ProcessInfo.processInfo.environment["BERTH_TEST_SEED"].flatMap(UInt64.init) ?? UInt64.random(in: 1...UInt64.max)
-        print("seed \(seed)")
-        var random = SplitMix64(seed: seed)
+        var (random, seed) = SplitMix64.replayable()
         let backends = try (1...4).map { try taggedBackend(UInt8($0)) }
         var configuration = EngineConfiguration()
         configuration.workers = 2

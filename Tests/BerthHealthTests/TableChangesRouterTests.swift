@@ -10,9 +10,7 @@ import XCTest
 /// engine what the whole table gives it, with operator overrides and slow start in play.
 final class TableChangesRouterTests: XCTestCase {
     func testADesiredTableAppliedByItsChangesPublishesWhatTheWholeTableDoes() throws {
-        let seed = ProcessInfo.processInfo.environment["BERTH_TEST_SEED"].flatMap(UInt64.init) ?? UInt64.random(in: 1...UInt64.max)
-        print("seed \(seed)")
-        var random = SplitMix64(seed: seed)
+        var (random, seed) = SplitMix64.replayable()
         var configuration = EngineConfiguration()
         configuration.workers = 1
         let byChanges = try HealthRouter.make(configuration: configuration, policy: HealthPolicy())

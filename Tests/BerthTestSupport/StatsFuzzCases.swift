@@ -1,3 +1,4 @@
+import Foundation
 /// Bad input for the stats server, one connection's worth at a time: shared by
 /// `BerthStatsTests.FuzzTests` (debug build, in process) and the bench's `stats-fuzz` role
 /// (release build, against `berth proxy --stats`), so that both throw the same mix.
@@ -94,6 +95,14 @@ public struct SplitMix64: RandomNumberGenerator, Sendable {
 
     public init(seed: UInt64) {
         state = seed
+    }
+
+    /// A generator seeded from `BERTH_TEST_SEED` when set (to replay a failure), else at
+    /// random; the seed is printed.
+    public static func replayable() -> (generator: SplitMix64, seed: UInt64) {
+        let seed = ProcessInfo.processInfo.environment["BERTH_TEST_SEED"].flatMap(UInt64.init) ?? UInt64.random(in: 1...UInt64.max)
+        print("seed \(seed) (BERTH_TEST_SEED=\(seed) replays it)")
+        return (SplitMix64(seed: seed), seed)
     }
 
     public mutating func next() -> UInt64 {

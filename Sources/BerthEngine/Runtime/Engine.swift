@@ -118,9 +118,9 @@ public final class Engine: Sendable {
     public func apply(_ table: RoutingTable) throws(EngineError) -> ApplyResult {
         try control.withLock { state throws(EngineError) -> ApplyResult in
             guard !state.stopped else { throw EngineError.stopped }
-            if let changes = table.changes, let previous = state.published, state.ascending,
+            if let changes = table.changes, state.published != nil, state.ascending,
                state.appliedSerial != 0, changes.base == state.appliedSerial {
-                return try applyChanges(table, changes.names, previous: previous, &state)
+                return try applyChanges(table, changes.names, &state)
             }
             let previous = state.published
             let before = previous?.table.frontends ?? []
@@ -204,18 +204,26 @@ public final class Engine: Sendable {
     /// listen last time) are looked at; the others stay as published, listeners and plans
     /// included. The workers get the same changes. Refused as a whole, changing nothing, when a
     /// changed frontend breaks a rule or takes an address another one listens on.
-    private func applyChanges(_ table: RoutingTable, _ changed: [String], previous: PublishedTable,
-                              _ state: inout ControlState) throws(EngineError) -> ApplyResult {
+    private func applyChanges(_ table: RoutingTable, _ changed: [String], _ state: inout ControlState) throws(EngineError) -> ApplyResult {
         var names = changed
         if !state.failed.isEmpty { names = Array(Set(names).union(state.failed)).sorted() }
-        var frontends = previous.table.frontends
+        let (wanted, addresses) = try validateChanges(table, names, &state)
+        return applyValidated(table, wanted, addresses: addresses, &state)
+    }
+
+    /// What `applyChanges` changes (each frontend named, with its frontend and balancing plan as
+    /// published, nil when new), unless the table is refused; and the listen addresses after it.
+    private func validateChanges(_ table: RoutingTable, _ names: [String], _ state: inout ControlState)
+        throws(EngineError) -> (wanted: [ChangedFrontend], addresses: [SocketAddress: String]) {
+        let previous = state.published!
+        let frontends = previous.table.frontends
         // Validate first. Addresses: those of the changed frontends are released, then taken
         // again one by one; a second taker is refused.
         // Taken out so that it changes in place; left nil (made again next time) if refused.
         var addresses = state.addresses ?? Dictionary(
             frontends.lazy.filter { $0.listen.port != 0 }.map { ($0.listen, $0.name) }, uniquingKeysWith: { first, _ in first })
         state.addresses = nil
-        var wanted: [(name: String, frontend: Frontend?)] = []
+        var wanted: [ChangedFrontend] = []
         wanted.reserveCapacity(names.count)
         for name in names {
             let (index, found) = table.search(name)
@@ -229,7 +237,7 @@ public final class Engine: Sendable {
             if held, frontends[position].listen.port != 0, addresses[frontends[position].listen] == name {
                 addresses.removeValue(forKey: frontends[position].listen)
             }
-            wanted.append((name, frontend))
+            wanted.append(ChangedFrontend(name: name, frontend: frontend, before: held ? previous.plan(at: position) : nil))
         }
         for entry in wanted {
             guard let frontend = entry.frontend, frontend.listen.port != 0 else { continue }
@@ -237,12 +245,30 @@ public final class Engine: Sendable {
                 throw EngineError.invalidTable("two frontends listen on \(frontend.listen)")
             }
         }
+        return (wanted, addresses)
+    }
+
+    /// A frontend `applyChanges` changes: nil when it goes; `before`, its frontend and plan as
+    /// published, nil when new.
+    private struct ChangedFrontend {
+        var name: String
+        var frontend: Frontend?
+        var before: (frontend: Frontend, schedule: [Int32]?, ring: HashRing?)?
+    }
+
+    private func applyValidated(_ table: RoutingTable, _ wanted: [ChangedFrontend], addresses: [SocketAddress: String],
+                                _ state: inout ControlState) -> ApplyResult {
+        var addresses = addresses
         var result = ApplyResult()
         var handoffs = Array(repeating: [String: [CInt]](), count: handles.count)
         var groups = state.groups
         state.groups = []
-        var schedules = previous.schedules
-        var rings = previous.rings
+        // The arrays of the table published before: changed in place when the workers are done
+        // with it (the usual case), else copied.
+        var previous = state.published!
+        state.published = nil
+        let baseSerial = previous.table.serial
+        var (frontends, schedules, rings) = PublishedTable.surrender(&previous)
         var loads = state.loads
         state.loads = [:]
         var applied: [String] = []
@@ -257,9 +283,9 @@ public final class Engine: Sendable {
             loads.removeValue(forKey: name)
             applied.append(name)
         }
-        for (name, frontend) in wanted {
+        for change in wanted {
+            let (name, frontend, before) = (change.name, change.frontend, change.before)
             let (position, held) = frontends.searchByName(name) { $0.name }
-            let before = held ? previous.plan(at: previous.table.search(name).index) : nil
             guard let frontend else {
                 remove(name, at: position, &state)
                 continue
@@ -316,7 +342,7 @@ public final class Engine: Sendable {
         state.revision = table.revision
         let published = PublishedTable(
             table: RoutingTable(revision: table.revision, frontends: frontends, serial: RoutingTable.makeSerial(),
-                                changes: FrontendChanges(base: previous.table.serial, names: applied)),
+                                changes: FrontendChanges(base: baseSerial, names: applied)),
             cursors: state.cursors, loads: loads, schedules: schedules, rings: rings)
         state.published = published
         state.appliedSerial = table.serial

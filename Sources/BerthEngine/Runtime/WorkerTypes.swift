@@ -66,17 +66,33 @@ enum WorkerCommand: Sendable {
 
 /// The immutable table a worker installs: the routing table plus the shared rotation cursors
 /// and leastconn counters, and what is precomputed for the balancing modes.
-final class PublishedTable: Sendable {
-    let table: RoutingTable
+///
+/// Immutable while anyone but the engine holds it: `surrender` empties it only when the engine
+/// holds the sole reference (every worker has installed it).
+final class PublishedTable: @unchecked Sendable {
+    private(set) var table: RoutingTable
     let cursors: [String: RoundRobinCursor]
     /// Per leastconn frontend, per backend name: its open connections over every worker.
     let loads: [String: [String: BackendLoad]]
     /// Per frontend (in the table's order), round-robin with unequal weights: its smooth
     /// weighted schedule over the candidates (`isCandidate`), built once here on the control
     /// thread and shared by every worker.
-    let schedules: [[Int32]?]
+    private(set) var schedules: [[Int32]?]
     /// Per frontend (in the table's order), `balance source`: its hash ring over the candidates.
-    let rings: [HashRing?]
+    private(set) var rings: [HashRing?]
+
+    /// Its arrays, for the engine's next table by changes to change in place rather than copy
+    /// (a thousand frontends): moved out when `table` is the only reference (the caller's), else
+    /// copied. The caller drops the table afterwards.
+    static func surrender(_ table: inout PublishedTable) -> (frontends: [Frontend], schedules: [[Int32]?], rings: [HashRing?]) {
+        guard isKnownUniquelyReferenced(&table) else { return (table.table.frontends, table.schedules, table.rings) }
+        defer {
+            table.table.frontends = []
+            table.schedules = []
+            table.rings = []
+        }
+        return (table.table.frontends, table.schedules, table.rings)
+    }
 
     /// `previousPositions`: for each frontend, its position in `previous` (the table published
     /// before), if it was there: its schedule or ring is reused when its backends and balance
