@@ -91,6 +91,11 @@ extension EtcdClient {
         let healthy: @Sendable () -> Bool = {
             progress.isCreated && (!progress.silenceMeansTrouble || progress.silence <= interval + EndpointProbe.stallThreshold)
         }
+        // How often a healthy stream is looked at: a quarter of its progress interval, between
+        // 0.5 and 5 s. A host with `--services` runs a hundred streams whose progress interval
+        // is 30 s (the first stream finds a cut): at 0.5 s each, their watchdogs woke the host
+        // 200 times a second (a fleet of them, tens of thousands).
+        let lookAgain = max(.milliseconds(500), min(interval / 4, .seconds(5)))
         try await withThrowingTaskGroup(of: Bool.self) { group in
             group.addTask {
                 try await attempt()
@@ -100,7 +105,7 @@ extension EtcdClient {
                 try await Task.sleep(for: EndpointProbe.stallThreshold)
                 while true {
                     if healthy() {
-                        try await Task.sleep(for: .milliseconds(500))
+                        try await Task.sleep(for: lookAgain)
                         continue
                     }
                     if try await EndpointProbe.waitForRecovery(of: endpoint, stop: healthy) {
