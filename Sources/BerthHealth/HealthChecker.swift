@@ -53,7 +53,27 @@ public final class HealthChecker: Sendable {
             }
             records = next
         }
-        shared.inbox.withLock { $0.targets = targets }
+        shared.inbox.withLock { inbox in
+            inbox.targets = targets
+            inbox.changes = []
+        }
+        shared.wakeup.wake()
+    }
+
+    /// Changes the backends checked by the difference alone (a table applied by its changes):
+    /// `removed` are forgotten; each of `targets` is added, or replaced when it differs (one
+    /// given as it was keeps its state and schedule). Costs the backends named, not all.
+    public func update(removing removed: [BackendKey], setting targets: [CheckTarget]) {
+        guard !removed.isEmpty || !targets.isEmpty else { return }
+        let now = MonotonicClock.milliseconds()
+        shared.records.withLock { records in
+            for key in removed { records.removeValue(forKey: key) }
+            for target in targets where records[target.key] == nil {
+                records[target.key] = BackendHealth(status: target.initialState == .up ? .unchecked : .down,
+                                                    kind: target.settings.kind.description, now: now)
+            }
+        }
+        shared.inbox.withLock { $0.changes.append((removed, targets)) }
         shared.wakeup.wake()
     }
 
@@ -91,6 +111,8 @@ public final class HealthChecker: Sendable {
 final class CheckerShared: Sendable {
     struct Inbox {
         var targets: [CheckTarget]?
+        /// Partial updates after `targets` (or after what the loop holds), in order.
+        var changes: [(removed: [BackendKey], targets: [CheckTarget])] = []
         var failures: [BackendKey] = []
         var stop = false
     }
@@ -110,6 +132,7 @@ final class CheckerShared: Sendable {
         return inbox.withLock { inbox in
             let taken = inbox
             inbox.targets = nil
+            inbox.changes = []
             inbox.failures = []
             return taken
         }
@@ -181,6 +204,7 @@ private final class CheckLoop: @unchecked Sendable {
                         return
                     }
                     if let targets = inbox.targets { replace(targets, now: now) }
+                    for change in inbox.changes { self.change(removing: change.removed, setting: change.targets, now: now) }
                     for key in inbox.failures {
                         if let scheduled = byKey[key] { shared.record(key, settings: scheduled.target.settings, result: nil, now: now) }
                     }
@@ -216,17 +240,35 @@ private final class CheckLoop: @unchecked Sendable {
                 continue
             }
             if let existing = byKey[target.key] { retire(existing) }
-            // The first check of a new backend comes at a random point of its first interval.
-            let spread = Int64.random(in: 0...max(0, min(target.settings.interval, 100)), using: &random)
-            let scheduled = slots.take { Scheduled(target: target, slot: $0, nextRun: now + spread) }
-            scheduled.target = target
-            scheduled.retired = false
-            scheduled.nextRun = now + spread
-            keep[target.key] = scheduled
-            arm(scheduled, at: scheduled.nextRun)
+            keep[target.key] = schedule(target, now: now)
         }
         for (key, scheduled) in byKey where keep[key] == nil { retire(scheduled) }
         byKey = keep
+    }
+
+    /// `HealthChecker.update(removing:setting:)` on the loop.
+    private func change(removing removed: [BackendKey], setting targets: [CheckTarget], now: Int64) {
+        for key in removed {
+            if let scheduled = byKey.removeValue(forKey: key) { retire(scheduled) }
+        }
+        for target in targets {
+            if let existing = byKey[target.key] {
+                if existing.target == target { continue }
+                retire(existing)
+            }
+            byKey[target.key] = schedule(target, now: now)
+        }
+    }
+
+    /// A new backend's checks: the first at a random point of its first interval.
+    private func schedule(_ target: CheckTarget, now: Int64) -> Scheduled {
+        let spread = Int64.random(in: 0...max(0, min(target.settings.interval, 100)), using: &random)
+        let scheduled = slots.take { Scheduled(target: target, slot: $0, nextRun: now + spread) }
+        scheduled.target = target
+        scheduled.retired = false
+        scheduled.nextRun = now + spread
+        arm(scheduled, at: scheduled.nextRun)
+        return scheduled
     }
 
     private func retire(_ scheduled: Scheduled) {

@@ -36,8 +36,9 @@ public final class HealthRouter: Sendable {
         var desired = RoutingTable()
         /// Per-frontend check settings that replace the policy's (discovery's `_config`).
         var checkOverrides: [String: CheckSettings] = [:]
-        /// Backends with an active check now: the others take traffic whatever the checker says.
-        var checked: Set<BackendKey> = []
+        /// Backends with an active check now, by frontend: the others take traffic whatever the
+        /// checker says.
+        var checked: [String: Set<String>] = [:]
         var allDownEvents: [String: UInt64] = [:]
         var allDownNow: Set<String> = []
         /// Operator overrides (drain, maint); `ready` is stored as no entry. Pruned to the
@@ -125,9 +126,40 @@ public final class HealthRouter: Sendable {
                 state.adminStates = state.adminStates.filter { keep($0.key) }
                 state.weightOverrides = state.weightOverrides.filter { keep($0.key) }
             }
-            updateChecks(&state)
+            if !state.stale, state.publishedFrom != 0, let changes = table.changes, changes.base == state.publishedFrom {
+                updateChecks(&state, of: changes.names)
+            } else {
+                updateChecks(&state)
+            }
             return try publish(&state)
         }
+    }
+
+    /// `updateChecks` for the frontends named only (a desired table applied by its changes):
+    /// the checker is told the difference.
+    private func updateChecks(_ state: inout State, of names: [String]) {
+        guard let checker else { return }
+        if policy.checks == nil && state.checkOverrides.isEmpty && state.checked.isEmpty && state.seededHealth.isEmpty { return }
+        guard state.seededHealth.isEmpty else { return updateChecks(&state) }
+        var removed: [BackendKey] = []
+        var targets: [CheckTarget] = []
+        for name in names {
+            let (index, found) = state.desired.search(name)
+            var now = Set<String>()
+            if found, let checks = state.checkOverrides[name] ?? policy.checks {
+                for backend in state.desired.frontends[index].backends {
+                    let key = BackendKey(frontend: name, backend: backend.name)
+                    if state.adminStates[key] == .maint { continue }
+                    now.insert(backend.name)
+                    targets.append(CheckTarget(key: key, address: backend.address, settings: checks, initialState: policy.newBackendState))
+                }
+            }
+            for backend in state.checked[name] ?? [] where !now.contains(backend) {
+                removed.append(BackendKey(frontend: name, backend: backend))
+            }
+            state.checked[name] = now.isEmpty ? nil : now
+        }
+        checker.update(removing: removed, setting: targets)
     }
 
     /// Gives the checker every backend of the desired table but those in maintenance. Called
@@ -138,13 +170,13 @@ public final class HealthRouter: Sendable {
         // Nothing checked, before or now: nothing to tell the checker.
         if policy.checks == nil && state.checkOverrides.isEmpty && state.checked.isEmpty && state.seededHealth.isEmpty { return }
         var targets: [CheckTarget] = []
-        var checked: Set<BackendKey> = []
+        var checked: [String: Set<String>] = [:]
         for frontend in state.desired.frontends {
             guard let checks = state.checkOverrides[frontend.name] ?? policy.checks else { continue }
             for backend in frontend.backends {
                 let key = BackendKey(frontend: frontend.name, backend: backend.name)
                 if state.adminStates[key] == .maint { continue }
-                checked.insert(key)
+                checked[frontend.name, default: []].insert(backend.name)
                 let initial = state.seededHealth[key].map { $0 == .down ? NewBackendState.down : .up } ?? policy.newBackendState
                 targets.append(CheckTarget(key: key, address: backend.address, settings: checks, initialState: initial))
             }
@@ -388,7 +420,8 @@ public final class HealthRouter: Sendable {
             let backend = desired.backends[backendIndex]
             let key = BackendKey(frontend: desired.name, backend: backend.name)
             if state.adminStates[key] != nil { overridden.insert(backendIndex) }
-            let healthy = !state.checked.contains(key) || (health[key]?.takesTraffic ?? (policy.newBackendState == .up))
+            let healthy = state.checked[key.frontend]?.contains(key.backend) != true
+                || (health[key]?.takesTraffic ?? (policy.newBackendState == .up))
             frontend.backends[backendIndex].enabled = backend.enabled && healthy && !overridden.contains(backendIndex)
         }
         if frontend.backends.contains(where: \.enabled) {

@@ -10,11 +10,24 @@ import XCTest
 /// engine what the whole table gives it, with operator overrides and slow start in play.
 final class TableChangesRouterTests: XCTestCase {
     func testADesiredTableAppliedByItsChangesPublishesWhatTheWholeTableDoes() throws {
+        try compare(checks: nil)
+    }
+
+    /// With active checks: the checker is told the difference, and must end up checking the
+    /// same backends as when told every backend (the published tables then depend on when each
+    /// checker's probes ran, so only what is checked is compared).
+    func testWithChecksTheCheckerChecksWhatTheWholeTableAsksFor() throws {
+        var checks = CheckSettings()
+        checks.interval = 60_000
+        try compare(checks: checks)
+    }
+
+    private func compare(checks: CheckSettings?) throws {
         var (random, seed) = SplitMix64.replayable()
         var configuration = EngineConfiguration()
         configuration.workers = 1
-        let byChanges = try HealthRouter.make(configuration: configuration, policy: HealthPolicy())
-        let whole = try HealthRouter.make(configuration: configuration, policy: HealthPolicy())
+        let byChanges = try HealthRouter.make(configuration: configuration, policy: HealthPolicy(checks: checks))
+        let whole = try HealthRouter.make(configuration: configuration, policy: HealthPolicy(checks: checks))
         defer {
             byChanges.shutdown(drainTimeout: 0)
             whole.shutdown(drainTimeout: 0)
@@ -58,6 +71,10 @@ final class TableChangesRouterTests: XCTestCase {
                     try router.setWeight(weight, for: key)
                 }
             }
+            if checks != nil {
+                XCTAssertEqual(Set(byChanges.health().keys), Set(whole.health().keys), "step \(step) (seed \(seed))")
+                continue
+            }
             let served = [byChanges, whole].map { router in router.engine.control.withLock { $0.published!.table.frontends } }
             XCTAssertEqual(served[0].map(\.name), served[1].map(\.name), "step \(step) (seed \(seed))")
             // Slow start ramps from when each router saw the backend: warmups may differ by the
@@ -75,5 +92,16 @@ final class TableChangesRouterTests: XCTestCase {
         }
         XCTAssertGreaterThan(byChanges.engine.control.withLock { $0.appliedByChanges }, 75,
                              "the tables were not applied by their changes: the test proves nothing")
+        if checks != nil {
+            // The checkers' own threads: every backend of the last table is checked (its first
+            // check comes within 100 ms), and none that left it.
+            let expected = Set(whole.health().keys)
+            XCTAssertFalse(expected.isEmpty)
+            let checked = waitUntil(timeout: 10, interval: 0.05) {
+                byChanges.health().filter { $0.value.checksDone > 0 }.count == expected.count
+            }
+            XCTAssertNotNil(checked, "not every backend was checked: \(byChanges.health().filter { $0.value.checksDone == 0 }.keys)")
+            XCTAssertEqual(Set(byChanges.health().keys), expected)
+        }
     }
 }

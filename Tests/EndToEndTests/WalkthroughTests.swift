@@ -76,7 +76,7 @@ final class WalkthroughTests: XCTestCase {
         Thread.sleep(forTimeInterval: 3)
         let outcome = load.stop()
         print("during the kills: \(outcome.sequential) sequential and \(outcome.concurrent) concurrent requests, "
-              + "\(outcome.cut) cut mid-answer, failures: \(outcome.failures.prefix(5))")
+              + "\(outcome.cut) cut mid-answer, the slowest \(Int(outcome.slowest * 1000)) ms, failures: \(outcome.failures.prefix(5))")
         XCTAssertEqual(outcome.failures, [], "\(outcome.failures.count) requests failed during the kills")
         // The containers answer in one write: a SIGKILL comes before the answer (the proxy
         // retries it elsewhere, retry-on empty-response) or after it; never in the middle.
@@ -210,6 +210,9 @@ final class ClientLoad: @unchecked Sendable {
     private let running = Atomic<Bool>(false)
     private let lock = NSLock()
     private var sequential = 0, concurrent = 0, cut = 0
+    /// The longest request, in seconds.
+    private var slowest = 0.0
+    static let clientTimeout = 6.0
     private var failures: [String] = []
     private var threads: [Thread] = []
     private let finished = DispatchGroup()
@@ -231,7 +234,15 @@ final class ClientLoad: @unchecked Sendable {
                 while running.load(ordering: .relaxed) && Date() < deadline && count < 100_000 {
                     count += 1
                     do {
-                        let body = try HTTPProbe.get(port: port, host: host, timeout: 3)
+                        let started = Date()
+                        defer {
+                            let took = Date().timeIntervalSince(started)
+                            lock.withLock { slowest = max(slowest, took) }
+                        }
+                        // Longer than the proxy may take by its settings: a request can meet the
+                        // three killed containers in turn before their keys and checks take them
+                        // out, each costing up to --first-byte-timeout (1 s) before the replay.
+                        let body = try HTTPProbe.get(port: port, host: host, timeout: Self.clientTimeout)
                         if body.isEmpty {
                             // Headers, then the end: the container was SIGKILLed between its two
                             // writes. Bytes had reached the client, so no proxy could retry it.
@@ -257,9 +268,9 @@ final class ClientLoad: @unchecked Sendable {
     }
 
     /// `cut`: answers cut after their headers (a backend killed mid-answer).
-    func stop() -> (sequential: Int, concurrent: Int, cut: Int, failures: [String]) {
+    func stop() -> (sequential: Int, concurrent: Int, cut: Int, failures: [String], slowest: Double) {
         running.store(false, ordering: .relaxed)
         _ = finished.wait(timeout: .now() + 10)
-        return lock.withLock { (sequential, concurrent, cut, failures) }
+        return lock.withLock { (sequential, concurrent, cut, failures, slowest) }
     }
 }
