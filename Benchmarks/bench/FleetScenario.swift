@@ -112,8 +112,11 @@ struct FleetScenario {
         defer { data.remove() }
         let logs = try TemporaryDirectory(prefix: "berth-fleet-hosts")
         defer { logs.remove() }
+        // Kept (`--fleet-logs`) whether the run completes or not; etcd's log goes with them.
+        defer { if let kept = options.fleetLogs { Self.copyLogs(logs.path, to: "\(kept)/\(mode.rawValue)") } }
+        let etcdLog = "\(logs.path)/etcd.log"
         var etcd: ServingProcess? = try startEtcd(data: data.path, network: network)
-        defer { etcd?.stop() }
+        defer { etcd?.stop(keepingLog: etcdLog) }
         let client: EtcdClient
         do {
             let bench = network.benchEndpoint
@@ -216,7 +219,7 @@ struct FleetScenario {
             + "\(row.routing?.allHosts(99).map { Format.fixed($0, 1) } ?? "-") ms")
 
         // An etcd restart.
-        etcd?.stop()
+        etcd?.stop(keepingLog: etcdLog)
         etcd = nil
         let stopped = MonotonicClock.nanoseconds()
         usleep(500_000)
@@ -243,9 +246,8 @@ struct FleetScenario {
         }
         progress("fleet, \(mode.rawValue): etcd restarted; every host caught up after "
             + "\(row.restartCatchUpSeconds.map { Format.fixed($0, 2) } ?? "-") s, \(row.rangesAfterRestart.map(String.init) ?? "-") Range requests at etcd")
-        defer { if let kept = options.fleetLogs { Self.copyLogs(logs.path, to: "\(kept)/\(mode.rawValue)") } }
         try compactionHerd(client, fleet: fleet, network: network, logs: logs.path, into: &row) { () throws(BenchError) in
-            etcd?.stop()
+            etcd?.stop(keepingLog: etcdLog)
             etcd = nil
             etcd = try startEtcd(data: data.path, network: network)
             // Through a proxy, the hosts' streams end at the proxy, which would resume its own
@@ -418,7 +420,7 @@ struct FleetScenario {
         Array("{\"host\":\"127.0.0.1\",\"port\":\(1_000 + instance),\"listen\":\(firstPort + service)}".utf8)
     }
 
-    /// Copies the hosts' logs (`--fleet-logs`) before their directory is removed.
+    /// Copies the hosts' logs and etcd's (`--fleet-logs`) before their directory is removed.
     private static func copyLogs(_ from: String, to directory: String) {
         for path in [String(directory.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")), directory]
         where !path.isEmpty {
@@ -428,7 +430,7 @@ struct FleetScenario {
         defer { closedir(listing) }
         while let entry = readdir(listing) {
             let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            guard name.hasPrefix("host"), let text = ProcFS.read("\(from)/\(name)") else { continue }
+            guard name.hasPrefix("host") || name == "etcd.log", let text = ProcFS.read("\(from)/\(name)") else { continue }
             let fd = open("\(directory)/\(name)", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
             guard fd >= 0 else {
                 progress("fleet: cannot write \(directory)/\(name) (errno \(errno))")

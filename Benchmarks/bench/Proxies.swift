@@ -33,9 +33,18 @@ final class ServingProcess {
     var peakResidentBytes: UInt64? { ProcFS.peakResidentBytes(of: pid) }
 
     /// Stops the watchdog first (so that it never signals a PID this then reaps), then the child.
-    func stop() {
+    /// `keepingLog`: a file the child's log (`startExternal`'s) is appended to first.
+    func stop(keepingLog destination: String? = nil) {
         watchdog?.stop()
         child.stop()
+        if let destination, let directory, let text = ProcFS.read("\(directory.path)/\(child.name).log") {
+            let fd = open(destination, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+            if fd >= 0 {
+                var bytes = Array("--- \(child.name) (pid \(child.pid))\n\(text)".utf8)
+                _ = bytes.withUnsafeMutableBytes { write(fd, $0.baseAddress, $0.count) }
+                close(fd)
+            }
+        }
         directory?.remove()
     }
 }

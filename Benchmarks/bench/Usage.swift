@@ -58,7 +58,7 @@ let benchUsage = """
                        the fleet hosts' --relist-jitter in ms (default: berth's, 1 s)
       --fleet-modes LIST
                        the fleet's configurations: direct, grpc-proxy (default: both)
-      --fleet-logs DIR the fleet hosts' logs and revision logs are copied to DIR/MODE
+      --fleet-logs DIR the fleet hosts' logs, revision logs and etcd's log are copied to DIR/MODE
       --fleet-network KIND
                        namespaces (a network namespace per host on one bridge; the default where
                        it can be built: root, ip, at most 238 hosts) or loopback (a 127.77.x.y
