@@ -107,6 +107,17 @@ struct RoutingMemory: Sendable {
     /// Builds made from the changed services alone (tests).
     var builtByChanges = 0
 
+    /// The table of a build, stamped with a new serial and what differs from the last one
+    /// (`changed` when known, else found by comparing the two); remembered for the next.
+    mutating func table(revision: Int64, frontends: [Frontend], changed: [String]? = nil) -> RoutingTable {
+        let serial = RoutingTable.makeSerial()
+        let changes = lastSerial == 0 ? nil
+            : FrontendChanges(base: lastSerial, names: changed ?? RoutingTable.changedNames(from: lastFrontends, to: frontends))
+        lastFrontends = frontends
+        lastSerial = serial
+        return RoutingTable(revision: UInt64(max(0, revision)), frontends: frontends, serial: serial, changes: changes)
+    }
+
     /// Where `name` is, or would be inserted.
     func search(_ name: String) -> (index: Int, found: Bool) {
         var low = 0, high = rows.count
@@ -299,18 +310,14 @@ extension Catalog {
             memory.rows[index].emptySince = nil
         }
         for index in gone.reversed() where memory.rows[index].served == nil { memory.rows.remove(at: index) }
-        let serial = RoutingTable.makeSerial()
-        let changes = memory.lastSerial == 0 ? nil
-            : FrontendChanges(base: memory.lastSerial, names: RoutingTable.changedNames(from: memory.lastFrontends, to: frontends))
-        memory.lastFrontends = frontends
-        memory.lastSerial = serial
+        let table = memory.table(revision: revision, frontends: frontends)
         problems = Self.sortedByService(problems)
         memory.settled = holders == nil && lingering.isEmpty && hostNames.isEmpty
         memory.ports = memory.settled ? Dictionary(frontends.lazy.map { ($0.listen.port, $0.name) }, uniquingKeysWith: { first, _ in first }) : [:]
         memory.lastChecks = checks
         memory.lastProblems = problems
         routingMemory = memory
-        return RoutingBuild(table: RoutingTable(revision: UInt64(max(0, revision)), frontends: frontends, serial: serial, changes: changes),
+        return RoutingBuild(table: table,
                             checks: checks, problems: problems, lingering: lingering,
                             nextEvaluation: lingering.isEmpty ? nil : nextEvaluation, hostNames: hostNames)
     }
@@ -332,12 +339,10 @@ extension Catalog {
         // First what each changed service becomes, changing nothing.
         var outcomes: [(name: String, entry: BuiltService?)] = []
         outcomes.reserveCapacity(changed.count)
-        var released: [UInt16] = []
         var claimed: [UInt16: String] = [:]
         for name in changed {
             let (index, found) = memory.search(name)
             let served = found ? memory.rows[index].served : nil
-            if let port = served { released.append(port) }
             guard let service = services[name], !service.instances.isEmpty else {
                 // Empty: a frontend served before would linger.
                 if served != nil && (services[name]?.config?.linger ?? options.linger) > 0 { return nil }
@@ -351,8 +356,10 @@ extension Catalog {
             }
             outcomes.append((name, entry))
         }
+        // A port held by a service that is not changing stays its own (a changed holder
+        // releases it; `changed` is sorted).
         for (port, name) in claimed {
-            if let holder = memory.ports[port], holder != name, !changed.contains(holder) || !released.contains(port) { return nil }
+            if let holder = memory.ports[port], holder != name, !changed.searchByName(holder, { $0 }).found { return nil }
         }
         // Then the change.
         var frontends = memory.lastFrontends
@@ -361,30 +368,29 @@ extension Catalog {
         var changedSet = Set<String>()
         for (name, entry) in outcomes {
             changedSet.insert(name)
-            var (index, found) = memory.search(name)
+            let (index, found) = memory.search(name)
             if let port = found ? memory.rows[index].served : nil, memory.ports[port] == name { memory.ports.removeValue(forKey: port) }
             memory.lastChecks.removeValue(forKey: name)
             let (position, listed) = frontends.searchByName(name) { $0.name }
+            if services[name] == nil {
+                // No key left: no row (a row gone with its frontend, as in the whole build).
+                if found { memory.rows.remove(at: index) }
+            } else if !found {
+                memory.rows.insert(RoutingMemory.Row(name: name), at: index)
+            }
             guard let entry, let frontend = entry.frontend else {
                 // No instance (no linger), or no listen port: not served.
                 if listed {
                     frontends.remove(at: position)
                     applied.append(name)
                 }
-                if found && services[name] == nil {
-                    memory.rows.remove(at: index)
-                } else if found || entry != nil {
-                    if !found {
-                        memory.rows.insert(RoutingMemory.Row(name: name), at: index)
-                        found = true
-                    }
+                if services[name] != nil {
                     memory.rows[index].built = entry
                     memory.rows[index].served = nil
                     memory.rows[index].emptySince = nil
                 }
                 continue
             }
-            if !found { memory.rows.insert(RoutingMemory.Row(name: name), at: index) }
             memory.rows[index].built = entry
             memory.rows[index].served = frontend.listen.port
             memory.rows[index].emptySince = nil
@@ -404,11 +410,7 @@ extension Catalog {
         for case (_, let entry?) in outcomes { problems += entry.problems }
         problems = Self.sortedByService(problems)
         memory.lastProblems = problems
-        let serial = RoutingTable.makeSerial()
-        let table = RoutingTable(revision: UInt64(max(0, revision)), frontends: frontends, serial: serial,
-                                 changes: FrontendChanges(base: memory.lastSerial, names: applied))
-        memory.lastFrontends = frontends
-        memory.lastSerial = serial
+        let table = memory.table(revision: revision, frontends: frontends, changed: applied)
         memory.builtByChanges += 1
         return RoutingBuild(table: table, checks: memory.lastChecks, problems: problems, lingering: [], nextEvaluation: nil, hostNames: [])
     }

@@ -293,7 +293,8 @@ public final class EtcdClient: Sendable {
         _ body: @Sendable (EtcdConnection, Metadata, CallOptions) async throws -> Result
     ) async throws -> Result {
         var options = CallOptions.defaults
-        options.timeout = min(timeout ?? configuration.requestTimeout, Self.callTimeout ?? .seconds(86_400))
+        let deadline = timeout ?? configuration.requestTimeout
+        options.timeout = Self.callTimeout.map { min($0, deadline) } ?? deadline
         options.waitForReady = false
         options.maxResponseMessageBytes = 256 * 1024 * 1024
         let endpoints = configuration.endpoints.count
@@ -317,7 +318,7 @@ public final class EtcdClient: Sendable {
                 // not cut off. Failing over would reconnect under load, a storm in a fleet. With
                 // no answer at all since the call began, the connection is suspect: the next.
                 if error.code == .deadlineExceeded && connection.answers.load(ordering: .relaxed) != answersBefore {
-                    throw EtcdError.unavailable("\(name): no answer within \(options.timeout ?? configuration.requestTimeout) (etcd is slow; its connection answers other requests)")
+                    throw EtcdError.unavailable("\(name): no answer within \(options.timeout ?? deadline) (etcd is slow; its connection answers other requests)")
                 }
                 switch Self.classify(error) {
                 case .transport:

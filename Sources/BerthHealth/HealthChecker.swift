@@ -18,6 +18,13 @@ public struct CheckTarget: Sendable, Equatable {
     }
 }
 
+extension BackendHealth {
+    /// A backend the checker has not checked yet: unchecked, or down when it starts down.
+    init(starting target: CheckTarget, now: Int64) {
+        self.init(status: target.initialState == .up ? .unchecked : .down, kind: target.settings.kind.description, now: now)
+    }
+}
+
 /// Active health checks for every backend, on one thread with its own epoll loop (never a
 /// thread per check, never a data-plane worker: a hanging check peer cannot slow traffic).
 ///
@@ -47,9 +54,7 @@ public final class HealthChecker: Sendable {
         shared.records.withLock { records in
             var next: [BackendKey: BackendHealth] = [:]
             for target in targets {
-                next[target.key] = records[target.key] ?? BackendHealth(
-                    status: target.initialState == .up ? .unchecked : .down,
-                    kind: target.settings.kind.description, now: now)
+                next[target.key] = records[target.key] ?? BackendHealth(starting: target, now: now)
             }
             records = next
         }
@@ -68,10 +73,7 @@ public final class HealthChecker: Sendable {
         let now = MonotonicClock.milliseconds()
         shared.records.withLock { records in
             for key in removed { records.removeValue(forKey: key) }
-            for target in targets where records[target.key] == nil {
-                records[target.key] = BackendHealth(status: target.initialState == .up ? .unchecked : .down,
-                                                    kind: target.settings.kind.description, now: now)
-            }
+            for target in targets where records[target.key] == nil { records[target.key] = BackendHealth(starting: target, now: now) }
         }
         shared.inbox.withLock { $0.changes.append((removed, targets)) }
         shared.wakeup.wake()

@@ -68,6 +68,13 @@ public final class HealthRouter: Sendable {
         /// Set when health, overrides, check settings or a ramp changed: every frontend is
         /// made again at the next publish.
         var stale = true
+
+        /// The names to publish the desired table by (its changes, when `published` was made
+        /// from their base and nothing is stale); nil: every frontend.
+        var changesToApply: [String]? {
+            guard !stale, publishedFrom != 0, let changes = desired.changes, changes.base == publishedFrom else { return nil }
+            return changes.names
+        }
     }
 
     private struct PublishedFrontend {
@@ -110,12 +117,11 @@ public final class HealthRouter: Sendable {
             state.desired = table
             if state.checkOverrides != overrides { state.stale = true }
             state.checkOverrides = overrides
+            let changes = state.changesToApply
             if !state.adminStates.isEmpty || !state.weightOverrides.isEmpty {
                 // Kept for the backends still in the table (with changes, only the changed
                 // frontends' overrides are looked at).
-                let changed = table.changes.map { changes in
-                    state.publishedFrom != 0 && changes.base == state.publishedFrom ? Set(changes.names) : nil
-                } ?? nil
+                let changed = changes.map(Set.init)
                 let present = Set(table.frontends.lazy.filter { changed?.contains($0.name) ?? true }.flatMap { frontend in
                     frontend.backends.map { BackendKey(frontend: frontend.name, backend: $0.name) }
                 })
@@ -126,11 +132,7 @@ public final class HealthRouter: Sendable {
                 state.adminStates = state.adminStates.filter { keep($0.key) }
                 state.weightOverrides = state.weightOverrides.filter { keep($0.key) }
             }
-            if !state.stale, state.publishedFrom != 0, let changes = table.changes, changes.base == state.publishedFrom {
-                updateChecks(&state, of: changes.names)
-            } else {
-                updateChecks(&state)
-            }
+            if let changes { updateChecks(&state, of: changes) } else { updateChecks(&state) }
             return try publish(&state)
         }
     }
@@ -138,48 +140,54 @@ public final class HealthRouter: Sendable {
     /// `updateChecks` for the frontends named only (a desired table applied by its changes):
     /// the checker is told the difference.
     private func updateChecks(_ state: inout State, of names: [String]) {
-        guard let checker else { return }
-        if policy.checks == nil && state.checkOverrides.isEmpty && state.checked.isEmpty && state.seededHealth.isEmpty { return }
+        guard let checker, checksInPlay(state) else { return }
         guard state.seededHealth.isEmpty else { return updateChecks(&state) }
         var removed: [BackendKey] = []
         var targets: [CheckTarget] = []
         for name in names {
             let (index, found) = state.desired.search(name)
-            var now = Set<String>()
-            if found, let checks = state.checkOverrides[name] ?? policy.checks {
-                for backend in state.desired.frontends[index].backends {
-                    let key = BackendKey(frontend: name, backend: backend.name)
-                    if state.adminStates[key] == .maint { continue }
-                    now.insert(backend.name)
-                    targets.append(CheckTarget(key: key, address: backend.address, settings: checks, initialState: policy.newBackendState))
-                }
-            }
-            for backend in state.checked[name] ?? [] where !now.contains(backend) {
+            let now = found ? checkTargets(of: state.desired.frontends[index], state) : []
+            let checked = Set(now.map(\.key.backend))
+            for backend in state.checked[name] ?? [] where !checked.contains(backend) {
                 removed.append(BackendKey(frontend: name, backend: backend))
             }
-            state.checked[name] = now.isEmpty ? nil : now
+            state.checked[name] = checked.isEmpty ? nil : checked
+            targets += now
         }
         checker.update(removing: removed, setting: targets)
+    }
+
+    /// Whether the checker has anything to be told: something checked before or now.
+    private func checksInPlay(_ state: State) -> Bool {
+        policy.checks != nil || !state.checkOverrides.isEmpty || !state.checked.isEmpty || !state.seededHealth.isEmpty
+    }
+
+    /// What the checker checks of `frontend`: every backend but those in maintenance, with the
+    /// frontend's check settings (none without any), starting as seeded or as the policy says.
+    private func checkTargets(of frontend: Frontend, _ state: State) -> [CheckTarget] {
+        guard let checks = state.checkOverrides[frontend.name] ?? policy.checks else { return [] }
+        var targets: [CheckTarget] = []
+        for backend in frontend.backends {
+            let key = BackendKey(frontend: frontend.name, backend: backend.name)
+            if state.adminStates[key] == .maint { continue }
+            let initial = state.seededHealth[key].map { $0 == .down ? NewBackendState.down : .up } ?? policy.newBackendState
+            targets.append(CheckTarget(key: key, address: backend.address, settings: checks, initialState: initial))
+        }
+        return targets
     }
 
     /// Gives the checker every backend of the desired table but those in maintenance. Called
     /// under the state lock, so the checker's targets follow the tables' order (the checker's
     /// own thread takes this lock only after releasing its records, so the order is safe).
     private func updateChecks(_ state: inout State) {
-        guard let checker else { return }
         // Nothing checked, before or now: nothing to tell the checker.
-        if policy.checks == nil && state.checkOverrides.isEmpty && state.checked.isEmpty && state.seededHealth.isEmpty { return }
+        guard let checker, checksInPlay(state) else { return }
         var targets: [CheckTarget] = []
         var checked: [String: Set<String>] = [:]
         for frontend in state.desired.frontends {
-            guard let checks = state.checkOverrides[frontend.name] ?? policy.checks else { continue }
-            for backend in frontend.backends {
-                let key = BackendKey(frontend: frontend.name, backend: backend.name)
-                if state.adminStates[key] == .maint { continue }
-                checked[frontend.name, default: []].insert(backend.name)
-                let initial = state.seededHealth[key].map { $0 == .down ? NewBackendState.down : .up } ?? policy.newBackendState
-                targets.append(CheckTarget(key: key, address: backend.address, settings: checks, initialState: initial))
-            }
+            let made = checkTargets(of: frontend, state)
+            if !made.isEmpty { checked[frontend.name] = Set(made.map(\.key.backend)) }
+            targets += made
         }
         state.seededHealth = [:]
         state.checked = checked
@@ -307,8 +315,8 @@ public final class HealthRouter: Sendable {
     private func publish(_ state: inout State) throws(EngineError) -> Engine.ApplyResult {
         let health = checker?.health() ?? [:]
         let now = MonotonicClock.milliseconds()
-        if !state.stale, state.publishedFrom != 0, let changes = state.desired.changes, changes.base == state.publishedFrom {
-            return try publishChanges(changes.names, health: health, now: now, &state)
+        if let names = state.changesToApply {
+            return try publishChanges(names, health: health, now: now, &state)
         }
         var effective = RoutingTable(revision: state.desired.revision, frontends: [])
         // (Kept out of the state until the engine accepts: refused, the next publish makes

@@ -15,36 +15,27 @@ public struct EtcdRegistrationStore: RegistrationStore {
         client = try EtcdClient(configuration: EtcdConfiguration(endpoints: parsed))
     }
 
-    /// The calls' deadline, inside the registration loop's (`RegistrationLoop.storeTimeout`),
-    /// so that etcd's client sees a timeout (and judges the connection by it) rather than a
-    /// cancelled call.
-    static let callTimeout: Duration = RegistrationLoop.storeTimeout - .milliseconds(250)
-
-    private func timed<Result: Sendable>(_ body: () async throws -> Result) async throws -> Result {
-        try await EtcdClient.$callTimeout.withValue(Self.callTimeout) { try await body() }
-    }
-
-    public func grantLease(ttl: Int64) async throws -> Int64 { try await timed { try await client.grantLease(ttl: ttl) } }
-    public func keepAliveOnce(lease: Int64) async throws -> Int64 { try await timed { try await client.keepAliveOnce(lease: lease) } }
-    public func revokeLease(_ lease: Int64) async throws { try await timed { try await client.revokeLease(lease) } }
+    public func grantLease(ttl: Int64) async throws -> Int64 { try await client.grantLease(ttl: ttl) }
+    public func keepAliveOnce(lease: Int64) async throws -> Int64 { try await client.keepAliveOnce(lease: lease) }
+    public func revokeLease(_ lease: Int64) async throws { try await client.revokeLease(lease) }
 
     public func put(key: String, value: String, lease: Int64) async throws {
-        _ = try await timed { try await client.put(key: key, value: value, lease: lease) }
+        _ = try await client.put(key: key, value: value, lease: lease)
     }
 
     public func delete(key: String) async throws {
-        _ = try await timed { try await client.delete(key: key) }
+        _ = try await client.delete(key: key)
     }
 
     public func get(keys: [String]) async throws -> [String: String] {
         var result: [String: String] = [:]
-        for keyValue in try await timed({ try await client.get(keys: keys) }) { result[keyValue.key] = keyValue.valueText }
+        for keyValue in try await client.get(keys: keys) { result[keyValue.key] = keyValue.valueText }
         return result
     }
 
     public func get(prefix: String) async throws -> [String: String] {
         var result: [String: String] = [:]
-        for keyValue in try await timed({ try await client.get(prefix: prefix) }).keyValues { result[keyValue.key] = keyValue.valueText }
+        for keyValue in try await client.get(prefix: prefix).keyValues { result[keyValue.key] = keyValue.valueText }
         return result
     }
 }

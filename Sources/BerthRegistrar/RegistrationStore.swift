@@ -1,3 +1,5 @@
+import BerthEtcd
+
 /// The etcd calls the registrar makes, in `BerthEtcd.EtcdClient`'s shape, so the reconcile logic
 /// is written (and unit-tested) against this protocol and runs on the real client through a
 /// one-screen adapter. Implementations reconnect and fail over on their own; every call may
@@ -24,10 +26,15 @@ public struct TimedOut: Error, Sendable, CustomStringConvertible {
 }
 
 /// Runs `operation`, cancelling it and throwing `TimedOut` if it takes longer than `timeout`.
-/// The operation must honour cancellation (NIO's async channels and gRPC calls do).
+/// The operation must honour cancellation (NIO's async channels and gRPC calls do). etcd's
+/// client gets the deadline too, a little inside it (`EtcdClient.callTimeout`): its calls then
+/// time out on their own and are judged as timeouts (a cut connection fails over), where a
+/// cancellation says nothing of the connection.
 func withDeadline<Result: Sendable>(_ timeout: Duration, what: String, _ operation: @escaping @Sendable () async throws -> Result) async throws -> Result {
     try await withThrowingTaskGroup(of: Result?.self) { group in
-        group.addTask { try await operation() }
+        group.addTask {
+            try await EtcdClient.$callTimeout.withValue(timeout - min(timeout / 8, .milliseconds(250))) { try await operation() }
+        }
         group.addTask {
             try await Task.sleep(for: timeout)
             return nil

@@ -145,16 +145,7 @@ public final class Engine: Sendable {
                     groups.append(state.groups[position])
                 } else {
                     do throws(SystemError) {
-                        var group: ListenerGroup
-                        if let adopted = takeAdopted(frontend.listen, from: &state.adopted) {
-                            group = adopted
-                        } else {
-                            group = try openListenerGroup(frontend.listen, count: handles.count)
-                        }
-                        for (index, fds) in group.distribute(over: handles.count).enumerated() where !fds.isEmpty {
-                            handoffs[index][frontend.name] = fds
-                        }
-                        groups.append(group)
+                        groups.append(try listen(frontend, &state, handoffs: &handoffs))
                     } catch {
                         result.failures[frontend.name] = error
                         continue
@@ -175,11 +166,7 @@ public final class Engine: Sendable {
             // the counter they added to, so one dropped here is still decremented correctly.
             var loads: [String: [String: BackendLoad]] = [:]
             for frontend in served where frontend.settings.balance == .leastConn {
-                var current: [String: BackendLoad] = [:]
-                for backend in frontend.backends {
-                    current[backend.name] = state.loads[frontend.name]?[backend.name] ?? BackendLoad()
-                }
-                loads[frontend.name] = current
+                loads[frontend.name] = Self.loads(of: frontend, kept: state.loads[frontend.name])
             }
             state.loads = loads
             state.revision = table.revision
@@ -290,16 +277,12 @@ public final class Engine: Sendable {
                 remove(name, at: position, &state)
                 continue
             }
-            var group: ListenerGroup
+            let group: ListenerGroup
             if held && groups[position].serves(frontend.listen) {
                 group = groups[position]
             } else {
                 do throws(SystemError) {
-                    if let adopted = takeAdopted(frontend.listen, from: &state.adopted) {
-                        group = adopted
-                    } else {
-                        group = try openListenerGroup(frontend.listen, count: handles.count)
-                    }
+                    group = try listen(frontend, &state, handoffs: &handoffs)
                 } catch {
                     // Left out, like a frontend that cannot listen in a whole table.
                     result.failures[name] = error
@@ -307,19 +290,9 @@ public final class Engine: Sendable {
                     if held { remove(name, at: position, &state) }
                     continue
                 }
-                for (index, fds) in group.distribute(over: handles.count).enumerated() where !fds.isEmpty {
-                    handoffs[index][name] = fds
-                }
             }
             let plan = PublishedTable.plan(frontend, previous: before)
-            if frontend.settings.balance == .leastConn {
-                var current: [String: BackendLoad] = [:]
-                let kept = loads[name]
-                for backend in frontend.backends { current[backend.name] = kept?[backend.name] ?? BackendLoad() }
-                loads[name] = current
-            } else {
-                loads.removeValue(forKey: name)
-            }
+            loads[name] = frontend.settings.balance == .leastConn ? Self.loads(of: frontend, kept: loads[name]) : nil
             if held {
                 frontends[position] = frontend
                 groups[position] = group
@@ -353,6 +326,30 @@ public final class Engine: Sendable {
         result.served = frontends
         result.groups = groups
         return result
+    }
+
+    /// The listener group of a frontend that is new or moved: sockets handed over by a
+    /// previous process for its address, else bound now; each worker's share goes in
+    /// `handoffs` (the workers own them from there).
+    private func listen(_ frontend: Frontend, _ state: inout ControlState,
+                        handoffs: inout [[String: [CInt]]]) throws(SystemError) -> ListenerGroup {
+        let group: ListenerGroup
+        if let adopted = takeAdopted(frontend.listen, from: &state.adopted) {
+            group = adopted
+        } else {
+            group = try openListenerGroup(frontend.listen, count: handles.count)
+        }
+        for (index, fds) in group.distribute(over: handles.count).enumerated() where !fds.isEmpty {
+            handoffs[index][frontend.name] = fds
+        }
+        return group
+    }
+
+    /// A leastconn frontend's counters: a backend keeps its counter (`kept`) while it stays.
+    private static func loads(of frontend: Frontend, kept: [String: BackendLoad]?) -> [String: BackendLoad] {
+        var loads: [String: BackendLoad] = [:]
+        for backend in frontend.backends { loads[backend.name] = kept?[backend.name] ?? BackendLoad() }
+        return loads
     }
 
     /// `table.validationError()`, skipping what the previous table (already valid) settles: the

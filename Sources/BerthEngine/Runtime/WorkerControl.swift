@@ -42,8 +42,8 @@ extension Worker {
                     removedAny = true
                 }
             }
-            if !listeners.isEmpty {
-                for (name, fds) in listeners where !published.table.search(name).found { for fd in fds { closeDescriptor(fd) } }
+            closeUnadopted(listeners) { name in
+                changes.names.searchByName(name) { $0 }.found && published.table.search(name).found
             }
         } else {
             var next: [FrontendRuntime] = []
@@ -60,10 +60,9 @@ extension Worker {
                 removeFrontend(runtime)
                 removedAny = true
             }
-            // Sockets for frontends this table does not contain (raced with a newer table): close.
             if !listeners.isEmpty {
                 let installed = Set(next.map(\.name))
-                for (name, fds) in listeners where !installed.contains(name) { for fd in fds { closeDescriptor(fd) } }
+                closeUnadopted(listeners) { installed.contains($0) }
             }
             frontends = next
         }
@@ -116,6 +115,12 @@ extension Worker {
             registerListener(runtime)
         }
         return runtime
+    }
+
+    /// Closes the sockets handed over for frontends this install did not take (one the table
+    /// does not contain: raced with a newer table).
+    private func closeUnadopted(_ listeners: [String: [CInt]], installed: (String) -> Bool) {
+        for (name, fds) in listeners where !installed(name) { for fd in fds { closeDescriptor(fd) } }
     }
 
     /// A frontend that left the table: it stops accepting, and it and its backends drain.
