@@ -110,8 +110,6 @@ public final class DiscoveryService: Sendable {
     }
 
     static let historyLimit = 100_000
-    /// Progress requests of the watch streams after the first (`--services`).
-    static let extraRangeProgressInterval: Duration = .seconds(30)
 
     public init(client: EtcdClient, router: HealthRouter, settings: DiscoverySettings,
                 resolver: HostResolver = HostResolver(), logger: Logger = Logger(label: "berth.discovery")) {
@@ -176,39 +174,19 @@ public final class DiscoveryService: Sendable {
         }
     }
 
-    /// Every key of the watched ranges, at one revision (the first range's).
+    /// Every key of the watched ranges, at one revision.
     private func list(_ ranges: [String]) async throws -> RangeResult {
-        var listing = try await client.get(prefix: ranges[0])
-        for range in ranges.dropFirst() {
-            listing.keyValues += try await client.get(prefix: range, atRevision: listing.revision).keyValues
-        }
-        return listing
+        ranges.count == 1 ? try await client.get(prefix: ranges[0]) : try await client.get(prefixes: ranges)
     }
 
-    /// Watches every range from `revision` on, one stream each (with `--services`, a host's
-    /// services and `_config`), until one of them throws (a compaction passed it, ...).
+    /// Watches every range from `revision` on, on one stream (with `--services`, a watch for
+    /// each of the host's services and one for `_config`), until it throws (a compaction
+    /// passed it, ...).
     private func watch(_ ranges: [String], from revision: Int64) async throws {
-        let client = self.client
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            // The first stream finds a cut within two progress intervals (the cut connection
-            // then fails them all); the others ask for progress every 30 s, or a host watching
-            // a hundred services would send 50 progress requests a second.
-            let relaxed = max(client.configuration.watchProgressInterval, Self.extraRangeProgressInterval)
-            for (index, range) in ranges.enumerated() {
-                group.addTask {
-                    try await client.watch(
-                        prefix: range, fromRevision: revision, progressInterval: index == 0 ? nil : relaxed,
-                        onConnected: { [weak self] endpoint in self?.connected(endpoint, range: ranges.count > 1 ? range : nil) },
-                        onBatch: { [weak self] batch in self?.apply(batch) })
-                }
-            }
-            do {
-                while try await group.next() != nil {}
-            } catch {
-                group.cancelAll()
-                throw error
-            }
-        }
+        try await client.watch(
+            prefixes: ranges, fromRevision: revision,
+            onConnected: { [weak self] endpoint in self?.connected(endpoint, ranges: ranges.count) },
+            onBatch: { [weak self] batch in self?.apply(batch) })
     }
 
     public var status: DiscoveryStatus {
@@ -308,10 +286,10 @@ public final class DiscoveryService: Sendable {
         }
     }
 
-    private func connected(_ endpoint: EtcdEndpoint, range: String?) {
+    private func connected(_ endpoint: EtcdEndpoint, ranges: Int) {
         state.withLock { $0.connected = true }
         var metadata: Logger.Metadata = ["endpoint": "\(endpoint)"]
-        if let range { metadata["range"] = "\(range)" }
+        if ranges > 1 { metadata["ranges"] = "\(ranges)" }
         logger.info("watching the registry", metadata: metadata)
     }
 

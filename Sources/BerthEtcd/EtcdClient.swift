@@ -122,20 +122,37 @@ public final class EtcdClient: Sendable {
         return response.kvs.first.map(KeyValue.init)
     }
 
+    /// Every key under each of `prefixes`, at one revision: etcd's current one when the first
+    /// transaction of Range requests (128 prefixes each, etcd's default `--max-txn-ops`) ran,
+    /// the next ones pinned to it (`EtcdError.compacted` when etcd compacted it meanwhile). A
+    /// host that watches a hundred services lists them in one request, not a hundred.
+    public func get(prefixes: [String]) async throws -> RangeResult {
+        var result = RangeResult(keyValues: [], revision: 0)
+        for var request in Self.transactions(of: prefixes, { prefix in
+            var range = Etcdserverpb_RangeRequest()
+            (range.key, range.rangeEnd) = Self.keyRange(ofPrefix: prefix)
+            return range
+        }) {
+            if result.revision != 0 {
+                for index in request.success.indices { request.success[index].requestRange.revision = result.revision }
+            }
+            let response = try await transaction(request)
+            if result.revision == 0 { result.revision = response.header.revision }
+            for answer in response.responses { result.keyValues += answer.responseRange.kvs.map(KeyValue.init) }
+        }
+        return result
+    }
+
     /// The values of `keys` (absent keys are left out), at one revision per 128 keys: each
-    /// batch is one transaction of Range requests (etcd's default --max-txn-ops is 128). Reads
-    /// exactly these keys, not the registry around them.
+    /// batch is one transaction of Range requests. Reads exactly these keys, not the registry
+    /// around them.
     public func get(keys: [String]) async throws -> [KeyValue] {
         var found: [KeyValue] = []
-        for start in stride(from: 0, to: keys.count, by: Self.operationsPerTransaction) {
-            var request = Etcdserverpb_TxnRequest()
-            request.success = keys[start..<min(start + Self.operationsPerTransaction, keys.count)].map { key in
-                var range = Etcdserverpb_RangeRequest()
-                range.key = Data(key.utf8)
-                var operation = Etcdserverpb_RequestOp()
-                operation.requestRange = range
-                return operation
-            }
+        for request in Self.transactions(of: keys, { key in
+            var range = Etcdserverpb_RangeRequest()
+            range.key = Data(key.utf8)
+            return range
+        }) {
             let response = try await transaction(request)
             for answer in response.responses { found += answer.responseRange.kvs.map(KeyValue.init) }
         }
@@ -144,6 +161,20 @@ public final class EtcdClient: Sendable {
 
     /// etcd's default `--max-txn-ops`.
     static let operationsPerTransaction = 128
+
+    /// Read-only transactions of one Range request per item (a key, a prefix), 128 items
+    /// each (etcd's default `--max-txn-ops`).
+    static func transactions(of items: [String], _ range: (String) -> Etcdserverpb_RangeRequest) -> [Etcdserverpb_TxnRequest] {
+        stride(from: 0, to: items.count, by: operationsPerTransaction).map { start in
+            var request = Etcdserverpb_TxnRequest()
+            request.success = items[start..<min(start + operationsPerTransaction, items.count)].map { item in
+                var operation = Etcdserverpb_RequestOp()
+                operation.requestRange = range(item)
+                return operation
+            }
+            return request
+        }
+    }
 
     /// Puts a key (attached to `lease` when non-zero); returns the new revision.
     @discardableResult

@@ -3,40 +3,52 @@ import GRPCCore
 import Synchronization
 
 extension EtcdClient {
-    /// Watches every key under `prefix` from `revision` on, across endpoint failures, calling
-    /// `onBatch` with each response's events in revision order. Runs until cancelled.
+    /// Watches every key under `prefix`: `watch(prefixes:)` with one prefix.
+    public func watch(
+        prefix: String,
+        fromRevision revision: Int64,
+        onConnected: @escaping @Sendable (EtcdEndpoint) -> Void = { _ in },
+        onBatch: @escaping @Sendable (WatchBatch) async throws -> Void
+    ) async throws {
+        try await watch(prefixes: [prefix], fromRevision: revision, onConnected: onConnected, onBatch: onBatch)
+    }
+
+    /// Watches every key under each of `prefixes` from `revision` on, across endpoint failures,
+    /// calling `onBatch` with each response's events in revision order (per prefix: the
+    /// prefixes' batches interleave). Runs until cancelled.
     ///
-    /// A broken, cancelled ("no leader") or silent stream is reopened on the next endpoint from
-    /// the revision after the last event delivered, so no revision is skipped or repeated. A
-    /// stream counts as silent when it answers none of the progress requests sent every
-    /// `watchProgressInterval` for twice that long. An endpoint that ignores progress requests
-    /// (etcd 3.4's gRPC proxy) is told from a silent one by a request on the same connection;
-    /// its streams are then watched by the transport's keepalive, and, every
-    /// `stallCheckInterval` of quiet, by a read of the newest put in the range: one the stream
-    /// has still not delivered at the next check throws `EtcdError.watchBehind`.
+    /// All the prefixes share one gRPC stream, a watch each: etcd keeps one stream per host,
+    /// not one per prefix (`--services` watches a hundred), and one progress request a stream.
+    /// etcd, and its gRPC proxy, number a stream's watches 0, 1, 2... in the order they were
+    /// asked for; that number tells which prefix a response is for.
+    ///
+    /// A broken, cancelled ("no leader") or silent stream is reopened on the next endpoint,
+    /// each prefix from the revision after the last event delivered for it, so no revision is
+    /// skipped or repeated. A stream counts as silent when it answers none of the progress
+    /// requests sent every `watchProgressInterval` for twice that long. An endpoint that
+    /// ignores progress requests (etcd 3.4's gRPC proxy) is told from a silent one by a request
+    /// on the same connection; its streams are then watched by the transport's keepalive, and,
+    /// every `stallCheckInterval` of quiet, by a read of the newest put in each range: one the
+    /// stream has still not delivered at the next check throws `EtcdError.watchBehind`.
     ///
     /// - Throws: `EtcdError.compacted` when the revision to resume from is gone (the caller lists
     ///   again and watches from the new revision); `EtcdError.watchBehind` (list again too);
     ///   `EtcdError.authenticationFailed`; `CancellationError`; whatever `onBatch` throws.
-    ///
-    /// `progressInterval` replaces `watchProgressInterval` for this watch: several watches on
-    /// one connection (`--services`) need only one of them to find a cut quickly (the cut
-    /// connection fails them all), so the others ask for progress less often.
     public func watch(
-        prefix: String,
+        prefixes: [String],
         fromRevision revision: Int64,
-        progressInterval: Duration? = nil,
         onConnected: @escaping @Sendable (EtcdEndpoint) -> Void = { _ in },
         onBatch: @escaping @Sendable (WatchBatch) async throws -> Void
     ) async throws {
-        let progress = WatchProgress(next: revision, interval: progressInterval ?? configuration.watchProgressInterval)
+        precondition(!prefixes.isEmpty, "a watch needs a prefix")
+        let progress = WatchProgress(ranges: prefixes.count, next: revision, interval: configuration.watchProgressInterval)
         var backoff = Backoff(configuration.backoff)
         while true {
             try Task.checkCancellation()
             let connection = try currentConnection()
             do {
                 try await untilEndpointRecovers(connection.endpoint, progress: progress) {
-                    try await self.watchSession(connection: connection, prefix: prefix, progress: progress,
+                    try await self.watchSession(connection: connection, prefixes: prefixes, progress: progress,
                                                 onConnected: onConnected, onBatch: onBatch)
                 }
             } catch is EndpointRecovered {
@@ -92,9 +104,7 @@ extension EtcdClient {
             progress.isCreated && (!progress.silenceMeansTrouble || progress.silence <= interval + EndpointProbe.stallThreshold)
         }
         // How often a healthy stream is looked at: a quarter of its progress interval, between
-        // 0.5 and 5 s. A host with `--services` runs a hundred streams whose progress interval
-        // is 30 s (the first stream finds a cut): at 0.5 s each, their watchdogs woke the host
-        // 200 times a second (a fleet of them, tens of thousands).
+        // 0.5 and 5 s (a fleet of hosts, each woken every half second for nothing, adds up).
         let lookAgain = max(.milliseconds(500), min(interval / 4, .seconds(5)))
         try await withThrowingTaskGroup(of: Bool.self) { group in
             group.addTask {
@@ -122,9 +132,9 @@ extension EtcdClient {
         }
     }
 
-    /// One watch stream on one connection; returns or throws when it ends.
+    /// One watch stream on one connection, a watch per prefix; returns or throws when it ends.
     private func watchSession(
-        connection: EtcdConnection, prefix: String, progress: WatchProgress,
+        connection: EtcdConnection, prefixes: [String], progress: WatchProgress,
         onConnected: @escaping @Sendable (EtcdEndpoint) -> Void,
         onBatch: @escaping @Sendable (WatchBatch) async throws -> Void
     ) async throws {
@@ -136,66 +146,61 @@ extension EtcdClient {
         // never leaves us watching a frozen history (etcd's clientv3 WithRequireLeader).
         metadata.addString("true", forKey: "hasleader")
 
-        var create = Etcdserverpb_WatchCreateRequest()
-        (create.key, create.rangeEnd) = Self.keyRange(ofPrefix: prefix)
-        create.startRevision = progress.next
-        create.prevKv = true
-        create.progressNotify = true
-        var createMessage = Etcdserverpb_WatchRequest()
-        createMessage.createRequest = create
+        progress.beginStream()
+        let createRequests = prefixes.indices.map { index in
+            var create = Etcdserverpb_WatchCreateRequest()
+            (create.key, create.rangeEnd) = Self.keyRange(ofPrefix: prefixes[index])
+            create.startRevision = progress.next(of: index)
+            create.prevKv = true
+            create.progressNotify = true
+            var message = Etcdserverpb_WatchRequest()
+            message.createRequest = create
+            return message
+        }
         var progressMessage = Etcdserverpb_WatchRequest()
         progressMessage.progressRequest = Etcdserverpb_WatchProgressRequest()
-        let createRequest = createMessage
         let progressRequest = progressMessage
         let interval = progress.interval
         let endpoint = connection.endpoint
         progress.touch()
         progress.use(endpoint)
-        // On this connection, within one default progress interval, the newest put in the range:
-        // whether the peer answers at all (serializable: no consensus round), and, for one that
-        // answers no progress request, whether the stream missed a put (linearizable: etcd's
-        // gRPC proxy answers a serializable read from its cache, which writes made directly to
-        // etcd leave stale).
-        var latest = Etcdserverpb_RangeRequest()
-        (latest.key, latest.rangeEnd) = Self.keyRange(ofPrefix: prefix)
-        latest.sortOrder = .descend
-        latest.sortTarget = .mod
-        latest.limit = 1
-        latest.keysOnly = true
-        let latestRequest = latest
         var probeOptions = options
         probeOptions.timeout = configuration.watchProgressInterval
         let probeCallOptions = probeOptions
         let probeMetadata = metadata
-        @Sendable func newestPut(serializable: Bool) async -> Etcdserverpb_RangeResponse? {
-            var request = latestRequest
-            request.serializable = serializable
-            return try? await Etcdserverpb_KV.Client(wrapping: connection.client)
-                .range(request, metadata: probeMetadata, options: probeCallOptions)
+        // On this connection, within one default progress interval: whether the peer answers at
+        // all (a serializable read of one key: no consensus round).
+        var anyKey = Self.oneKey(of: prefixes[0])
+        anyKey.serializable = true
+        let answersRequest = anyKey
+        @Sendable func answers() async -> Bool {
+            (try? await Etcdserverpb_KV.Client(wrapping: connection.client)
+                .range(answersRequest, metadata: probeMetadata, options: probeCallOptions)) != nil
+        }
+        // For a peer that answers no progress request, whether the stream missed a put.
+        let newestRequests = Self.newestPutRequests(of: prefixes)
+        @Sendable func newestPuts() async -> [Int64?]? {
+            await self.newestPuts(newestRequests, ranges: prefixes.count, on: connection, metadata: probeMetadata, options: probeCallOptions)
         }
         let stallCheck = Self.stallCheckInterval
 
-        if progress.hadStream && progress.next > 1 && (progress.answersProgress ?? answersProgress(endpoint)) != true {
+        if progress.hadStream && progress.earliestNext > 1 && (progress.answersProgress ?? answersProgress(endpoint)) != true {
             // Resuming after a stream broke, on an endpoint that no stream of this client has
             // seen answer a progress request (etcd's gRPC proxy answers none): is the history
-            // from `next` on still there? A one-key read pinned to the revision before `next`
-            // fails when etcd compacted past it (a compaction
-            // exactly at `next` too, which then costs one listing more than needed). etcd says
-            // so on the new watch itself, but the proxy can join the watch to a shared upstream
-            // watch that died of a compaction and never answer it. Linearizable, so the proxy
-            // passes the read to etcd and does not answer it from its cache. Not against etcd
-            // itself: a restarted etcd would meet a read per stream of the fleet.
-            // Unsorted: a sorted read (as the newest-put one) makes etcd sort the whole range.
+            // from the earliest prefix's next revision on still there? A one-key read pinned to
+            // the revision before it fails when etcd compacted past it (a compaction covers
+            // the whole store; one exactly at that revision too, which then costs one listing
+            // more than needed). etcd says so on the new watch itself, but the proxy can join
+            // the watch to a shared upstream watch that died of a compaction and never answer
+            // it. Linearizable, so the proxy passes the read to etcd and does not answer it
+            // from its cache. Not against etcd itself: a restarted etcd would meet a read per
+            // stream of the fleet. Unsorted: a sorted read makes etcd sort the whole range.
             // A few at a time per client, and none once one of them found the revision
-            // compacted: a host with `--services` resumes a hundred streams at once, and after
-            // a compaction one answer does for all (a fleet's reads all at once held etcd's
-            // answers past their timeouts, and their retries kept it so).
-            let revision = progress.next - 1
-            var pinned = Etcdserverpb_RangeRequest()
-            (pinned.key, pinned.rangeEnd) = Self.keyRange(ofPrefix: prefix)
+            // compacted (a fleet's reads all at once held etcd's answers past their
+            // timeouts, and their retries kept it so).
+            let revision = progress.earliestNext - 1
+            var pinned = Self.oneKey(of: prefixes[0])
             pinned.revision = revision
-            pinned.limit = 1
-            pinned.keysOnly = true
             let request = pinned
             try await resumeReads.run {
                 if self.knownCompacted(revision) { throw EtcdError.compacted(0) }
@@ -212,7 +217,7 @@ extension EtcdClient {
         try await Etcdserverpb_Watch.Client(wrapping: connection.client).watch(
             metadata: metadata, options: options,
             requestProducer: { writer in
-                try await writer.write(createRequest)
+                try await writer.write(contentsOf: createRequests)
                 // The stream stays open for as long as the watch runs: closing it would end it.
                 while true {
                     try await Task.sleep(for: interval)
@@ -223,7 +228,7 @@ extension EtcdClient {
                         case nil:
                             // No progress request answered yet: a dead peer, or one that ignores
                             // them. A read on the same connection tells which.
-                            guard await newestPut(serializable: true) != nil else {
+                            guard await answers() else {
                                 throw RPCError(code: .unavailable, message: "the watch stream has been silent for \(progress.silence)")
                             }
                             progress.ignoresProgress()
@@ -232,9 +237,9 @@ extension EtcdClient {
                             // Quiet, with no progress answers to tell quiet from stuck: is there
                             // a put the stream has not delivered, and still not one check later?
                             guard progress.silence >= stallCheck, progress.stallCheckDue(every: stallCheck) else { break }
-                            guard let newest = await newestPut(serializable: false)?.kvs.first?.modRevision else { break }
-                            if let delivered = progress.behind(newest: newest) {
-                                throw EtcdError.watchBehind(delivered: delivered, latest: newest)
+                            guard let newest = await newestPuts() else { break }
+                            if let behind = progress.behind(newest: newest) {
+                                throw EtcdError.watchBehind(delivered: behind.delivered, latest: behind.latest)
                             }
                         }
                     }
@@ -253,53 +258,116 @@ extension EtcdClient {
                         throw RPCError(code: .unavailable, message: "cancelled by the server: \(message.cancelReason)")
                     }
                     if message.created {
-                        // A stream after one that broke: whatever it replays may be an outage's.
-                        if progress.hadStream { progress.markRecovered() }
-                        progress.markCreated()
-                        self.markHealthy(connection)
-                        onConnected(endpoint)
+                        switch progress.created(watch: message.watchID) {
+                        case .invalid:
+                            throw RPCError(code: .unavailable, message: "the server created watch \(message.watchID), not one of the \(prefixes.count) asked for")
+                        case .waiting:
+                            break
+                        case .established:
+                            // A stream after one that broke: whatever it replays may be an outage's.
+                            if progress.hadStream { progress.markRecovered() }
+                            progress.markCreated()
+                            self.markHealthy(connection)
+                            onConnected(endpoint)
+                        }
+                        continue
                     }
                     if message.events.isEmpty {
-                        // A progress notification: the stream is alive. Its revision is not used
-                        // to resume (etcd 3.4 may send it before an unsynced watcher caught up).
-                        if !message.created && progress.answersProgress != true {
+                        // A progress notification (for the stream: watch -1; or for one watch):
+                        // the stream is alive. Its revision is not used to resume (etcd 3.4
+                        // may send it before an unsynced watcher caught up).
+                        if progress.answersProgress != true {
                             progress.answersProgressRequests()
                             self.learnt(endpoint, answersProgress: true)
                         }
                         continue
                     }
+                    guard let range = progress.range(ofWatch: message.watchID) else {
+                        throw RPCError(code: .unavailable, message: "events for watch \(message.watchID), which this stream did not create")
+                    }
                     let events = message.events.map(WatchEvent.init)
                     let last = events.last!.keyValue.modRevision
-                    guard last >= progress.next else { continue }  // replayed: already delivered
-                    var batch = WatchBatch(events: events.filter { $0.keyValue.modRevision >= progress.next },
+                    let next = progress.next(of: range)
+                    guard last >= next else { continue }  // replayed: already delivered
+                    var batch = WatchBatch(events: events.filter { $0.keyValue.modRevision >= next },
                                            revision: last, endpoint: endpoint)
                     batch.afterOutage = progress.recoveredRecently
                     try await onBatch(batch)
-                    progress.delivered(through: last)
+                    progress.delivered(range, through: last)
                 }
                 throw RPCError(code: .unavailable, message: "the watch stream ended")
             })
     }
-
 }
 
-/// The resume point of a watch, when its stream last said anything, and when it last came back
-/// from an outage.
+extension EtcdClient {
+    /// The reads of the newest put of each range: one transaction per 128 ranges
+    /// (linearizable: etcd's gRPC proxy answers a serializable read from its cache, which
+    /// writes made directly to etcd leave stale; a transaction it passes on).
+    static func newestPutRequests(of prefixes: [String]) -> [Etcdserverpb_TxnRequest] {
+        transactions(of: prefixes) { prefix in
+            var latest = oneKey(of: prefix)
+            latest.sortOrder = .descend
+            latest.sortTarget = .mod
+            return latest
+        }
+    }
+
+    /// A read of one key (its name only) under `prefix`.
+    static func oneKey(of prefix: String) -> Etcdserverpb_RangeRequest {
+        var request = Etcdserverpb_RangeRequest()
+        (request.key, request.rangeEnd) = keyRange(ofPrefix: prefix)
+        request.limit = 1
+        request.keysOnly = true
+        return request
+    }
+
+    /// The newest put's revision of each range (nil: the range is empty) on `connection`; nil
+    /// when any read fails or the answers do not cover every range.
+    func newestPuts(_ requests: [Etcdserverpb_TxnRequest], ranges: Int, on connection: EtcdConnection,
+                    metadata: Metadata, options: CallOptions) async -> [Int64?]? {
+        var newest: [Int64?] = []
+        for request in requests {
+            guard let response = try? await Etcdserverpb_KV.Client(wrapping: connection.client)
+                .txn(request, metadata: metadata, options: options) else { return nil }
+            newest += response.responses.map { $0.responseRange.kvs.first?.modRevision }
+        }
+        return newest.count == ranges ? newest : nil
+    }
+
+    /// `newestPuts` on the current connection (tests).
+    func newestPuts(of prefixes: [String]) async throws -> [Int64?]? {
+        let connection = try currentConnection()
+        var options = CallOptions.defaults
+        options.timeout = configuration.requestTimeout
+        let metadata = try await self.metadata(on: connection, options: options)
+        return await newestPuts(Self.newestPutRequests(of: prefixes), ranges: prefixes.count, on: connection,
+                                metadata: metadata, options: options)
+    }
+}
+
+/// The resume point of each range of a watch, the watches its stream has created, when the
+/// stream last said anything, and when it last came back from an outage.
 final class WatchProgress: Sendable {
     private struct State {
-        var next: Int64
+        /// Per range: the first revision not yet delivered.
+        var next: [Int64]
         var lastMessage: ContinuousClock.Instant = .now
+        /// The current stream's watches that the server said it created.
+        var createdWatches: Set<Int64> = []
         var created = false
         var hadStream = false
         var recovered: ContinuousClock.Instant?
         /// Whether the endpoint answers progress requests (nil: not known yet), and which.
         var answersProgress: Bool?
         var endpoint: EtcdEndpoint?
-        /// Without progress answers: the last stall check, and the newest put in the range it
+        /// Without progress answers: the last stall check, and per range the newest put it
         /// found undelivered.
         var lastStallCheck: ContinuousClock.Instant?
-        var undelivered: Int64?
+        var undelivered: [Int64?]
     }
+
+    enum Creation { case waiting, established, invalid }
 
     /// How long after an outage ends its replayed events are still flagged `afterOutage`.
     static let recoveryWindow: Duration = .seconds(2)
@@ -308,11 +376,25 @@ final class WatchProgress: Sendable {
     /// Between progress requests; silent for twice this, a stream is dropped.
     let interval: Duration
 
-    init(next: Int64, interval: Duration = .seconds(2)) {
-        state = Mutex(State(next: next))
+    init(ranges: Int = 1, next: Int64, interval: Duration = .seconds(2)) {
+        state = Mutex(State(next: Array(repeating: next, count: ranges), undelivered: Array(repeating: nil, count: ranges)))
         self.interval = interval
     }
 
+    /// A new stream is opened: none of its watches exists yet.
+    func beginStream() { state.withLock { $0.createdWatches = [] } }
+    /// The server created watch `id` of the current stream: established once every range has
+    /// its watch.
+    func created(watch id: Int64) -> Creation {
+        state.withLock { state in
+            guard id >= 0, id < state.next.count, state.createdWatches.insert(id).inserted else { return .invalid }
+            return state.createdWatches.count == state.next.count ? .established : .waiting
+        }
+    }
+    /// The range a watch of the current stream is for (nil: not one it created).
+    func range(ofWatch id: Int64) -> Int? {
+        state.withLock { $0.createdWatches.contains(id) ? Int(id) : nil }
+    }
     func markCreated() {
         state.withLock {
             $0.created = true
@@ -353,19 +435,24 @@ final class WatchProgress: Sendable {
             return true
         }
     }
-    /// The newest put in the range is `newest`: the last revision delivered when that put is
-    /// past it and was already found undelivered at the previous check (the stream is stuck),
+    /// The newest put of each range is `newest` (nil: the range is empty): for the first range
+    /// whose newest put is past what it delivered and was already found undelivered at the
+    /// previous check (the stream is stuck), the last revision delivered there and that put;
     /// else nil.
-    func behind(newest: Int64) -> Int64? {
+    func behind(newest: [Int64?]) -> (delivered: Int64, latest: Int64)? {
         state.withLock { state in
-            guard newest >= state.next else {
-                state.undelivered = nil
-                return nil
+            var stuck: (delivered: Int64, latest: Int64)?
+            for range in state.next.indices {
+                let next = state.next[range]
+                guard range < newest.count, let latest = newest[range], latest >= next else {
+                    state.undelivered[range] = nil
+                    continue
+                }
+                // Stuck when the put found undelivered last time is still undelivered.
+                if stuck == nil, let earlier = state.undelivered[range], earlier >= next { stuck = (next - 1, latest) }
+                state.undelivered[range] = latest
             }
-            defer { state.undelivered = newest }
-            // Stuck when the put found undelivered last time is still undelivered.
-            guard let earlier = state.undelivered, earlier >= state.next else { return nil }
-            return state.next - 1
+            return stuck
         }
     }
     func answersProgressRequests() { state.withLock { $0.answersProgress = true } }
@@ -374,7 +461,10 @@ final class WatchProgress: Sendable {
     /// requests, whose streams are quiet whenever the registry is.
     var silenceMeansTrouble: Bool { state.withLock { $0.answersProgress != false } }
 
-    var next: Int64 { state.withLock { $0.next } }
+    /// The first revision not yet delivered in `range`.
+    func next(of range: Int) -> Int64 { state.withLock { $0.next[range] } }
+    /// The earliest of the ranges' next revisions: where the whole watch resumes from, at worst.
+    var earliestNext: Int64 { state.withLock { $0.next.min() ?? 0 } }
     var silence: Duration { state.withLock { .now - $0.lastMessage } }
     func touch() {
         state.withLock { state in
@@ -382,7 +472,9 @@ final class WatchProgress: Sendable {
             state.lastStallCheck = nil
         }
     }
-    func delivered(through revision: Int64) { state.withLock { $0.next = max($0.next, revision + 1) } }
+    func delivered(_ range: Int = 0, through revision: Int64) {
+        state.withLock { $0.next[range] = max($0.next[range], revision + 1) }
+    }
 }
 
 extension WatchEvent {
@@ -395,7 +487,7 @@ extension WatchEvent {
 extension EtcdClient {
     /// How often a quiet watch on an endpoint that answers no progress request reads the newest
     /// put of its range (`EtcdError.watchBehind`).
-    /// Each check is one linearizable Range per quiet watch stream; a stuck stream is found
-    /// within two of them.
+    /// Each check is one linearizable transaction per quiet watch stream (a Range per prefix,
+    /// 128 to a transaction); a stuck stream is found within two of them.
     static let stallCheckInterval: Duration = .seconds(30)
 }

@@ -49,9 +49,10 @@ final class DiscoverCommandTests: BerthTestCase {
         XCTAssertNotNil(waitUntil(timeout: 10) { (try? HTTPProbe.get(port: alphaListen, timeout: 1))?.contains("alpha") == true },
                         discover.standardError)
         XCTAssertNil(try? HTTPProbe.get(port: betaListen, timeout: 1), "beta is not a service of this host")
-        // Three watches: alpha's keys, gamma's, and every _config.
+        // Three watches: alpha's keys, gamma's, and every _config; all on one stream.
         let watchers = { self.etcdMetric(etcd, "etcd_debugging_mvcc_watcher_total") }
         XCTAssertNotNil(waitUntil(timeout: 10) { watchers() == 3 }, "watchers: \(watchers().map(String.init) ?? "-")")
+        XCTAssertEqual(etcdMetric(etcd, "etcd_debugging_mvcc_watch_stream_total"), 1)
         let events = { self.etcdMetric(etcd, "etcd_debugging_mvcc_events_total") ?? -1 }
         let before = events()
         for index in 0..<10 {

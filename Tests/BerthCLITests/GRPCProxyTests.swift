@@ -87,6 +87,47 @@ final class GRPCProxyTests: BerthTestCase {
         _ = proxy.waitForExit(timeout: 10)
     }
 
+    /// `--services` through the proxy: the host's services are listed in one transaction and
+    /// watched on one stream, a watch each; when the proxy is killed and started again while
+    /// both services change, each watch resumes from its own revision and both changes arrive.
+    func testAHostsServicesShareOneStreamThroughTheProxyAcrossItsRestart() throws {
+        let etcd = try EtcdFixture()
+        defer { etcd.stop() }
+        let proxyPort = try freeLoopbackPort()
+        var proxy = try startProxy(etcd: etcd, port: proxyPort)
+        let alpha = try startWhoami(id: "alpha"), beta = try startWhoami(id: "beta"), betaTwo = try startWhoami(id: "beta-two")
+        let alphaListen = try freeLoopbackPort(), betaListen = try freeLoopbackPort()
+        func record(_ port: UInt16, _ listen: Int) -> String { "{\"host\":\"127.0.0.1\",\"port\":\(port),\"listen\":\(listen)}" }
+        try etcd.etcdctl(["put", "/backends/alpha/1", record(alpha.port, alphaListen)])
+        try etcd.etcdctl(["put", "/backends/beta/1", record(beta.port, betaListen)])
+        let discover = try launch(BerthBinary.path, ["discover", "--etcd", "http://127.0.0.1:\(proxyPort)", "--bind", "127.0.0.1",
+                                                     "--workers", "1", "--stats", "off", "--services", "alpha,beta"])
+        XCTAssertNotNil(waitUntil(timeout: 10) {
+            (try? HTTPProbe.get(port: alphaListen, timeout: 1))?.contains("alpha") == true
+                && (try? HTTPProbe.get(port: betaListen, timeout: 1))?.contains("beta") == true
+        }, "not routed through the proxy: \(discover.standardError)")
+        XCTAssertTrue(discover.standardError.contains("ranges=3"), discover.standardError)
+
+        proxy.signal(SIGKILL)
+        _ = proxy.waitForExit(timeout: 10)
+        try etcd.etcdctl(["put", "/backends/beta/2", record(betaTwo.port, betaListen)])
+        try etcd.etcdctl(["del", "/backends/beta/1"])
+        try etcd.etcdctl(["put", "/backends/other/1", record(beta.port, alphaListen)])
+        proxy = try startProxy(etcd: etcd, port: proxyPort)
+        XCTAssertNotNil(waitUntil(timeout: 15) { (try? HTTPProbe.get(port: betaListen, timeout: 1))?.contains("beta-two") == true },
+                        "beta's change made while the proxy was down did not arrive: \(discover.standardError)")
+        // alpha's watch resumed too: a change to it after the restart arrives.
+        try etcd.etcdctl(["del", "/backends/alpha/1"])
+        XCTAssertNotNil(waitUntil(timeout: 10) { (try? HTTPProbe.get(port: alphaListen, timeout: 1)) == nil },
+                        "alpha's delete did not arrive: \(discover.standardError)")
+        for _ in 0..<4 { XCTAssertEqual(try? HTTPProbe.get(port: betaListen, timeout: 1).contains("beta-two"), true) }
+        XCTAssertFalse(discover.standardError.contains("registry listed again"), "no compaction: resumed, not listed again\n\(discover.standardError)")
+        discover.signal(SIGTERM)
+        XCTAssertEqual(discover.waitForExit(timeout: 10), .exited(0), discover.standardError)
+        proxy.signal(SIGTERM)
+        _ = proxy.waitForExit(timeout: 10)
+    }
+
     /// etcd with auth on, and a user granted read and write on the registry's prefix and nothing
     /// else (the least an operator would grant): registration (lease, put, keep-alives),
     /// listing and watch all work through the proxy, which passes the user's token on.

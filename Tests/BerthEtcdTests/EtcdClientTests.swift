@@ -221,6 +221,115 @@ final class EtcdClientTests: XCTestCase {
         }
     }
 
+    /// Several prefixes on one watch stream (`--services`): etcd holds one stream with a
+    /// watcher per prefix; each prefix's events arrive in order, none of another prefix's or
+    /// of a key no prefix covers. The listing of 130 prefixes (two transactions) is one
+    /// revision's.
+    func testOneStreamWatchesSeveralPrefixes() async throws {
+        let etcd = try EtcdFixture()
+        defer { etcd.stop() }
+        let client = try client(etcd.endpoints)
+        defer { client.close() }
+        let prefixes = (0..<130).map { String(format: "/s/%03d/", $0) }
+        for index in stride(from: 0, to: 130, by: 13) { try await client.put(key: prefixes[index] + "k", value: "\(index)") }
+        let unwatched = try await client.put(key: "/s/999/k", value: "x")
+        let listing = try await client.get(prefixes: prefixes)
+        XCTAssertEqual(listing.keyValues.map(\.key), stride(from: 0, to: 130, by: 13).map { prefixes[$0] + "k" })
+        XCTAssertEqual(listing.revision, unwatched)
+
+        let seen = Mutex<[String: [Int64]]>([:])
+        let connected = Mutex(0)
+        let watcher = Task {
+            try await client.watch(prefixes: prefixes, fromRevision: listing.revision + 1,
+                                   onConnected: { _ in connected.withLock { $0 += 1 } }) { batch in
+                seen.withLock { seen in
+                    for event in batch.events { seen[String(event.keyValue.key.prefix(7)), default: []].append(event.keyValue.modRevision) }
+                }
+            }
+        }
+        defer { watcher.cancel() }
+        try await waitUntil("connected") { connected.withLock { $0 } == 1 }
+        XCTAssertEqual(etcdMetric(etcd, "etcd_debugging_mvcc_watch_stream_total"), 1, "one stream for all the prefixes")
+        XCTAssertEqual(etcdMetric(etcd, "etcd_debugging_mvcc_watcher_total"), 130, "a watcher per prefix")
+        var expected: [String: [Int64]] = [:]
+        for round in 0..<40 {
+            let prefix = prefixes[(round * 37) % 130]
+            expected[prefix, default: []].append(try await client.put(key: prefix + "k\(round % 3)", value: "\(round)"))
+            try await client.put(key: "/s/999/k", value: "\(round)")
+        }
+        let removed = try await client.delete(prefix: prefixes[0])
+        XCTAssertEqual(removed, 2, "k and k0")
+        let deleted = try await client.get(prefix: "").revision
+        expected[prefixes[0], default: []] += [deleted, deleted]
+        try await waitUntil("every event") { seen.withLock { $0.values.reduce(0) { $0 + $1.count } } >= expected.values.reduce(0) { $0 + $1.count } }
+        try await Task.sleep(for: .milliseconds(200))
+        XCTAssertEqual(seen.withLock { $0 }, expected)
+        XCTAssertEqual(connected.withLock { $0 }, 1, "established once, when every watch was created")
+        // The stall check's read (for endpoints that answer no progress request): the newest
+        // put of each prefix, nil for an empty one.
+        let listed = Dictionary(grouping: try await client.get(prefixes: prefixes).keyValues) { String($0.key.prefix(7)) }
+        let newest = try await client.newestPuts(of: prefixes)
+        XCTAssertEqual(newest, prefixes.map { listed[$0]?.map(\.modRevision).max() })
+        XCTAssertEqual(newest?.compactMap { $0 }.count, listed.count)
+    }
+
+    /// Through etcd's gRPC proxy, with every write made to etcd itself: the listing of
+    /// several prefixes, one stream watching them all (the proxy numbers a stream's watches as
+    /// etcd does), and the stall check's read, which the proxy must pass to etcd.
+    func testSeveralPrefixesThroughTheGRPCProxy() async throws {
+        let etcd = try EtcdFixture()
+        defer { etcd.stop() }
+        let port = try freeLoopbackPort()
+        let proxy = try SpawnedProcess(EtcdFixture.etcdPath, ["grpc-proxy", "start", "--endpoints", "127.0.0.1:\(etcd.members[0].clientPort)",
+                                                              "--listen-addr", "127.0.0.1:\(port)"])
+        defer { proxy.stop() }
+        let direct = try client(etcd.endpoints)
+        defer { direct.close() }
+        let proxied = try client("http://127.0.0.1:\(port)")
+        defer { proxied.close() }
+        let prefixes = ["/p/a/", "/p/b/", "/p/c/"]
+        try await direct.put(key: "/p/b/1", value: "1")
+        let before = try await direct.put(key: "/p/c/1", value: "1")
+        var tries = 0
+        while (try? await proxied.get(prefix: "/p/")) == nil, tries < 100 {  // until the proxy listens
+            tries += 1
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        let listing = try await proxied.get(prefixes: prefixes)
+        XCTAssertEqual(listing.keyValues.map(\.key), ["/p/b/1", "/p/c/1"])
+        XCTAssertEqual(listing.revision, before)
+
+        let seen = Mutex<[String]>([])
+        let watcher = Task {
+            try await proxied.watch(prefixes: prefixes, fromRevision: listing.revision + 1) { batch in
+                seen.withLock { $0 += batch.events.map { "\($0.keyValue.key)=\($0.keyValue.valueText)" } }
+            }
+        }
+        defer { watcher.cancel() }
+        var expected: [String] = []
+        for round in 0..<12 {
+            let key = prefixes[round % 3] + "\(round % 2)"
+            try await direct.put(key: key, value: "\(round)")
+            try await direct.put(key: "/p/z/\(round)", value: "x")
+            expected.append("\(key)=\(round)")
+        }
+        try await waitUntil("every event", timeout: 10) { seen.withLock { $0.count } >= expected.count }
+        XCTAssertEqual(seen.withLock { $0 }.sorted(), expected.sorted())
+        let newest = try await proxied.newestPuts(of: prefixes + ["/p/none/"])
+        let latest = try await direct.get(prefixes: prefixes)
+        XCTAssertEqual(newest, prefixes.map { prefix in latest.keyValues.filter { $0.key.hasPrefix(prefix) }.map(\.modRevision).max() } + [nil],
+                       "the proxy answered the stall check's read from a stale cache, or not at all")
+    }
+
+    /// A gauge from the first member's /metrics.
+    private func etcdMetric(_ etcd: EtcdFixture, _ name: String) -> Int? {
+        guard let text = try? HTTPProbe.get(port: etcd.members[0].clientPort, path: "/metrics", timeout: 2) else { return nil }
+        for line in text.split(separator: "\n") where line.hasPrefix(name + " ") {
+            return Double(line.split(separator: " ").last ?? "").map { Int($0) }
+        }
+        return nil
+    }
+
     func testWatchFromACompactedRevisionThrowsCompacted() async throws {
         let etcd = try EtcdFixture()
         defer { etcd.stop() }
@@ -238,8 +347,9 @@ final class EtcdClientTests: XCTestCase {
         }
     }
 
-    /// 3 members; the one the watch goes through is killed while keys change every 10 ms:
-    /// every revision arrives exactly once, in order.
+    /// 3 members; the one the watch goes through is killed while keys of three prefixes (one
+    /// stream) change every 10 ms: every revision arrives exactly once, in order, each under
+    /// its prefix, resumed per prefix.
     func testWatchSurvivesTheLossOfItsMemberWithoutSkippingARevision() async throws {
         let etcd = try EtcdFixture(size: 3)
         defer { etcd.stop() }
@@ -248,27 +358,34 @@ final class EtcdClientTests: XCTestCase {
         let writer = try client([etcd.members[1], etcd.members[2]].map(\.clientURL).joined(separator: ","))
         defer { writer.close() }
         let start = try await writer.put(key: "/k/start", value: "0")
-        let revisions = Mutex<[Int64]>([])
+        let prefixes = ["/k/0/", "/k/1/", "/k/2/"]
+        let revisions = Mutex<[String: [Int64]]>([:])
         let endpoints = Mutex<Set<String>>([])
         let watcher = Task {
-            try await watching.watch(prefix: "/k/", fromRevision: start + 1) { batch in
+            try await watching.watch(prefixes: prefixes, fromRevision: start + 1) { batch in
                 endpoints.withLock { _ = $0.insert(batch.endpoint.description) }
-                revisions.withLock { $0.append(contentsOf: batch.events.map(\.keyValue.modRevision)) }
+                revisions.withLock { revisions in
+                    for event in batch.events { revisions[String(event.keyValue.key.prefix(5)), default: []].append(event.keyValue.modRevision) }
+                }
             }
         }
         defer { watcher.cancel() }
         var written: [Int64] = []
         for index in 0..<300 {
             if index == 100 { etcd.members[0].stop(hard: true) }
-            written.append(try await writer.put(key: "/k/\(index % 7)", value: "\(index)"))
+            written.append(try await writer.put(key: "/k/\(index % 3)/\(index % 7)", value: "\(index)"))
             try await Task.sleep(for: .milliseconds(10))
         }
         // A put retried after a lost answer (the election after the kill) takes two revisions:
         // compare with etcd's history, every revision from start + 1 to the last one written.
-        let expected = Array((start + 1)...written.last!)
-        try await waitUntil("every revision", timeout: 20) { revisions.withLock { $0.last ?? 0 } >= written.last! }
-        XCTAssertEqual(revisions.withLock { $0 }, expected, "revisions seen differ from etcd's history")
-        XCTAssertTrue(Set(written).isSubset(of: Set(expected)))
+        let all: @Sendable () -> [Int64] = { revisions.withLock { $0.values.flatMap { $0 } } }
+        try await waitUntil("every revision", timeout: 20) { all().count >= written.last! - start }
+        XCTAssertEqual(all().sorted(), Array((start + 1)...written.last!), "revisions seen differ from etcd's history")
+        for (prefix, seen) in revisions.withLock({ $0 }) {
+            XCTAssertEqual(seen, seen.sorted(), "\(prefix): out of order")
+        }
+        XCTAssertEqual(Set(revisions.withLock { $0.keys }), Set(prefixes))
+        XCTAssertTrue(Set(written).isSubset(of: Set(all())))
         XCTAssertGreaterThan(endpoints.withLock { $0.count }, 1, "the watch never moved to another member")
     }
 }
