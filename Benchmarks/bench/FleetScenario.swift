@@ -233,9 +233,9 @@ struct FleetScenario {
         if let caughtUp = awaitRevision(revision, logs: logs.path, since: stopped, fleet: fleet, timeout: Self.catchUpTimeout) {
             row.restartCatchUpSeconds = Double(caughtUp - restarted) / 1e9
         }
-        // Listings again: the Range requests the new etcd served (its counters start at 0),
-        // and when each host first applied a table after the new start.
-        row.rangesAfterRestart = metrics(Self.rangeMetric)
+        // Listings again: the reads the new etcd served (its counters start at 0), and when
+        // each host first applied a table after the new start.
+        row.rangesAfterRestart = reads(network)
         var firstLines: [UInt64] = []
         for host in 0..<hosts {
             if let entry = Self.readLog(logs.path, host: host).first(where: { $0.time > restarted }) { firstLines.append(entry.time) }
@@ -245,7 +245,7 @@ struct FleetScenario {
             row.relistSpreadSeconds = Double(final - first) / 1e9
         }
         progress("fleet, \(mode.rawValue): etcd restarted; every host caught up after "
-            + "\(row.restartCatchUpSeconds.map { Format.fixed($0, 2) } ?? "-") s, \(row.rangesAfterRestart.map(String.init) ?? "-") Range requests at etcd")
+            + "\(row.restartCatchUpSeconds.map { Format.fixed($0, 2) } ?? "-") s, \(row.rangesAfterRestart.map(String.init) ?? "-") reads (Range, Txn) at etcd")
         try compactionHerd(client, fleet: fleet, network: network, logs: logs.path, into: &row) { () throws(BenchError) in
             etcd?.stop(keepingLog: etcdLog)
             etcd = nil
@@ -281,7 +281,7 @@ struct FleetScenario {
     /// etcd then compacts its history, and the hosts are resumed together: each host's watch
     /// resumes from a compacted revision, so each lists the registry again. (Without the
     /// restart, a stopped host's stream may still hold every event in its buffers and need no
-    /// listing.) etcd's Range requests are sampled every 50 ms for the peak rate, until every
+    /// listing.) etcd's reads (Range and Txn requests) are sampled every 50 ms for the peak rate, until every
     /// host has applied the last put.
     private func compactionHerd(_ client: EtcdClient, fleet: [ChildProcess], network: FleetNetwork, logs: String,
                                 into row: inout FleetRow, restartEtcd: () throws(BenchError) -> Void) throws(BenchError) {
@@ -305,7 +305,7 @@ struct FleetScenario {
             throw error
         }
         let targets = lastWatched(puts, floor: revision)
-        let before = metric(network, Self.rangeMetric) ?? 0
+        let before = reads(network) ?? 0
         let resumed = MonotonicClock.nanoseconds()
         for host in fleet where !host.hasExited() { kill(host.pid, SIGCONT) }
         var last = before
@@ -315,7 +315,7 @@ struct FleetScenario {
         var step = 0
         while MonotonicClock.milliseconds() < deadline {
             usleep(50_000)
-            let now = metric(network, Self.rangeMetric) ?? last
+            let now = reads(network) ?? last
             peak = max(peak, now - min(now, last))
             last = now
             step += 1
@@ -334,7 +334,7 @@ struct FleetScenario {
         row.herdCatchUpSeconds = done.allSatisfy { $0 } ? Double(MonotonicClock.nanoseconds() - resumed) / 1e9 : nil
         row.herdRanges = last - min(last, before)
         row.herdPeakPerSecond = Double(peak) * 20
-        progress("fleet: compaction herd: \(row.herdRanges ?? 0) Range requests, peak \(Format.fixed(row.herdPeakPerSecond ?? 0, 0))/s, "
+        progress("fleet: compaction herd: \(row.herdRanges ?? 0) reads (Range, Txn), peak \(Format.fixed(row.herdPeakPerSecond ?? 0, 0))/s, "
             + "\(row.herdCaughtUp) of \(fleet.count) hosts caught up (revision \(revision))")
         if let late = done.firstIndex(of: false) {
             let tail = (ProcFS.read("\(logs)/host\(late).log") ?? "").split(separator: "\n").suffix(3).joined(separator: " | ")
@@ -519,8 +519,23 @@ struct FleetScenario {
     static let sentBytesMetric = "etcd_network_client_grpc_sent_bytes_total "
     /// Keep-alive streams etcd started: Berth's registrar opens one per keep-alive.
     static let keepAliveMetric = "grpc_server_started_total{grpc_method=\"LeaseKeepAlive\""
-    /// The Range requests etcd has started serving.
-    static let rangeMetric = "grpc_server_started_total{grpc_method=\"Range\""
+    /// The Range and Txn requests etcd has started serving: a host lists its registry with
+    /// one Range, or with `--services` a transaction of Range requests per 128 ranges (the
+    /// registrars' puts and read-backs are transactions too, a few a second). etcd's gRPC
+    /// proxy sends a Range for each watch created through it (its permission check).
+    static let readMetrics = ["grpc_server_started_total{grpc_method=\"Range\"", "grpc_server_started_total{grpc_method=\"Txn\""]
+
+    /// etcd's reads so far (nil when its /metrics did not answer): `readMetrics`, added up from
+    /// one fetch.
+    private func reads(_ network: FleetNetwork) -> UInt64? {
+        guard let response = network.fetch(from: "etcd", network.etcdAddress, path: "/metrics") else { return nil }
+        let text = String(decoding: response, as: UTF8.self)
+        var total: UInt64 = 0
+        for line in text.split(separator: "\n") where Self.readMetrics.contains(where: { line.hasPrefix($0) }) {
+            total += line.split(separator: " ").last.flatMap { Double($0) }.map { UInt64($0) } ?? 0
+        }
+        return total
+    }
 
     /// The value of the first line of etcd's /metrics that starts with `prefix` (read from
     /// inside etcd's host).
@@ -646,11 +661,11 @@ struct FleetRow {
     var hostsCPUShare: Double?
     var proxyResidentBytes: UInt64?
     var restartCatchUpSeconds: Double?
-    /// Range requests the restarted etcd served until every host caught up.
+    /// Reads (Range, Txn) the restarted etcd served until every host caught up.
     var rangesAfterRestart: UInt64?
     var relistFirstSeconds: Double?
     var relistSpreadSeconds: Double?
-    /// The compaction herd: Range requests etcd served, the highest rate over 50 ms windows,
+    /// The compaction herd: reads (Range, Txn) etcd served, the highest rate over 50 ms windows,
     /// the hosts that caught up, and when the last did.
     var herdRanges: UInt64?
     var herdPeakPerSecond: Double?

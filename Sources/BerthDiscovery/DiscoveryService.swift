@@ -107,6 +107,18 @@ public final class DiscoveryService: Sendable {
         var appliedRevision: Int64 = 0
         /// Wakes the publisher of the running `run()` (at most one wake-up waits).
         var publisher: AsyncStream<Void>.Continuation?
+        /// Wakes the timer of the running `run()` when it has work (at most one wake-up waits).
+        var timer: AsyncStream<Void>.Continuation?
+
+        /// Whether anything waits on the clock: a held deletion, a service whose table changes
+        /// with time (lingering, slow start), a listener to retry. Without, the timer sleeps
+        /// until woken: an idle host's wake-ups add up across a fleet.
+        var hasTimedWork: Bool { !heldDeletes.isEmpty || nextEvaluation != nil || !listenerFailures.isEmpty }
+
+        /// Wakes the timer when there is something for it.
+        func wakeTimerIfNeeded() {
+            if hasTimedWork { timer?.yield() }
+        }
     }
 
     static let historyLimit = 100_000
@@ -127,15 +139,24 @@ public final class DiscoveryService: Sendable {
     public func run() async throws {
         let ranges = settings.catalog.watchRanges
         var backoff = Backoff(client.configuration.backoff)
-        let timer = Task { [weak self] in await self?.runTimer() }
         let (requests, requester) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
-        state.withLock { $0.publisher = requester }
+        let (wakes, waker) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+        state.withLock {
+            $0.publisher = requester
+            $0.timer = waker
+            $0.wakeTimerIfNeeded()
+        }
+        let timer = Task { [weak self] in await self?.runTimer(wakes) }
         let publisher = Task { [weak self] in await self?.runPublisher(requests) }
         defer {
             timer.cancel()
             publisher.cancel()
             requester.finish()
-            state.withLock { $0.publisher = nil }
+            waker.finish()
+            state.withLock {
+                $0.publisher = nil
+                $0.timer = nil
+            }
             resolver.stop()
         }
         while true {
@@ -256,6 +277,7 @@ public final class DiscoveryService: Sendable {
                 }
             }
             if held > 0 {
+                state.wakeTimerIfNeeded()
                 logger.info("registry: \(held) instance deletion(s) right after an etcd outage (lease expiries?) held for \(settings.outageHold) ms, unless put again")
             }
             let changed = state.catalog.apply(events)
@@ -332,12 +354,19 @@ public final class DiscoveryService: Sendable {
         } catch {
             logger.error("the routing table was refused: \(error)")
         }
+        state.wakeTimerIfNeeded()
     }
 
     /// Republishes when a lingering service is due to close, and retries failed listeners.
-    private func runTimer() async {
+    private func runTimer(_ wakes: AsyncStream<Void>) async {
         var lastRetry = ContinuousClock.now
+        var woken = wakes.makeAsyncIterator()
         while !Task.isCancelled {
+            // Nothing on the clock: sleep until something is (a wake-up sent meanwhile waits).
+            if !state.withLock({ $0.hasTimedWork }) {
+                guard await woken.next() != nil else { return }
+                continue
+            }
             try? await Task.sleep(for: .milliseconds(200))
             let (due, failing) = state.withLock { state in
                 let now = MonotonicClock.milliseconds()

@@ -103,9 +103,13 @@ extension EtcdClient {
         let healthy: @Sendable () -> Bool = {
             progress.isCreated && (!progress.silenceMeansTrouble || progress.silence <= interval + EndpointProbe.stallThreshold)
         }
-        // How often a healthy stream is looked at: a quarter of its progress interval, between
-        // 0.5 and 5 s (a fleet of hosts, each woken every half second for nothing, adds up).
-        let lookAgain = max(.milliseconds(500), min(interval / 4, .seconds(5)))
+        // A healthy stream is looked at again when it would stop being healthy if nothing came
+        // meanwhile (at least 0.5 s on), or every 5 s on an endpoint where silence means
+        // nothing: a fleet of hosts, each woken every half second for nothing, adds up.
+        let lookAgain: @Sendable () -> Duration = {
+            guard progress.silenceMeansTrouble else { return .seconds(5) }
+            return max(.milliseconds(500), interval + EndpointProbe.stallThreshold - progress.silence)
+        }
         try await withThrowingTaskGroup(of: Bool.self) { group in
             group.addTask {
                 try await attempt()
@@ -115,7 +119,7 @@ extension EtcdClient {
                 try await Task.sleep(for: EndpointProbe.stallThreshold)
                 while true {
                     if healthy() {
-                        try await Task.sleep(for: lookAgain)
+                        try await Task.sleep(for: lookAgain())
                         continue
                     }
                     if try await EndpointProbe.waitForRecovery(of: endpoint, stop: healthy) {

@@ -19,7 +19,7 @@ final class DiscoveryServiceTests: XCTestCase {
         let service: DiscoveryService
         let task: Task<Void, Never>
 
-        init(endpoints: String, linger: Int64 = 0, defaultListen: UInt16? = nil) throws {
+        init(endpoints: String, linger: Int64 = 0, defaultListen: UInt16? = nil, listenRetry: Duration = .seconds(5)) throws {
             var configuration = EtcdConfiguration(endpoints: try EtcdEndpoint.parseList(endpoints))
             configuration.requestTimeout = .seconds(2)
             configuration.watchProgressInterval = .seconds(1)
@@ -28,10 +28,11 @@ final class DiscoveryServiceTests: XCTestCase {
             var engine = EngineConfiguration()
             engine.workers = 1
             router = try HealthRouter.make(configuration: engine, policy: HealthPolicy(), alwaysCheck: true)
-            let settings = DiscoverySettings(
+            var settings = DiscoverySettings(
                 catalog: Catalog.Options(defaultListen: defaultListen, linger: linger),
                 bind: try SocketAddress(parsing: "127.0.0.1:0"),
                 defaults: FrontendSettings(connectTimeout: 1_000))
+            settings.listenRetryInterval = listenRetry
             let service = DiscoveryService(client: client, router: router, settings: settings)
             self.service = service
             task = Task { try? await service.run() }
@@ -85,6 +86,32 @@ final class DiscoveryServiceTests: XCTestCase {
         for _ in 0..<6 { XCTAssertTrue(try HTTPProbe.get(port: listen).contains("two")) }
         try etcd.etcdctl(["del", "/backends/whoami/b"])
         try await waitUntil("the listener closed (linger 0)", timeout: 5) { !HTTPProbe.isListening(port: listen) }
+    }
+
+    /// The timer sleeps while nothing waits on the clock, and is woken when something does: a
+    /// listener to retry (its port was taken), then a service lingering after its last
+    /// instance went (it closes no sooner than its linger, and does close).
+    func testTheTimerWakesForAListenerToRetryAndALingeringService() async throws {
+        let etcd = try EtcdFixture()
+        defer { etcd.stop() }
+        let backend = try whoami("backend")
+        defer { backend.stop() }
+        let running = try Running(endpoints: etcd.endpoints, linger: 3_000, listenRetry: .seconds(1))
+        defer { running.stop() }
+        try await Task.sleep(for: .milliseconds(500))  // listed, idle: the timer asleep
+        let listen = try freeLoopbackPort()
+        let occupant = try SilentListener(host: "127.0.0.1", port: listen)  // no SO_REUSEPORT: the port is taken
+        try etcd.etcdctl(["put", "/backends/late/a", record(backend, listen: listen)])
+        try await waitUntil("the listener failure", timeout: 5) { !running.service.status.listenerFailures.isEmpty }
+        try await Task.sleep(for: .milliseconds(1_500))  // a retry or more, failing
+        occupant.stop()
+        try waitForAnswer(port: listen, containing: "backend", timeout: 8)
+        XCTAssertTrue(running.service.status.listenerFailures.isEmpty)
+
+        let deleted = Date()
+        try etcd.etcdctl(["del", "/backends/late/a"])
+        try await waitUntil("the listener closed after its linger", timeout: 10) { !HTTPProbe.isListening(port: listen) }
+        XCTAssertGreaterThan(Date().timeIntervalSince(deleted), 2.5, "closed before its 3 s linger")
     }
 
     func testSeedAndRegistratorLayoutsWrittenWithEtcdctl() async throws {
