@@ -106,7 +106,8 @@ final class GRPCProxyTests: BerthTestCase {
             (try? HTTPProbe.get(port: alphaListen, timeout: 1))?.contains("alpha") == true
                 && (try? HTTPProbe.get(port: betaListen, timeout: 1))?.contains("beta") == true
         }, "not routed through the proxy: \(discover.standardError)")
-        XCTAssertTrue(discover.standardError.contains("ranges=3"), discover.standardError)
+        // (The table can be routed before the stream's log line is written.)
+        XCTAssertTrue(discover.waitForStandardError(containing: "ranges=3", timeout: 10), discover.standardError)
 
         proxy.signal(SIGKILL)
         _ = proxy.waitForExit(timeout: 10)
