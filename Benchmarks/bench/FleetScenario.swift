@@ -528,24 +528,24 @@ struct FleetScenario {
     /// etcd's reads so far (nil when its /metrics did not answer): `readMetrics`, added up from
     /// one fetch.
     private func reads(_ network: FleetNetwork) -> UInt64? {
-        guard let response = network.fetch(from: "etcd", network.etcdAddress, path: "/metrics") else { return nil }
-        let text = String(decoding: response, as: UTF8.self)
-        var total: UInt64 = 0
-        for line in text.split(separator: "\n") where Self.readMetrics.contains(where: { line.hasPrefix($0) }) {
-            total += line.split(separator: " ").last.flatMap { Double($0) }.map { UInt64($0) } ?? 0
-        }
-        return total
+        guard let lines = metricLines(network) else { return nil }
+        return lines.filter { line in Self.readMetrics.contains { line.hasPrefix($0) } }.compactMap(Self.value).reduce(0, +)
     }
 
-    /// The value of the first line of etcd's /metrics that starts with `prefix` (read from
-    /// inside etcd's host).
+    /// The value of the first line of etcd's /metrics that starts with `prefix`.
     private func metric(_ network: FleetNetwork, _ prefix: String) -> UInt64? {
+        metricLines(network)?.first { $0.hasPrefix(prefix) }.flatMap(Self.value)
+    }
+
+    /// The lines of etcd's /metrics (read from inside etcd's host); nil when it did not answer.
+    private func metricLines(_ network: FleetNetwork) -> [Substring]? {
         guard let response = network.fetch(from: "etcd", network.etcdAddress, path: "/metrics") else { return nil }
-        let text = String(decoding: response, as: UTF8.self)
-        for line in text.split(separator: "\n") where line.hasPrefix(prefix) {
-            return line.split(separator: " ").last.flatMap { Double($0) }.map { UInt64($0) }
-        }
-        return nil
+        return String(decoding: response, as: UTF8.self).split(separator: "\n")
+    }
+
+    /// A metric line's value (its last field); nil when it does not parse.
+    private static func value(_ line: Substring) -> UInt64? {
+        line.split(separator: " ").last.flatMap { Double($0) }.map { UInt64($0) }
     }
 
     /// A host's revision log: (revision, monotonic ns) per applied table, in order.

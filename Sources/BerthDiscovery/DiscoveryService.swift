@@ -162,7 +162,7 @@ public final class DiscoveryService: Sendable {
         while true {
             try Task.checkCancellation()
             do {
-                let listing = try await list(ranges)
+                let listing = try await client.get(prefixes: ranges)
                 reset(with: listing)
                 backoff.reset()
                 try await watch(ranges, from: listing.revision + 1)
@@ -193,11 +193,6 @@ public final class DiscoveryService: Sendable {
                 try await backoff.wait()
             }
         }
-    }
-
-    /// Every key of the watched ranges, at one revision.
-    private func list(_ ranges: [String]) async throws -> RangeResult {
-        ranges.count == 1 ? try await client.get(prefix: ranges[0]) : try await client.get(prefixes: ranges)
     }
 
     /// Watches every range from `revision` on, on one stream (with `--services`, a watch for

@@ -101,8 +101,7 @@ public final class EtcdClient: Sendable {
     /// Every key under `prefix` (all keys when empty), at one revision: etcd's current one, or
     /// `revision` (`EtcdError.compacted` when etcd compacted it away).
     public func get(prefix: String, atRevision revision: Int64 = 0) async throws -> RangeResult {
-        var request = Etcdserverpb_RangeRequest()
-        (request.key, request.rangeEnd) = Self.keyRange(ofPrefix: prefix)
+        var request = Self.rangeRequest(ofPrefix: prefix)
         request.revision = revision
         let message = request
         let response = try await call("Range") { connection, metadata, options in
@@ -125,14 +124,12 @@ public final class EtcdClient: Sendable {
     /// Every key under each of `prefixes`, at one revision: etcd's current one when the first
     /// transaction of Range requests (128 prefixes each, etcd's default `--max-txn-ops`) ran,
     /// the next ones pinned to it (`EtcdError.compacted` when etcd compacted it meanwhile). A
-    /// host that watches a hundred services lists them in one request, not a hundred.
+    /// host that watches a hundred services lists them in one request, not a hundred. One
+    /// prefix is one plain Range (`get(prefix:)`).
     public func get(prefixes: [String]) async throws -> RangeResult {
+        if prefixes.count == 1 { return try await get(prefix: prefixes[0]) }
         var result = RangeResult(keyValues: [], revision: 0)
-        for var request in Self.transactions(of: prefixes, { prefix in
-            var range = Etcdserverpb_RangeRequest()
-            (range.key, range.rangeEnd) = Self.keyRange(ofPrefix: prefix)
-            return range
-        }) {
+        for var request in Self.transactions(of: prefixes, Self.rangeRequest(ofPrefix:)) {
             if result.revision != 0 {
                 for index in request.success.indices { request.success[index].requestRange.revision = result.revision }
             }
@@ -466,6 +463,13 @@ public final class EtcdClient: Sendable {
     }
 
     /// etcd's key and range_end for every key under `prefix` (all keys when empty).
+    /// A Range request of every key under `prefix`.
+    static func rangeRequest(ofPrefix prefix: String) -> Etcdserverpb_RangeRequest {
+        var request = Etcdserverpb_RangeRequest()
+        (request.key, request.rangeEnd) = keyRange(ofPrefix: prefix)
+        return request
+    }
+
     static func keyRange(ofPrefix prefix: String) -> (key: Data, rangeEnd: Data) {
         (Data(prefix.isEmpty ? [0] : Array(prefix.utf8)), Data(rangeEnd(ofPrefix: prefix)))
     }

@@ -99,16 +99,13 @@ extension EtcdClient {
     private func untilEndpointRecovers(
         _ endpoint: EtcdEndpoint, progress: WatchProgress, _ attempt: @escaping @Sendable () async throws -> Void
     ) async throws {
-        let interval = progress.interval
-        let healthy: @Sendable () -> Bool = {
-            progress.isCreated && (!progress.silenceMeansTrouble || progress.silence <= interval + EndpointProbe.stallThreshold)
-        }
+        let healthy: @Sendable () -> Bool = { progress.isCreated && !progress.missedAnswer }
         // A healthy stream is looked at again when it would stop being healthy if nothing came
         // meanwhile (at least 0.5 s on), or every 5 s on an endpoint where silence means
         // nothing: a fleet of hosts, each woken every half second for nothing, adds up.
         let lookAgain: @Sendable () -> Duration = {
             guard progress.silenceMeansTrouble else { return .seconds(5) }
-            return max(.milliseconds(500), interval + EndpointProbe.stallThreshold - progress.silence)
+            return max(.milliseconds(500), progress.answerDue - progress.silence)
         }
         try await withThrowingTaskGroup(of: Bool.self) { group in
             group.addTask {
@@ -254,7 +251,7 @@ extension EtcdClient {
                 for try await message in response.messages {
                     // A quiet stream still answers a progress request every interval; silent
                     // for a second more, then back: an outage ended.
-                    if progress.silenceMeansTrouble && progress.silence > interval + EndpointProbe.stallThreshold { progress.markRecovered() }
+                    if progress.missedAnswer { progress.markRecovered() }
                     progress.touch()
                     connection.answers.add(1, ordering: .relaxed)
                     if message.compactRevision != 0 { throw EtcdError.compacted(message.compactRevision) }
@@ -319,8 +316,7 @@ extension EtcdClient {
 
     /// A read of one key (its name only) under `prefix`.
     static func oneKey(of prefix: String) -> Etcdserverpb_RangeRequest {
-        var request = Etcdserverpb_RangeRequest()
-        (request.key, request.rangeEnd) = keyRange(ofPrefix: prefix)
+        var request = rangeRequest(ofPrefix: prefix)
         request.limit = 1
         request.keysOnly = true
         return request
@@ -464,6 +460,12 @@ final class WatchProgress: Sendable {
     /// Whether a silent stream is a sign of trouble: not on an endpoint that ignores progress
     /// requests, whose streams are quiet whenever the registry is.
     var silenceMeansTrouble: Bool { state.withLock { $0.answersProgress != false } }
+    /// How long a stream may be silent before it has missed a progress answer: an interval,
+    /// and a second for the answer to come.
+    var answerDue: Duration { interval + EndpointProbe.stallThreshold }
+    /// Whether the stream has missed a progress answer (a sign of trouble where silence means
+    /// trouble).
+    var missedAnswer: Bool { silenceMeansTrouble && silence > answerDue }
 
     /// The first revision not yet delivered in `range`.
     func next(of range: Int) -> Int64 { state.withLock { $0.next[range] } }

@@ -101,6 +101,7 @@ final class DiscoveryServiceTests: XCTestCase {
         try await Task.sleep(for: .milliseconds(500))  // listed, idle: the timer asleep
         let listen = try freeLoopbackPort()
         let occupant = try SilentListener(host: "127.0.0.1", port: listen)  // no SO_REUSEPORT: the port is taken
+        defer { occupant.stop() }  // (stopped below; again here if the test fails before)
         try etcd.etcdctl(["put", "/backends/late/a", record(backend, listen: listen)])
         try await waitUntil("the listener failure", timeout: 5) { !running.service.status.listenerFailures.isEmpty }
         try await Task.sleep(for: .milliseconds(1_500))  // a retry or more, failing
