@@ -13,12 +13,20 @@ import Synchronization
 /// the backoff sleep) is abandoned for a fresh connection, whose SYN now gets through.
 ///
 /// Only the unreachable → reachable transition counts: an endpoint that answers probes all along
-/// but is slow to serve the watch (a distant member, a slow TLS handshake) is left alone.
+/// but is slow to serve the watch (a distant member, a slow TLS handshake) is left alone. The
+/// transition may span two waits: a probe that failed within `unreachableMemory` (the watchdog
+/// of an attempt that has just failed) counts for the backoff wait that follows, so a cut that
+/// heals between the two is seen at the wait's first probe, not at its deadline (up to the
+/// backoff's 3 s later).
 enum EndpointProbe {
     static let probeTimeout: Duration = .milliseconds(500)
     static let probeInterval: Duration = .milliseconds(250)
     /// How long a watch attempt may go unestablished before probing starts.
     static let stallThreshold: Duration = .seconds(1)
+    /// How long a failed probe still says the endpoint was unreachable, for a wait that starts
+    /// after it: longer than the gap from one wait's last probe to the next wait's first (a
+    /// backoff wait's last probe, then an attempt's `stallThreshold`).
+    static let unreachableMemory: Duration = .seconds(2)
 
     /// Whether a TCP connection to the endpoint opens within `probeTimeout` (closed at once).
     /// One probe per endpoint and `probeInterval` in the whole process: the watch loops waiting
@@ -26,6 +34,11 @@ enum EndpointProbe {
     /// so a fleet does not hit an etcd coming back up with thousands of probes a second.
     static func reachable(_ endpoint: EtcdEndpoint) async -> Bool {
         await shared.answer(for: endpoint, maxAge: probeInterval) { await connects(endpoint) }
+    }
+
+    /// Whether a probe of `endpoint` failed within `unreachableMemory` (its latest answer).
+    static func recentlyUnreachable(_ endpoint: EtcdEndpoint) -> Bool {
+        shared.recentlyFalse(for: endpoint, within: unreachableMemory)
     }
 
     private static let shared = SharedAnswers<EtcdEndpoint>()
@@ -50,13 +63,23 @@ enum EndpointProbe {
     static func waitForRecovery(
         of endpoint: EtcdEndpoint, deadline: ContinuousClock.Instant? = nil, stop: () -> Bool = { false }
     ) async throws -> Bool {
-        var sawUnreachable = false
+        try await waitForRecovery(of: endpoint, deadline: deadline, stop: stop, answers: shared) { await connects(endpoint) }
+    }
+
+    /// `waitForRecovery` with the answers shared through `answers`, each asked by `ask` (tests).
+    static func waitForRecovery(
+        of endpoint: EtcdEndpoint, deadline: ContinuousClock.Instant?, stop: () -> Bool,
+        answers: SharedAnswers<EtcdEndpoint>, ask: @escaping @Sendable () async -> Bool
+    ) async throws -> Bool {
+        // Unreachable already when the latest probe, this wait's or an earlier one's, failed
+        // recently (see unreachableMemory).
+        var sawUnreachable = answers.recentlyFalse(for: endpoint, within: unreachableMemory)
         while true {
             try Task.checkCancellation()
             if stop() { return false }
             if let deadline, ContinuousClock.now >= deadline { return false }
             let started = ContinuousClock.now
-            if await reachable(endpoint) {
+            if await answers.answer(for: endpoint, maxAge: probeInterval, ask: ask) {
                 if sawUnreachable { return true }
             } else {
                 sawUnreachable = true
@@ -71,23 +94,41 @@ enum EndpointProbe {
 }
 
 /// The latest answer to a yes/no question per key, shared by every caller within `maxAge` of
-/// when it was asked; callers that come while it is being asked wait for that answer.
+/// when it was asked; callers that come while it is being asked wait for that answer. The
+/// latest answer given (and when) is kept too, whoever asked.
 final class SharedAnswers<Key: Hashable & Sendable>: Sendable {
     private struct Entry {
         var asked: ContinuousClock.Instant
         var answer: Task<Bool, Never>
     }
+    private struct Settled {
+        var answer: Bool
+        var at: ContinuousClock.Instant
+    }
     private let entries = Mutex<[Key: Entry]>([:])
+    private let settled = Mutex<[Key: Settled]>([:])
 
     func answer(for key: Key, maxAge: Duration, ask: @escaping @Sendable () async -> Bool) async -> Bool {
         let task = entries.withLock { entries in
             let now = ContinuousClock.now
             if let entry = entries[key], now - entry.asked < maxAge { return entry.answer }
-            let task = Task { await ask() }
+            let task = Task {
+                let answer = await ask()
+                self.settled.withLock { $0[key] = Settled(answer: answer, at: .now) }
+                return answer
+            }
             entries[key] = Entry(asked: now, answer: task)
             return task
         }
         return await task.value
+    }
+
+    /// Whether the latest answer given for `key` was no, within `age` of now.
+    func recentlyFalse(for key: Key, within age: Duration) -> Bool {
+        settled.withLock { settled in
+            guard let latest = settled[key] else { return false }
+            return !latest.answer && .now - latest.at <= age
+        }
     }
 }
 

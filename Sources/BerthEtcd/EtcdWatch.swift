@@ -92,7 +92,8 @@ extension EtcdClient {
     }
 
     /// Runs one watch attempt under a watchdog: while the stream is not established (after
-    /// `EndpointProbe.stallThreshold`), or is established but has missed a progress answer, the
+    /// `EndpointProbe.stallThreshold`, or at once when the endpoint's latest probe failed
+    /// recently), or is established but has missed a progress answer, the
     /// endpoint is probed; when it is seen to come back, the attempt is cancelled and
     /// `EndpointRecovered` thrown, so that a fresh connection replaces one stuck behind a cut
     /// (TCP would retransmit into it only after its backoff, seconds later).
@@ -113,7 +114,9 @@ extension EtcdClient {
                 return true
             }
             group.addTask {
-                try await Task.sleep(for: EndpointProbe.stallThreshold)
+                // Right after a probe failed (the cut still on when this attempt began), at
+                // once: a heal during the attempt's first second is seen within a probe.
+                if !EndpointProbe.recentlyUnreachable(endpoint) { try await Task.sleep(for: EndpointProbe.stallThreshold) }
                 while true {
                     if healthy() {
                         try await Task.sleep(for: lookAgain())

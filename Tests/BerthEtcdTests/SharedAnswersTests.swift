@@ -39,3 +39,49 @@ final class SharedAnswersTests: XCTestCase {
         XCTAssertTrue(fresh)
     }
 }
+
+/// Seeing a cut heal across two waits: the watchdog's probes fail, the attempt fails, the cut
+/// heals, and the backoff wait that follows must see the endpoint's return at its first probe.
+final class EndpointRecoveryTests: XCTestCase {
+    let endpoint = EtcdEndpoint(host: "192.0.2.1", port: 2379, secure: false)
+
+    func testAFailureJustBeforeTheWaitCountsAsUnreachable() async throws {
+        let answers = SharedAnswers<EtcdEndpoint>()
+        let reachable = Atomic<Bool>(false)
+        let ask: @Sendable () async -> Bool = { reachable.load(ordering: .relaxed) }
+        // The watchdog's last probe, during the cut.
+        let during = await answers.answer(for: endpoint, maxAge: .zero, ask: ask)
+        XCTAssertFalse(during)
+        // Its answer is no longer shared when the wait begins: the wait asks afresh.
+        try await Task.sleep(for: EndpointProbe.probeInterval + .milliseconds(50))
+        reachable.store(true, ordering: .relaxed)  // the cut heals
+        let started = ContinuousClock.now
+        let recovered = try await EndpointProbe.waitForRecovery(
+            of: endpoint, deadline: .now + .seconds(3), stop: { false }, answers: answers, ask: ask)
+        XCTAssertTrue(recovered, "the wait ran to its deadline: the failure just before it was forgotten")
+        XCTAssertLessThan(ContinuousClock.now - started, .seconds(2))
+    }
+
+    func testAnEndpointReachableAllAlongIsNotARecovery() async throws {
+        let answers = SharedAnswers<EtcdEndpoint>()
+        let recovered = try await EndpointProbe.waitForRecovery(
+            of: endpoint, deadline: .now + .milliseconds(600), stop: { false }, answers: answers, ask: { true })
+        XCTAssertFalse(recovered)
+    }
+
+    func testAFailureFromLongAgoIsForgotten() async throws {
+        let answers = SharedAnswers<EtcdEndpoint>()
+        let reachable = Atomic<Bool>(false)
+        let ask: @Sendable () async -> Bool = { reachable.load(ordering: .relaxed) }
+        _ = await answers.answer(for: endpoint, maxAge: .zero, ask: ask)
+        XCTAssertTrue(answers.recentlyFalse(for: endpoint, within: .seconds(60)))
+        reachable.store(true, ordering: .relaxed)
+        try await Task.sleep(for: EndpointProbe.unreachableMemory + .milliseconds(100))
+        XCTAssertFalse(answers.recentlyFalse(for: endpoint, within: EndpointProbe.unreachableMemory))
+        let recovered = try await EndpointProbe.waitForRecovery(
+            of: endpoint, deadline: .now + .milliseconds(600), stop: { false }, answers: answers, ask: ask)
+        XCTAssertFalse(recovered, "a probe that failed long before the wait began is not this outage's")
+        _ = await answers.answer(for: endpoint, maxAge: .zero, ask: ask)
+        XCTAssertFalse(answers.recentlyFalse(for: endpoint, within: .seconds(60)), "the latest answer, yes, replaces the no")
+    }
+}
