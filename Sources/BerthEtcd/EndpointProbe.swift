@@ -103,6 +103,7 @@ final class SharedAnswers<Key: Hashable & Sendable>: Sendable {
     }
     private struct Settled {
         var answer: Bool
+        var asked: ContinuousClock.Instant
         var at: ContinuousClock.Instant
     }
     private let entries = Mutex<[Key: Entry]>([:])
@@ -114,7 +115,11 @@ final class SharedAnswers<Key: Hashable & Sendable>: Sendable {
             if let entry = entries[key], now - entry.asked < maxAge { return entry.answer }
             let task = Task {
                 let answer = await ask()
-                self.settled.withLock { $0[key] = Settled(answer: answer, at: .now) }
+                // Asks overlap (a failed probe waits out its timeout): the latest asked wins.
+                self.settled.withLock { settled in
+                    if let latest = settled[key], latest.asked > now { return }
+                    settled[key] = Settled(answer: answer, asked: now, at: .now)
+                }
                 return answer
             }
             entries[key] = Entry(asked: now, answer: task)
@@ -123,7 +128,8 @@ final class SharedAnswers<Key: Hashable & Sendable>: Sendable {
         return await task.value
     }
 
-    /// Whether the latest answer given for `key` was no, within `age` of now.
+    /// Whether the latest answer for `key` (of the latest ask that was answered) was no, given
+    /// within `age` of now.
     func recentlyFalse(for key: Key, within age: Duration) -> Bool {
         settled.withLock { settled in
             guard let latest = settled[key] else { return false }

@@ -84,4 +84,21 @@ final class EndpointRecoveryTests: XCTestCase {
         _ = await answers.answer(for: endpoint, maxAge: .zero, ask: ask)
         XCTAssertFalse(answers.recentlyFalse(for: endpoint, within: .seconds(60)), "the latest answer, yes, replaces the no")
     }
+
+    func testAnEarlierAskThatAnswersLaterDoesNotOverrideTheLatest() async throws {
+        let answers = SharedAnswers<EtcdEndpoint>()
+        let endpoint = self.endpoint
+        // A probe whose SYN was lost waits out its timeout and fails after a later one connected.
+        let slowNo = Task { await answers.answer(for: endpoint, maxAge: .zero) {
+            try? await Task.sleep(for: .milliseconds(300))
+            return false
+        } }
+        try await Task.sleep(for: .milliseconds(50))
+        let yes = await answers.answer(for: endpoint, maxAge: .zero) { true }
+        XCTAssertTrue(yes)
+        let no = await slowNo.value
+        XCTAssertFalse(no)
+        XCTAssertFalse(answers.recentlyFalse(for: endpoint, within: .seconds(60)),
+                       "the earlier ask's late no replaced the later ask's yes")
+    }
 }
