@@ -28,21 +28,17 @@ enum EndpointProbe {
     /// backoff wait's last probe, then an attempt's `stallThreshold`).
     static let unreachableMemory: Duration = .seconds(2)
 
-    /// Whether a TCP connection to the endpoint opens within `probeTimeout` (closed at once).
-    /// One probe per endpoint and `probeInterval` in the whole process: the watch loops waiting
-    /// on the same endpoint (a host with `--services` runs one per service) share its answer,
-    /// so a fleet does not hit an etcd coming back up with thousands of probes a second.
-    static func reachable(_ endpoint: EtcdEndpoint) async -> Bool {
-        await shared.answer(for: endpoint, maxAge: probeInterval) { await connects(endpoint) }
-    }
-
     /// Whether a probe of `endpoint` failed within `unreachableMemory` (its latest answer).
     static func recentlyUnreachable(_ endpoint: EtcdEndpoint) -> Bool {
         shared.recentlyFalse(for: endpoint, within: unreachableMemory)
     }
 
+    /// The process's probe answers. One probe per endpoint and `probeInterval` in the whole
+    /// process: the watch loops waiting on the same endpoint share its answer, so a fleet does
+    /// not hit an etcd coming back up with thousands of probes a second.
     private static let shared = SharedAnswers<EtcdEndpoint>()
 
+    /// Whether a TCP connection to the endpoint opens within `probeTimeout` (closed at once).
     private static func connects(_ endpoint: EtcdEndpoint) async -> Bool {
         let timeout = TimeAmount.milliseconds(probeTimeout / .milliseconds(1) == 0 ? 1 : Int64(probeTimeout / .milliseconds(1)))
         do {
@@ -106,23 +102,28 @@ final class SharedAnswers<Key: Hashable & Sendable>: Sendable {
         var asked: ContinuousClock.Instant
         var at: ContinuousClock.Instant
     }
-    private let entries = Mutex<[Key: Entry]>([:])
-    private let settled = Mutex<[Key: Settled]>([:])
+    private struct State {
+        /// The latest ask per key, answered or not.
+        var entries: [Key: Entry] = [:]
+        /// The answer of the latest ask that was answered, per key.
+        var settled: [Key: Settled] = [:]
+    }
+    private let state = Mutex(State())
 
     func answer(for key: Key, maxAge: Duration, ask: @escaping @Sendable () async -> Bool) async -> Bool {
-        let task = entries.withLock { entries in
+        let task = state.withLock { state in
             let now = ContinuousClock.now
-            if let entry = entries[key], now - entry.asked < maxAge { return entry.answer }
+            if let entry = state.entries[key], now - entry.asked < maxAge { return entry.answer }
             let task = Task {
                 let answer = await ask()
                 // Asks overlap (a failed probe waits out its timeout): the latest asked wins.
-                self.settled.withLock { settled in
-                    if let latest = settled[key], latest.asked > now { return }
-                    settled[key] = Settled(answer: answer, asked: now, at: .now)
+                self.state.withLock { state in
+                    if let latest = state.settled[key], latest.asked > now { return }
+                    state.settled[key] = Settled(answer: answer, asked: now, at: .now)
                 }
                 return answer
             }
-            entries[key] = Entry(asked: now, answer: task)
+            state.entries[key] = Entry(asked: now, answer: task)
             return task
         }
         return await task.value
@@ -131,8 +132,8 @@ final class SharedAnswers<Key: Hashable & Sendable>: Sendable {
     /// Whether the latest answer for `key` (of the latest ask that was answered) was no, given
     /// within `age` of now.
     func recentlyFalse(for key: Key, within age: Duration) -> Bool {
-        settled.withLock { settled in
-            guard let latest = settled[key] else { return false }
+        state.withLock { state in
+            guard let latest = state.settled[key] else { return false }
             return !latest.answer && .now - latest.at <= age
         }
     }

@@ -462,7 +462,6 @@ public final class EtcdClient: Sendable {
         }
     }
 
-    /// etcd's key and range_end for every key under `prefix` (all keys when empty).
     /// A Range request of every key under `prefix`.
     static func rangeRequest(ofPrefix prefix: String) -> Etcdserverpb_RangeRequest {
         var request = Etcdserverpb_RangeRequest()
@@ -470,6 +469,7 @@ public final class EtcdClient: Sendable {
         return request
     }
 
+    /// etcd's key and range_end for every key under `prefix` (all keys when empty).
     static func keyRange(ofPrefix prefix: String) -> (key: Data, rangeEnd: Data) {
         (Data(prefix.isEmpty ? [0] : Array(prefix.utf8)), Data(rangeEnd(ofPrefix: prefix)))
     }

@@ -31,7 +31,7 @@ public final class NetworkTestBed: @unchecked Sendable {
     /// Hosts one bed can number: `subnet.(firstHost)` to `subnet.249`.
     public static let maximumHosts = 240
     /// Interface names: the host side, the bridge (both ≤ 15 characters).
-    static let hostInterface = "eth0"
+    public static let hostInterface = "eth0"
     static let bridge = "br0"
     static let namePrefix = "berth-"
 

@@ -22,7 +22,7 @@ final class RegistryFailureTests: MatrixTestCase {
     /// The client host's ARP retransmission time, seconds (`retrans_time_ms` of its interface).
     static func neighbourRetransmission(_ scene: Scene) -> Double {
         let text = try? scene.bed.withNetwork(of: "client") {
-            try String(contentsOfFile: "/proc/sys/net/ipv4/neigh/eth0/retrans_time_ms", encoding: .utf8)
+            try String(contentsOfFile: "/proc/sys/net/ipv4/neigh/\(NetworkTestBed.hostInterface)/retrans_time_ms", encoding: .utf8)
         }
         return (text.flatMap { Double($0.trimmingCharacters(in: .whitespacesAndNewlines)) } ?? 1_000) / 1_000
     }
